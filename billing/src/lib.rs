@@ -1,0 +1,18 @@
+//! Billing: plans, customers and their API keys, and (as later work lands) pricing, the
+//! Stripe sync, dunning, email and the cron jobs. The `apexctl` binary is its admin CLI.
+//!
+//! - [`config`]: Stripe and email settings from the environment.
+//! - [`ids`]: random identifiers (`cus_...`, `key_...`, `rsk_...`).
+//! - [`keys`]: API key issue, hashing, lookup and revocation; only SHA-256 hashes are stored.
+//! - [`customers`]: customer sign-up (customer, subscription, first key, welcome email event).
+//! - [`plans`]: the plan catalogue with per-metric limits and platform-fee bands.
+//! - [`error`]: the crate's error type, retryable and permanent cases apart.
+
+pub mod config;
+pub mod customers;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod plans;
+
+pub use error::BillingError;

@@ -1,0 +1,202 @@
+//! `apex-server` configuration: one typed struct from environment variables, with defaults
+//! and validation, so a bad value stops start-up with one line naming it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use apex_pipeline::env::{ConfigError, EnvSource};
+use apex_pipeline::stores::StoreConfig;
+
+/// A secret value whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that uses it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Everything `apex-server` reads from the environment.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `APEX_LISTEN`, default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// The stores (`DATABASE_URL`, `CLICKHOUSE_URL`, ...).
+    pub stores: StoreConfig,
+    /// `APEX_WAL_DIR`, default `.apex/wal`: the write-ahead log of accepted records.
+    pub wal_dir: PathBuf,
+    /// `APEX_JWT_SECRET` (required, at least 32 bytes): signs dashboard tokens.
+    pub jwt_secret: Secret,
+    /// `APEX_ADMIN_TOKEN` (optional, at least 16 bytes): admin endpoints are off without it.
+    pub admin_token: Option<Secret>,
+    /// `STRIPE_WEBHOOK_SECRET` (optional): one or more `whsec_...`, comma-separated for rotation.
+    pub stripe_webhook_secrets: Vec<Secret>,
+    /// `APEX_MAX_CONNECTIONS`, default 10,000: connections served at once; more wait in the backlog.
+    pub max_connections: usize,
+    /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time.
+    pub header_read_timeout: Duration,
+    /// `APEX_SHUTDOWN_GRACE_MS`, default 30,000: how long in-flight requests get at shutdown.
+    pub shutdown_grace: Duration,
+    /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before serving.
+    pub migrate_on_start: bool,
+}
+
+impl ServerConfig {
+    /// Reads and validates the configuration.
+    pub fn from_env(env: &EnvSource) -> Result<Self, ConfigError> {
+        let stores = StoreConfig::from_env(env)?;
+        let listen = env.parse_or("APEX_LISTEN", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let wal_dir = PathBuf::from(
+            env.optional("APEX_WAL_DIR")
+                .unwrap_or_else(|| ".apex/wal".to_owned()),
+        );
+        let jwt_secret = env.required_with_hint(
+            "APEX_JWT_SECRET",
+            "set it to a random string of at least 32 characters, e.g. `openssl rand -hex 32`",
+        )?;
+        if jwt_secret.len() < 32 {
+            return Err(ConfigError::Invalid {
+                name: "APEX_JWT_SECRET",
+                reason: "must be at least 32 bytes".to_owned(),
+            });
+        }
+        let admin_token = env.optional("APEX_ADMIN_TOKEN");
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid {
+                name: "APEX_ADMIN_TOKEN",
+                reason: "must be at least 16 bytes".to_owned(),
+            });
+        }
+        let stripe_webhook_secrets: Vec<Secret> = env
+            .optional("STRIPE_WEBHOOK_SECRET")
+            .map(|raw| {
+                raw.split(',')
+                    .map(|s| Secret(s.trim().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if stripe_webhook_secrets
+            .iter()
+            .any(|s| !s.0.starts_with("whsec_") || s.0.len() < 12)
+        {
+            return Err(ConfigError::Invalid {
+                name: "STRIPE_WEBHOOK_SECRET",
+                reason: "each comma-separated secret must start with whsec_".to_owned(),
+            });
+        }
+        let max_connections = env.parse_or("APEX_MAX_CONNECTIONS", 10_000usize)?;
+        if max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                name: "APEX_MAX_CONNECTIONS",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
+        let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
+        let migrate_on_start = env.parse_or("APEX_MIGRATE_ON_START", true)?;
+        Ok(Self {
+            listen,
+            stores,
+            wal_dir,
+            jwt_secret: Secret(jwt_secret),
+            admin_token: admin_token.map(Secret),
+            stripe_webhook_secrets,
+            max_connections,
+            header_read_timeout,
+            shutdown_grace,
+            migrate_on_start,
+        })
+    }
+}
+
+fn millis(env: &EnvSource, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    let ms = env.parse_or(name, default)?;
+    if ms == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            reason: "must be at least 1 ms".to_owned(),
+        });
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env(extra: &[(&'static str, &'static str)]) -> EnvSource {
+        let mut pairs = vec![
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:15432/apex"),
+            ("CLICKHOUSE_URL", "http://127.0.0.1:18123"),
+            ("APEX_JWT_SECRET", SECRET),
+        ];
+        pairs.extend_from_slice(extra);
+        EnvSource::from_pairs(pairs)
+    }
+
+    #[test]
+    fn defaults() {
+        let cfg = ServerConfig::from_env(&env(&[])).unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.wal_dir, PathBuf::from(".apex/wal"));
+        assert!(cfg.admin_token.is_none() && cfg.stripe_webhook_secrets.is_empty());
+        assert!(cfg.migrate_on_start);
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        for (name, value) in [
+            ("APEX_LISTEN", "localhost"),
+            ("APEX_JWT_SECRET", "short"),
+            ("APEX_ADMIN_TOKEN", "short"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_abcdefgh,sk_live_x"),
+            ("APEX_MAX_CONNECTIONS", "0"),
+            ("APEX_HEADER_READ_TIMEOUT_MS", "-1"),
+            ("APEX_SHUTDOWN_GRACE_MS", "0"),
+            ("APEX_MIGRATE_ON_START", "maybe"),
+        ] {
+            let err = ServerConfig::from_env(&env(&[(name, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(name), "{name}={value}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_jwt_secret_stops_start_up() {
+        let env = EnvSource::from_pairs([
+            ("DATABASE_URL", "postgres://x/y"),
+            ("CLICKHOUSE_URL", "http://x"),
+        ]);
+        let err = ServerConfig::from_env(&env).unwrap_err().to_string();
+        assert!(err.starts_with("APEX_JWT_SECRET is required"), "{err}");
+    }
+
+    #[test]
+    fn rotation_takes_several_webhook_secrets_and_hides_them() {
+        let cfg = ServerConfig::from_env(&env(&[(
+            "STRIPE_WEBHOOK_SECRET",
+            "whsec_oldsecret1, whsec_newsecret2",
+        )]))
+        .unwrap();
+        assert_eq!(cfg.stripe_webhook_secrets.len(), 2);
+        assert_eq!(cfg.stripe_webhook_secrets[1].expose(), "whsec_newsecret2");
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("whsec_") && !shown.contains(SECRET),
+            "{shown}"
+        );
+    }
+}

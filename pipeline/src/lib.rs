@@ -1,0 +1,18 @@
+//! The durable path of usage records: the record model shared by every crate, the schema
+//! of both stores and its migrations, typed environment configuration helpers, and the
+//! store connections.
+//!
+//! - [`model`]: metrics and their exact integer units.
+//! - [`env`]: reading typed configuration from environment variables, one-line errors.
+//! - [`migrate`]: Postgres (sqlx) and ClickHouse migrations, each applied once.
+//! - [`stores`]: building Postgres pools and ClickHouse clients from configuration.
+//! - `testing` (feature `test-support`): fresh, migrated databases for integration tests.
+//!
+//! This crate knows neither the HTTP edge nor billing: they depend on it, never the reverse.
+
+pub mod env;
+pub mod migrate;
+pub mod model;
+pub mod stores;
+#[cfg(feature = "test-support")]
+pub mod testing;

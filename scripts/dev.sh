@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# README command 1: bring up the local stack, build, migrate, create (once) a demo customer,
+# print its API key and ready curl lines, then run apex-server in the foreground.
+# State of the dev setup (JWT secret, demo key) is kept in .stack/dev.env, gitignored.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+scripts/stack.sh up >/dev/null
+eval "$(scripts/stack.sh env)"
+
+echo "== building (first time: a few minutes)" >&2
+cargo build --release --quiet --bin apex-server --bin apexctl
+bin="$CARGO_TARGET_DIR/release"
+
+"$bin/apexctl" migrate >&2
+
+dev_env=.stack/dev.env
+if [ ! -f "$dev_env" ]; then
+  umask 077
+  echo "APEX_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$dev_env"
+fi
+# shellcheck disable=SC1090
+. "$dev_env"
+export APEX_JWT_SECRET
+
+# Reuse the demo customer while its key still works; otherwise create one.
+demo_key_ok=false
+if [ -n "${APEX_DEMO_API_KEY:-}" ] && "$bin/apexctl" keys list --json 2>/dev/null |
+    grep -q "\"prefix\":\"${APEX_DEMO_API_KEY:0:12}\",\"status\":\"active\""; then
+  demo_key_ok=true
+fi
+if [ "$demo_key_ok" != true ]; then
+  created=$("$bin/apexctl" customers create --name "Demo Publisher" --email demo@example.com --plan starter --json)
+  APEX_DEMO_CUSTOMER_ID=$(printf '%s' "$created" | sed -E 's/.*"customer_id":"([^"]+)".*/\1/')
+  APEX_DEMO_API_KEY=$(printf '%s' "$created" | sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+  grep -v '^APEX_DEMO_' "$dev_env" >"$dev_env.tmp" || true
+  printf 'APEX_DEMO_CUSTOMER_ID=%s\nAPEX_DEMO_API_KEY=%s\n' "$APEX_DEMO_CUSTOMER_ID" "$APEX_DEMO_API_KEY" >>"$dev_env.tmp"
+  mv "$dev_env.tmp" "$dev_env"
+fi
+
+listen="${APEX_LISTEN:-127.0.0.1:8080}"
+cat >&2 <<MSG
+
+== apex is starting on http://$listen
+demo customer: $APEX_DEMO_CUSTOMER_ID
+demo API key:  $APEX_DEMO_API_KEY
+
+try, from another terminal:
+  curl -s http://$listen/healthz
+  curl -s http://$listen/metrics | head
+
+stop with Ctrl-C; stop the databases with: scripts/stack.sh down
+MSG
+
+exec "$bin/apex-server"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it: starts the project's own PostgreSQL and
+# ClickHouse (scripts/stack.sh), checks formatting and lints, and runs every test against
+# the real servers. Build artifacts go to a fixed folder outside the clone so runs reuse them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$CARGO_TARGET_DIR"
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "stack: up (and a second up must be a quick no-op)"
+scripts/stack.sh up >/dev/null
+start=$(date +%s%N)
+scripts/stack.sh up >/dev/null
+elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
+if [ "$elapsed_ms" -gt 5000 ]; then
+  echo "stack.sh up took ${elapsed_ms} ms on a running stack: it must be a no-op" >&2
+  exit 1
+fi
+scripts/stack.sh status >&2
+eval "$(scripts/stack.sh env)"
+
+step "stack: drop test databases left by runs that are no longer alive"
+# Test databases are named apex_t_<pid>_...: only those of dead processes are dropped,
+# so a suite running elsewhere on the same stack keeps its databases.
+stale() { grep -E '^apex_t_[0-9]+_' | while read -r db; do
+  pid=${db#apex_t_}; pid=${pid%%_*}
+  kill -0 "$pid" 2>/dev/null || echo "$db"
+done; }
+psql "$DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'apex_t_%'" | stale |
+  while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
+curl -sf "$CLICKHOUSE_URL/?query=SELECT%20name%20FROM%20system.databases%20WHERE%20name%20LIKE%20'apex_t_%25'" | stale |
+  while read -r db; do curl -sf "$CLICKHOUSE_URL/" --data-binary "DROP DATABASE IF EXISTS $db" >/dev/null; done
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "cargo test (real PostgreSQL and ClickHouse)"
+cargo test --workspace
