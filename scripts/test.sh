@@ -26,7 +26,7 @@ eval "$(scripts/stack.sh env)"
 step "stack: drop test databases left by runs that are no longer alive"
 # Test databases are named apex_t_<pid>_...: only those of dead processes are dropped,
 # so a suite running elsewhere on the same stack keeps its databases.
-stale() { grep -E '^apex_t_[0-9]+_' | while read -r db; do
+stale() { { grep -E '^apex_t_[0-9]+_' || true; } | while read -r db; do
   pid=${db#apex_t_}; pid=${pid%%_*}
   kill -0 "$pid" 2>/dev/null || echo "$db"
 done; }
