@@ -48,6 +48,29 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before serving.
     pub migrate_on_start: bool,
+    /// Request limits of the ingest endpoints.
+    pub limits: IngestLimits,
+    /// `APEX_QUEUE_CAPACITY`, default 4,096: requests waiting for the pipeline at most.
+    pub queue_capacity: usize,
+    /// `APEX_DEDUP_WINDOW_SECS`, default 86,400: how long an event id is remembered.
+    pub dedup_window: Duration,
+    /// `APEX_DEDUP_CAPACITY`, default 8,000,000: event ids remembered at most.
+    pub dedup_capacity: usize,
+    /// `APEX_KEY_REFRESH_SECS`, default 60: full key cache refresh period.
+    pub key_refresh: Duration,
+}
+
+/// Size and time limits of the ingest endpoints.
+#[derive(Debug, Clone)]
+pub struct IngestLimits {
+    /// `APEX_TRACK_MAX_BODY_BYTES`, default 65,536.
+    pub track_max_body_bytes: usize,
+    /// `APEX_BATCH_MAX_BODY_BYTES`, default 8 MiB, compressed and decompressed alike.
+    pub batch_max_body_bytes: usize,
+    /// `APEX_BATCH_MAX_RECORDS`, default 10,000.
+    pub batch_max_records: usize,
+    /// `APEX_BODY_READ_TIMEOUT_MS`, default 30,000: the whole body must arrive in this time.
+    pub body_read_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -93,16 +116,21 @@ impl ServerConfig {
                 reason: "each comma-separated secret must start with whsec_".to_owned(),
             });
         }
-        let max_connections = env.parse_or("APEX_MAX_CONNECTIONS", 10_000usize)?;
-        if max_connections == 0 {
-            return Err(ConfigError::Invalid {
-                name: "APEX_MAX_CONNECTIONS",
-                reason: "must be at least 1".to_owned(),
-            });
-        }
+        let max_connections = at_least_one(env, "APEX_MAX_CONNECTIONS", 10_000)?;
         let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
         let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
         let migrate_on_start = env.parse_or("APEX_MIGRATE_ON_START", true)?;
+        let limits = IngestLimits {
+            track_max_body_bytes: at_least_one(env, "APEX_TRACK_MAX_BODY_BYTES", 64 * 1024)?,
+            batch_max_body_bytes: at_least_one(env, "APEX_BATCH_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
+            batch_max_records: at_least_one(env, "APEX_BATCH_MAX_RECORDS", 10_000)?,
+            body_read_timeout: millis(env, "APEX_BODY_READ_TIMEOUT_MS", 30_000)?,
+        };
+        let queue_capacity = at_least_one(env, "APEX_QUEUE_CAPACITY", 4_096)?;
+        let dedup_window = Duration::from_secs(env.parse_or("APEX_DEDUP_WINDOW_SECS", 86_400u64)?);
+        let dedup_capacity = at_least_one(env, "APEX_DEDUP_CAPACITY", 8_000_000)?;
+        let key_refresh =
+            Duration::from_secs(at_least_one(env, "APEX_KEY_REFRESH_SECS", 60)? as u64);
         Ok(Self {
             listen,
             stores,
@@ -114,8 +142,24 @@ impl ServerConfig {
             header_read_timeout,
             shutdown_grace,
             migrate_on_start,
+            limits,
+            queue_capacity,
+            dedup_window,
+            dedup_capacity,
+            key_refresh,
         })
     }
+}
+
+fn at_least_one(env: &EnvSource, name: &'static str, default: usize) -> Result<usize, ConfigError> {
+    let value = env.parse_or(name, default)?;
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            name,
+            reason: "must be at least 1".to_owned(),
+        });
+    }
+    Ok(value)
 }
 
 fn millis(env: &EnvSource, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
@@ -165,6 +209,9 @@ mod tests {
             ("APEX_HEADER_READ_TIMEOUT_MS", "-1"),
             ("APEX_SHUTDOWN_GRACE_MS", "0"),
             ("APEX_MIGRATE_ON_START", "maybe"),
+            ("APEX_BATCH_MAX_RECORDS", "0"),
+            ("APEX_QUEUE_CAPACITY", "many"),
+            ("APEX_DEDUP_CAPACITY", "0"),
         ] {
             let err = ServerConfig::from_env(&env(&[(name, value)]))
                 .unwrap_err()

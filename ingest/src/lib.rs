@@ -3,16 +3,28 @@
 //! readiness and Prometheus endpoints.
 //!
 //! - [`config`]: the server's typed environment configuration.
+//! - [`usage`]: the ingest endpoints (track, batch), reading decode → key → validate → send.
+//! - [`records`]: parsing and validating records: exact quantities, timestamps, limits.
+//! - [`body`]: reading bodies within size and time limits, gzip and zstd.
+//! - [`keycache`]: API keys in memory, kept current by LISTEN/NOTIFY.
+//! - [`dedup`]: duplicate event ids within a bounded window.
+//! - [`error`]: every refusal and its one status mapping.
 //! - [`server`]: `run(config, listener, shutdown)`, the accept loop, limits and graceful shutdown.
 //! - [`routes`]: the router; every response is built here or in [`response`].
 //! - [`response`]: JSON bodies, including the one error shape of the API.
 //! - [`telemetry`]: the Prometheus recorder and metric names.
 
+pub mod body;
 pub mod config;
+pub mod dedup;
+pub mod error;
+pub mod keycache;
+pub mod records;
 pub mod response;
 pub mod routes;
 pub mod server;
 pub mod telemetry;
+pub mod usage;
 
 pub use config::ServerConfig;
-pub use server::{ServerError, run};
+pub use server::{AppState, ServerError, run, run_with_sink};

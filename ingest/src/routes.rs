@@ -1,61 +1,135 @@
-//! The router: maps method and path to a handler and records the request metric.
-//! Routes are matched on exact paths; anything else gets a JSON 404 or 405.
+//! The router: maps method and path to a handler, turns every [`ApiError`] into the one JSON
+//! error shape, and records the request metrics. Routes match exact paths.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::server::AppState;
-use crate::telemetry;
+use crate::{telemetry, usage};
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
-    let (route, response) = match (request.method(), request.uri().path()) {
-        (&Method::GET, "/healthz") => (
+    let started = Instant::now();
+    let method = request.method().clone();
+    let (route, result) = match request.uri().path() {
+        "/api/usage/track" | "/usage/track" => (
+            "/api/usage/track",
+            only(&method, &Method::POST, async {
+                usage::track(&state, request).await
+            })
+            .await,
+        ),
+        "/api/usage/batch" => (
+            "/api/usage/batch",
+            only(&method, &Method::POST, async {
+                usage::batch(&state, request).await
+            })
+            .await,
+        ),
+        "/healthz" => (
             "/healthz",
-            response::json(StatusCode::OK, &json!({"status": "ok"})),
+            only(&method, &Method::GET, async {
+                Ok(response::json(StatusCode::OK, &json!({"status": "ok"})))
+            })
+            .await,
         ),
-        (&Method::GET, "/readyz") => ("/readyz", readiness(&state).await),
-        (&Method::GET, "/metrics") => (
+        "/readyz" => (
+            "/readyz",
+            only(&method, &Method::GET, async { Ok(readiness(&state)) }).await,
+        ),
+        "/metrics" => (
             "/metrics",
-            response::text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                telemetry::prometheus().render(),
-            ),
+            only(&method, &Method::GET, async {
+                Ok(response::text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    telemetry::prometheus().render(),
+                ))
+            })
+            .await,
         ),
-        (_, "/healthz" | "/readyz" | "/metrics") => (
-            "method_not_allowed",
-            response::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint only answers GET",
-            ),
-        ),
-        _ => (
-            "not_found",
-            response::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint"),
-        ),
+        _ => ("unknown", Err(ApiError::NotFound)),
     };
-    metrics::counter!(telemetry::REQUESTS_TOTAL, "route" => route, "status" => response.status().as_str().to_owned())
+    let response = result.unwrap_or_else(|e| error_response(&e));
+    metrics::counter!(telemetry::REQUESTS_TOTAL, "route" => route, "status" => status_label(response.status()))
         .increment(1);
+    metrics::histogram!(telemetry::REQUEST_DURATION_SECONDS, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     response
 }
 
-/// Ready when Postgres answers: without it no key could be checked.
-async fn readiness(state: &AppState) -> Response<Body> {
-    match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => response::json(StatusCode::OK, &json!({"status": "ready"})),
-        Err(e) => {
-            tracing::warn!(error = %e, "readiness: postgres unreachable");
-            response::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "postgres is unreachable",
-            )
-        }
+async fn only(
+    method: &Method,
+    allowed: &Method,
+    handler: impl Future<Output = Result<Response<Body>, ApiError>>,
+) -> Result<Response<Body>, ApiError> {
+    if method == allowed {
+        handler.await
+    } else {
+        Err(ApiError::MethodNotAllowed)
+    }
+}
+
+/// The JSON error answer of `error`, with `Retry-After` on 503.
+pub fn error_response(error: &ApiError) -> Response<Body> {
+    let (status, code, message) = error.status();
+    let mut response = match error {
+        ApiError::AllRejected(errors) => response::json(
+            status,
+            &json!({
+                "success": false,
+                "error": {"code": code, "message": message},
+                "errors": usage::indexed_errors(errors),
+            }),
+        ),
+        _ => response::error(status, code, &message),
+    };
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// Status codes as static labels, so recording a request allocates nothing.
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        415 => "415",
+        500 => "500",
+        503 => "503",
+        _ => "other",
+    }
+}
+
+/// Ready when the key cache has loaded and the pipeline takes records.
+fn readiness(state: &AppState) -> Response<Body> {
+    if state.keys.is_loaded() {
+        response::json(
+            StatusCode::OK,
+            &json!({"status": "ready", "keys": state.keys.len()}),
+        )
+    } else {
+        response::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the API key cache is not loaded",
+        )
     }
 }

@@ -14,7 +14,12 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::config::ServerConfig;
+use apex_pipeline::postgres_sink::{PostgresSink, PostgresSinkConfig};
+use apex_pipeline::sink::RecordSink;
+
+use crate::config::{IngestLimits, ServerConfig};
+use crate::dedup::Dedup;
+use crate::keycache::KeyCache;
 use crate::{routes, telemetry};
 
 /// Why the server could not start or run.
@@ -26,6 +31,9 @@ pub enum ServerError {
     /// A migration failed at start-up.
     #[error(transparent)]
     Migrate(#[from] apex_pipeline::migrate::MigrateError),
+    /// The pipeline could not be started.
+    #[error("cannot start the pipeline: {0}")]
+    Pipeline(String),
     /// The write-ahead log folder cannot be created.
     #[error("APEX_WAL_DIR {path} cannot be created: {source}")]
     WalDir {
@@ -40,14 +48,36 @@ pub enum ServerError {
 pub struct AppState {
     /// Postgres pool.
     pub pool: PgPool,
-    /// The configuration the server runs with.
-    pub config: ServerConfig,
+    /// API key cache.
+    pub keys: Arc<KeyCache>,
+    /// Event ids seen recently.
+    pub dedup: Arc<Dedup>,
+    /// Where accepted records go.
+    pub sink: Arc<dyn RecordSink>,
+    /// Request limits.
+    pub limits: IngestLimits,
 }
 
-/// Runs the server on `listener` until `shutdown` resolves, then drains and returns.
+/// Runs the server with the production pipeline on `listener` until `shutdown` resolves,
+/// then drains and returns.
 pub async fn run(
     config: ServerConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let mut sink_config = PostgresSinkConfig::new(&config.stores.database_url);
+    sink_config.queue_capacity = config.queue_capacity;
+    let sink = PostgresSink::start(sink_config).map_err(ServerError::Pipeline)?;
+    run_with_sink(config, listener, sink, shutdown).await
+}
+
+/// Runs the server with the given sink (tests pass their own) until `shutdown` resolves;
+/// then stops accepting, lets in-flight requests finish, and shuts the sink down, which makes
+/// everything it acknowledged durable.
+pub async fn run_with_sink(
+    config: ServerConfig,
+    listener: TcpListener,
+    sink: Arc<dyn RecordSink>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     telemetry::prometheus();
@@ -59,9 +89,37 @@ pub async fn run(
     if config.migrate_on_start {
         apex_pipeline::migrate::migrate_all(&pool, &config.stores).await?;
     }
+    let keys = KeyCache::new(pool.clone());
+    keys.refresh_all().await?;
+    let dedup = Arc::new(Dedup::new(config.dedup_window, config.dedup_capacity));
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let listener_task = tokio::spawn(
+        keys.clone()
+            .listen(config.key_refresh, stopped(background_stopped.clone())),
+    );
+    let sweeper = {
+        let dedup = dedup.clone();
+        let stop = stopped(background_stopped.clone());
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            let mut every_minute = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = every_minute.tick() => dedup.sweep(),
+                }
+            }
+        })
+    };
     let state = Arc::new(AppState {
         pool,
-        config: config.clone(),
+        keys,
+        dedup,
+        sink: sink.clone(),
+        limits: config.limits.clone(),
     });
     let local_addr = listener.local_addr().ok();
     tracing::info!(addr = ?local_addr, "apex-server listening");
@@ -132,5 +190,11 @@ pub async fn run(
             tracing::warn!("shutdown grace period over, closing remaining connections");
         }
     }
+    let _ = stop_background.send(true);
+    let _ = listener_task.await;
+    let _ = sweeper.await;
+    // The sink's shutdown blocks until its queue is durable; keep it off the async workers.
+    let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
+    tracing::info!("pipeline flushed");
     Ok(())
 }

@@ -4,6 +4,9 @@
 //!
 //! - [`model`]: metrics and their exact integer units.
 //! - [`env`]: reading typed configuration from environment variables, one-line errors.
+//! - [`sink`]: the trait the edge submits records through, with durable acknowledgements.
+//! - [`postgres_sink`]: group-committed hourly rollups in Postgres, exactly once per batch.
+//! - [`telemetry`]: metric names.
 //! - [`migrate`]: Postgres (sqlx) and ClickHouse migrations, each applied once.
 //! - [`stores`]: building Postgres pools and ClickHouse clients from configuration.
 //! - `testing` (feature `test-support`): fresh, migrated databases for integration tests.
@@ -13,6 +16,9 @@
 pub mod env;
 pub mod migrate;
 pub mod model;
+pub mod postgres_sink;
+pub mod sink;
 pub mod stores;
+pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;

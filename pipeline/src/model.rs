@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Bytes in one GB of data transfer. Data transfer is reported in GB (the operations guide's
 /// unit) and stored in bytes, decimal GB as cloud billing counts it, so fractional GB values
@@ -65,6 +66,25 @@ impl FromStr for Metric {
             other => Err(UnknownMetric(other.to_owned())),
         }
     }
+}
+
+/// One accepted usage record, in storage units, as the edge hands it to the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// The customer the API key belongs to (shared by every record of a request).
+    pub customer_id: Arc<str>,
+    /// What was used.
+    pub metric: Metric,
+    /// How much, in [`Metric::storage_unit`]; never zero.
+    pub quantity: u64,
+    /// The client's idempotency key, if it sent one.
+    pub event_id: Option<Box<str>>,
+    /// When the usage happened, unix milliseconds (the client's timestamp, or arrival time).
+    pub timestamp_ms: i64,
+    /// When the edge accepted it, unix milliseconds.
+    pub received_ms: i64,
+    /// The client's `metadata` object as compact JSON text, if any.
+    pub metadata: Option<Box<str>>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,426 @@
+//! The SDK ingest endpoints, `POST /api/usage/track` (and `/usage/track`) and
+//! `POST /api/usage/batch`. Each reads top to bottom: decode → key → validate → dedup → send,
+//! and answers only after the sink says the records are durable.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use apex_pipeline::model::UsageRecord;
+use apex_pipeline::sink::{Ack, SinkError};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
+use hyper::{Request, Response, StatusCode};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::body::read_body;
+use crate::dedup::{Claim, Dedup, IdKey};
+use crate::error::{ApiError, RecordError};
+use crate::keycache::KeyVerdict;
+use crate::records::{self, ValidRecord, WireBatch, WireRecord};
+use crate::response::{self, Body};
+use crate::server::AppState;
+use crate::telemetry;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    NdJson,
+}
+
+/// JSON is the default (the guide's SDK sends it; a missing type is read as JSON); anything
+/// else named explicitly is refused.
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
+        return Ok(BodyKind::Json);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::UnsupportedContentType)?;
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyKind::NdJson),
+        _ => Err(ApiError::UnsupportedContentType),
+    }
+}
+
+/// The key in `Authorization: Bearer ...`, if the header is there.
+fn bearer_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| ApiError::InvalidAuthorization)?;
+    match value.split_once(' ') {
+        Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") && !key.trim().is_empty() => {
+            Ok(Some(key.trim()))
+        }
+        _ => Err(ApiError::InvalidAuthorization),
+    }
+}
+
+fn choose_key<'a>(header: Option<&'a str>, body: Option<&'a str>) -> Result<&'a str, ApiError> {
+    match (header, body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::ConflictingApiKeys),
+        (Some(key), _) | (None, Some(key)) => Ok(key),
+        (None, None) => Err(ApiError::MissingApiKey),
+    }
+}
+
+async fn authenticate(state: &AppState, key: &str) -> Result<Arc<str>, ApiError> {
+    match state.keys.check(key).await {
+        KeyVerdict::Active(customer) => Ok(customer),
+        KeyVerdict::Suspended => Err(ApiError::AccountSuspended),
+        KeyVerdict::Unknown => Err(ApiError::InvalidApiKey),
+        KeyVerdict::Unavailable => Err(ApiError::Unavailable(
+            "the API key cannot be checked right now",
+        )),
+    }
+}
+
+fn into_record(customer_id: &Arc<str>, valid: ValidRecord, now: i64) -> UsageRecord {
+    UsageRecord {
+        customer_id: customer_id.clone(),
+        metric: valid.metric,
+        quantity: valid.quantity,
+        event_id: valid.event_id,
+        timestamp_ms: valid.timestamp_ms,
+        received_ms: now,
+        metadata: valid.metadata,
+    }
+}
+
+fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
+    if n > 0 {
+        metrics::counter!(telemetry::RECORDS_TOTAL, "outcome" => outcome, "cause" => cause)
+            .increment(n as u64);
+    }
+}
+
+/// Ids claimed by a request. If the request is dropped before its acknowledgement arrives
+/// (the client went away), the acknowledgement is still awaited in the background, so the ids
+/// end up committed or released, never pending forever.
+struct ClaimedIds {
+    dedup: Arc<Dedup>,
+    keys: Vec<IdKey>,
+    ack: Option<Ack>,
+}
+
+impl ClaimedIds {
+    fn resolve(dedup: &Dedup, keys: &[IdKey], outcome: &Result<(), SinkError>) {
+        if outcome.is_ok() {
+            dedup.commit(keys);
+        } else {
+            dedup.release(keys);
+        }
+    }
+}
+
+impl Drop for ClaimedIds {
+    fn drop(&mut self) {
+        if let Some(ack) = self.ack.take() {
+            let dedup = self.dedup.clone();
+            let keys = std::mem::take(&mut self.keys);
+            tokio::spawn(async move {
+                let outcome = ack.await.unwrap_or(Err(SinkError::Closed));
+                ClaimedIds::resolve(&dedup, &keys, &outcome);
+            });
+        }
+    }
+}
+
+/// Hands records to the sink and waits until they are durable.
+async fn send(
+    state: &AppState,
+    records: Vec<UsageRecord>,
+    keys: Vec<IdKey>,
+) -> Result<(), ApiError> {
+    let submitted = state.sink.submit(records);
+    metrics::gauge!(telemetry::QUEUE_DEPTH).set(state.sink.queue_depth() as f64);
+    let ack = match submitted {
+        Ok(ack) => ack,
+        Err(e) => {
+            state.dedup.release(&keys);
+            return Err(sink_error(e));
+        }
+    };
+    let mut claimed = ClaimedIds {
+        dedup: state.dedup.clone(),
+        keys,
+        ack: Some(ack),
+    };
+    let outcome = match claimed.ack.as_mut() {
+        Some(ack) => ack.await.unwrap_or(Err(SinkError::Closed)),
+        None => Err(SinkError::Closed),
+    };
+    claimed.ack = None;
+    ClaimedIds::resolve(&state.dedup, &claimed.keys, &outcome);
+    outcome.map_err(sink_error)
+}
+
+fn sink_error(e: SinkError) -> ApiError {
+    match e {
+        SinkError::Full => {
+            metrics::counter!(telemetry::QUEUE_FULL_TOTAL).increment(1);
+            ApiError::QueueFull
+        }
+        SinkError::Unavailable => ApiError::Unavailable("the records could not be stored"),
+        SinkError::Closed => ApiError::Unavailable("the server is shutting down"),
+    }
+}
+
+#[derive(Serialize)]
+struct TrackAnswer<'a> {
+    success: bool,
+    recorded: Recorded<'a>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    duplicate: bool,
+}
+
+#[derive(Serialize)]
+struct Recorded<'a> {
+    customer_id: &'a str,
+    metric_type: &'static str,
+    quantity: &'a RawValue,
+}
+
+fn track_answer(customer_id: &str, valid: &ValidRecord, duplicate: bool) -> Response<Body> {
+    // The quantity is echoed exactly as sent; it was parsed from valid JSON number text.
+    let quantity: &RawValue = serde_json::from_str(&valid.quantity_text)
+        .unwrap_or_else(|_| serde_json::from_str("null").expect("null is JSON"));
+    response::json(
+        StatusCode::OK,
+        &TrackAnswer {
+            success: true,
+            recorded: Recorded {
+                customer_id,
+                metric_type: valid.metric.as_str(),
+                quantity,
+            },
+            duplicate,
+        },
+    )
+}
+
+/// `POST /api/usage/track`: one record, the guide's body and answer.
+pub async fn track(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = request.into_parts();
+    if body_kind(&parts.headers)? != BodyKind::Json {
+        return Err(ApiError::UnsupportedContentType);
+    }
+    let header_key = bearer_key(&parts.headers)?;
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.limits.track_max_body_bytes,
+        state.limits.body_read_timeout,
+    )
+    .await?;
+    let wire = records::parse_track(&bytes)?;
+    let customer = authenticate(state, choose_key(header_key, wire.api_key.as_deref())?).await?;
+    let now = now_ms();
+    let valid = records::validate(&wire, now).map_err(|e| {
+        count_records("rejected", e.code, 1);
+        ApiError::InvalidRecord(e)
+    })?;
+    let mut keys = Vec::new();
+    if let Some(event_id) = &valid.event_id {
+        match state.dedup.claim(state.dedup.key(&customer, event_id)) {
+            Claim::New(key) => keys.push(key),
+            Claim::Duplicate => {
+                count_records("duplicate", "event_id", 1);
+                return Ok(track_answer(&customer, &valid, true));
+            }
+            Claim::InFlight => return Err(ApiError::DuplicateInFlight),
+        }
+    }
+    let answer = track_answer(&customer, &valid, false);
+    send(state, vec![into_record(&customer, valid, now)], keys).await?;
+    count_records("accepted", "ok", 1);
+    Ok(answer)
+}
+
+#[derive(Serialize)]
+struct BatchAnswer {
+    success: bool,
+    accepted: usize,
+    duplicates: usize,
+    rejected: usize,
+    errors: Vec<IndexedError>,
+}
+
+/// A rejected record of a batch.
+#[derive(Serialize)]
+pub struct IndexedError {
+    index: usize,
+    code: &'static str,
+    message: String,
+}
+
+/// The per-record errors of a batch, as the answer lists them.
+pub fn indexed_errors(errors: &[(usize, RecordError)]) -> Vec<IndexedError> {
+    errors
+        .iter()
+        .map(|(index, e)| IndexedError {
+            index: *index,
+            code: e.code,
+            message: e.message.clone(),
+        })
+        .collect()
+}
+
+fn record_parse_error(e: &serde_json::Error) -> RecordError {
+    match records::json_error(e) {
+        ApiError::InvalidField(m) => RecordError::new("invalid_field", m),
+        _ => RecordError::new("invalid_json", e.to_string()),
+    }
+}
+
+/// `POST /api/usage/batch`: many records with one key, as JSON or NDJSON. Valid records are
+/// made durable together; invalid ones are reported by index.
+pub async fn batch(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = request.into_parts();
+    let kind = body_kind(&parts.headers)?;
+    let header_key = bearer_key(&parts.headers)?;
+    let limits = &state.limits;
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        limits.batch_max_body_bytes,
+        limits.body_read_timeout,
+    )
+    .await?;
+
+    // Decode: the envelope (JSON) or the lines (NDJSON), each record still raw.
+    let envelope: Option<WireBatch<'_>>;
+    let items: Vec<&[u8]> = match kind {
+        BodyKind::Json => {
+            envelope = Some(serde_json::from_slice(&bytes).map_err(|e| records::json_error(&e))?);
+            envelope
+                .as_ref()
+                .map(|b| b.records.iter().map(|r| r.get().as_bytes()).collect())
+                .unwrap_or_default()
+        }
+        BodyKind::NdJson => {
+            envelope = None;
+            bytes
+                .split(|&b| b == b'\n')
+                .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+                .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+                .collect()
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::EmptyBatch);
+    }
+    if items.len() > limits.batch_max_records {
+        return Err(ApiError::TooLarge {
+            code: "too_many_records",
+            message: format!("a batch holds at most {} records", limits.batch_max_records),
+        });
+    }
+    let body_key = envelope.as_ref().and_then(|e| e.api_key.as_deref());
+    let customer = authenticate(state, choose_key(header_key, body_key)?).await?;
+
+    let now = now_ms();
+    let mut accepted = Vec::with_capacity(items.len());
+    let mut errors: Vec<(usize, RecordError)> = Vec::new();
+    let mut duplicates = 0usize;
+    let mut keys = Vec::new();
+    let mut seen_here: HashSet<IdKey> = HashSet::new();
+    for (index, raw) in items.iter().enumerate() {
+        let wire: WireRecord<'_> = match serde_json::from_slice(raw) {
+            Ok(wire) => wire,
+            Err(e) => {
+                errors.push((index, record_parse_error(&e)));
+                continue;
+            }
+        };
+        if wire
+            .api_key
+            .as_deref()
+            .is_some_and(|k| Some(k) != body_key.or(header_key))
+        {
+            errors.push((
+                index,
+                RecordError::new(
+                    "conflicting_api_keys",
+                    "a record names a different api_key than the batch",
+                ),
+            ));
+            continue;
+        }
+        let valid = match records::validate(&wire, now) {
+            Ok(valid) => valid,
+            Err(e) => {
+                errors.push((index, e));
+                continue;
+            }
+        };
+        if let Some(event_id) = &valid.event_id {
+            let key = state.dedup.key(&customer, event_id);
+            if !seen_here.insert(key) {
+                duplicates += 1;
+                continue;
+            }
+            match state.dedup.claim(key) {
+                Claim::New(key) => keys.push(key),
+                Claim::Duplicate => {
+                    duplicates += 1;
+                    continue;
+                }
+                Claim::InFlight => {
+                    errors.push((
+                        index,
+                        RecordError::new(
+                            "duplicate_in_flight",
+                            "a request with this event_id is still being recorded; retry shortly",
+                        ),
+                    ));
+                    continue;
+                }
+            }
+        }
+        accepted.push(into_record(&customer, valid, now));
+    }
+    for (_, e) in &errors {
+        count_records("rejected", e.code, 1);
+    }
+    count_records("duplicate", "event_id", duplicates);
+    if accepted.is_empty() && duplicates == 0 {
+        return Err(ApiError::AllRejected(errors));
+    }
+    let accepted_count = accepted.len();
+    if !accepted.is_empty() {
+        send(state, accepted, keys).await?;
+    }
+    count_records("accepted", "ok", accepted_count);
+    Ok(response::json(
+        StatusCode::OK,
+        &BatchAnswer {
+            success: true,
+            accepted: accepted_count,
+            duplicates,
+            rejected: errors.len(),
+            errors: indexed_errors(&errors),
+        },
+    ))
+}

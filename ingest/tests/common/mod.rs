@@ -1,0 +1,195 @@
+//! Shared support of the server tests: a server on port 0 with its own databases, customers
+//! with keys, and a minimal HTTP/1.1 client over raw TCP (what an SDK sends, byte for byte).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apex_billing::customers::{NewCustomer, create_customer};
+use apex_ingest::{ServerConfig, run, run_with_sink};
+use apex_pipeline::env::EnvSource;
+use apex_pipeline::sink::RecordSink;
+use apex_pipeline::testing::TestStores;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const JWT_SECRET: &str = "test-secret-test-secret-test-secret!";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub stores: TestStores,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Result<(), apex_ingest::ServerError>>,
+    wal: std::path::PathBuf,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.wal);
+    }
+}
+
+/// A server with the production pipeline.
+pub async fn start() -> TestServer {
+    start_with(&[], None).await
+}
+
+/// A server with extra environment settings and, optionally, a sink of the test's own.
+pub async fn start_with(extra: &[(&str, &str)], sink: Option<Arc<dyn RecordSink>>) -> TestServer {
+    let stores = TestStores::migrated().await;
+    let wal = std::env::temp_dir().join(format!("{}_wal", stores.name));
+    let mut pairs = vec![
+        ("DATABASE_URL", stores.config.database_url.clone()),
+        ("CLICKHOUSE_URL", stores.config.clickhouse_url.clone()),
+        (
+            "CLICKHOUSE_DATABASE",
+            stores.config.clickhouse_database.clone(),
+        ),
+        ("APEX_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("APEX_WAL_DIR", wal.to_string_lossy().into_owned()),
+        ("APEX_SHUTDOWN_GRACE_MS", "10000".to_owned()),
+    ];
+    for (k, v) in extra {
+        pairs.push((k, (*v).to_owned()));
+    }
+    let env = EnvSource::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())));
+    let config = ServerConfig::from_env(&env).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let task = match sink {
+        Some(sink) => tokio::spawn(run_with_sink(config, listener, sink, shutdown)),
+        None => tokio::spawn(run(config, listener, shutdown)),
+    };
+    let server = TestServer {
+        addr,
+        stores,
+        stop: Some(stop),
+        task,
+        wal,
+    };
+    for _ in 0..400 {
+        if get(addr, "/readyz").await.status == 200 {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server did not become ready");
+}
+
+/// A customer on the starter plan and its plain API key.
+pub async fn customer(server: &TestServer) -> (String, String) {
+    let created = create_customer(
+        &server.stores.pool,
+        &NewCustomer {
+            name: "Test Publisher".into(),
+            email: "test@example.com".into(),
+            plan_id: "starter".into(),
+            trial_days: None,
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    (created.customer.id, created.api_key.expose().to_owned())
+}
+
+/// Sum of a customer's rollups of one metric in Postgres.
+pub async fn stored_total(server: &TestServer, customer_id: &str, metric: &str) -> i64 {
+    sqlx::query_scalar::<_, Option<i64>>(
+        "SELECT sum(quantity)::bigint FROM usage_records WHERE customer_id = $1 AND metric_type = $2",
+    )
+    .bind(customer_id)
+    .bind(metric)
+    .fetch_one(&server.stores.pool)
+    .await
+    .unwrap()
+    .unwrap_or(0)
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+        })
+    }
+
+    /// Asserts the API's error shape and returns the code.
+    pub fn error_code(&self) -> String {
+        let json = self.json();
+        assert_eq!(json["success"], false, "{}", self.body);
+        assert!(json["error"]["message"].is_string(), "{}", self.body);
+        json["error"]["code"].as_str().unwrap().to_owned()
+    }
+}
+
+/// Sends `raw` (a whole HTTP/1.1 request) and reads the answer until the server closes.
+pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Answer {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut bytes))
+        .await
+        .expect("the server answers in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    Answer {
+        status: head[9..12].parse().unwrap(),
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+/// POSTs `body` with the given extra header lines (each `Name: value`).
+pub async fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Answer {
+    let mut raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for header in headers {
+        raw.push_str(header);
+        raw.push_str("\r\n");
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    exchange(addr, &raw).await
+}
+
+pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Answer {
+    post(
+        addr,
+        path,
+        &["Content-Type: application/json"],
+        body.to_string().as_bytes(),
+    )
+    .await
+}

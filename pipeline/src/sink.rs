@@ -1,0 +1,46 @@
+//! The boundary between the edge and the pipeline: the edge submits the records of one
+//! request together and answers only when the sink acknowledges them as durable. A sink that
+//! is full refuses at once, so the edge can answer 503 instead of queueing without bound.
+
+use tokio::sync::oneshot;
+
+use crate::model::UsageRecord;
+
+/// Why a sink did not take or did not make durable a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// The queue is full: retry shortly (the edge answers 503 with `Retry-After`).
+    #[error("the pipeline queue is full")]
+    Full,
+    /// The store is unavailable and the records were not made durable: retry later.
+    #[error("the pipeline could not make the records durable")]
+    Unavailable,
+    /// The pipeline is shutting down.
+    #[error("the pipeline is shut down")]
+    Closed,
+}
+
+/// Resolves when the submitted records are durable, or with why they are not.
+pub type Ack = oneshot::Receiver<Result<(), SinkError>>;
+
+/// Where accepted records go. Implementations must never block the caller.
+pub trait RecordSink: Send + Sync + 'static {
+    /// Takes the records of one request; all of them become durable together or none does.
+    fn submit(&self, records: Vec<UsageRecord>) -> Result<Ack, SinkError>;
+
+    /// Submissions waiting in the queue, for the queue-depth metric.
+    fn queue_depth(&self) -> usize;
+
+    /// Stops taking submissions, makes everything already taken durable, and returns when
+    /// that is done.
+    fn shutdown(&self);
+}
+
+/// A submission travelling through a pipeline queue with its acknowledgement.
+#[derive(Debug)]
+pub struct Submission {
+    /// The records of one request.
+    pub records: Vec<UsageRecord>,
+    /// Where to report the outcome.
+    pub ack: oneshot::Sender<Result<(), SinkError>>,
+}
