@@ -162,6 +162,23 @@ impl KeyCache {
         }))
     }
 
+    /// Puts a key into the cache directly, as a load would (benchmarks use it to fill the
+    /// cache without a database).
+    pub fn insert_key(&self, plain: &str, customer_id: &str, status: CustomerStatus) {
+        self.insert(
+            hash_key(plain),
+            CachedKey {
+                customer_id: customer_id.into(),
+                status,
+            },
+        );
+    }
+
+    /// Remembers a key as unknown, as a failed lookup would (for benchmarks).
+    pub fn insert_unknown(&self, plain: &str) {
+        self.unknown.insert(hash_key(plain), Instant::now());
+    }
+
     fn insert(&self, hash: KeyHash, key: CachedKey) {
         self.unknown.remove(&hash);
         let mut hashes = self.by_customer.entry(key.customer_id.clone()).or_default();

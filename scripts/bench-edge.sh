@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Edge throughput, side by side in one run: `POST /api/usage/track` on apex-server (with the
+# durable Postgres pipeline) against apex-loadtest's null-server (reads the body, answers
+# 200), same wrk client, alternating, ROUNDS times; prints each run and the medians.
+# Usage: scripts/bench-edge.sh [ROUNDS=3] [SECONDS=15] [CONNECTIONS=64]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"; secs="${2:-15}"; conns="${3:-64}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+scripts/stack.sh up >/dev/null
+eval "$(scripts/stack.sh env)"
+cargo build --release --quiet --bin apex-server --bin apexctl --bin apex-loadtest
+bin="$CARGO_TARGET_DIR/release"
+"$bin/apexctl" migrate >/dev/null
+APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "Bench $(date +%s)" --email bench@example.com --json |
+  sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+export APEX_BENCH_KEY
+
+APEX_LISTEN=127.0.0.1:18080 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
+  APEX_WAL_DIR="$(mktemp -d)" "$bin/apex-server" & server=$!
+"$bin/apex-loadtest" null-server --listen 127.0.0.1:18090 2>/dev/null & null=$!
+trap 'kill $server $null 2>/dev/null' EXIT
+for _ in $(seq 1 100); do curl -sf 127.0.0.1:18080/readyz >/dev/null && curl -sf -X POST 127.0.0.1:18090/ >/dev/null && break; sleep 0.1; done
+
+run() { # name url -> "rps p50 p99"
+  wrk -t1 -c"$conns" -d"${secs}s" --latency -s scripts/bench/track.lua "$2" 2>&1 |
+    awk -v name="$1" '/Requests\/sec/ {rps=$2} /^ +50%/ {p50=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF}
+      END {printf "%s %s %s %s %s\n", name, rps, p50, p99, (bad==""?0:bad)}'
+}
+results=$(mktemp)
+for i in $(seq 1 "$rounds"); do
+  run null-server http://127.0.0.1:18090/api/usage/track | tee -a "$results"
+  run apex-track http://127.0.0.1:18080/api/usage/track | tee -a "$results"
+done
+echo "-- medians of $rounds runs, ${secs}s each, $conns connections, wrk 1 thread, $(nproc) cores"
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+null_rps=$(awk '$1=="null-server"{print $2}' "$results" | median)
+apex_rps=$(awk '$1=="apex-track"{print $2}' "$results" | median)
+echo "null-server req/s: $null_rps  p99: $(awk '$1=="null-server"{print $4}' "$results" | tr '\n' ' ')"
+echo "apex-track  req/s: $apex_rps  p99: $(awk '$1=="apex-track"{print $4}' "$results" | tr '\n' ' ')  non-2xx: $(awk '$1=="apex-track"{print $5}' "$results" | tr '\n' ' ')"
+awk -v a="$apex_rps" -v n="$null_rps" 'BEGIN {printf "ratio apex/null: %.2f\n", a/n}'
