@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub dedup_capacity: usize,
     /// `APEX_KEY_REFRESH_SECS`, default 60: full key cache refresh period.
     pub key_refresh: Duration,
+    /// `APEX_WAL_MAX_BYTES`, default 4 GiB: unapplied log beyond which ingest answers 503.
+    pub wal_max_bytes: u64,
 }
 
 /// Size and time limits of the ingest endpoints.
@@ -131,6 +133,13 @@ impl ServerConfig {
         let dedup_capacity = at_least_one(env, "APEX_DEDUP_CAPACITY", 8_000_000)?;
         let key_refresh =
             Duration::from_secs(at_least_one(env, "APEX_KEY_REFRESH_SECS", 60)? as u64);
+        let wal_max_bytes = at_least_one(env, "APEX_WAL_MAX_BYTES", 4 << 30)? as u64;
+        if wal_max_bytes < 64 << 20 {
+            return Err(ConfigError::Invalid {
+                name: "APEX_WAL_MAX_BYTES",
+                reason: "must be at least one 64 MiB segment (67108864)".to_owned(),
+            });
+        }
         Ok(Self {
             listen,
             stores,
@@ -147,6 +156,7 @@ impl ServerConfig {
             dedup_window,
             dedup_capacity,
             key_refresh,
+            wal_max_bytes,
         })
     }
 }

@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use apex_pipeline::postgres_sink::{PostgresSink, PostgresSinkConfig};
+use apex_pipeline::durable::{DurableConfig, DurableSink};
 use apex_pipeline::sink::RecordSink;
 
 use crate::config::{IngestLimits, ServerConfig};
@@ -65,9 +65,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let mut sink_config = PostgresSinkConfig::new(&config.stores.database_url);
+    let mut sink_config = DurableConfig::new(&config.wal_dir, &config.stores.database_url);
     sink_config.queue_capacity = config.queue_capacity;
-    let sink = PostgresSink::start(sink_config).map_err(ServerError::Pipeline)?;
+    sink_config.max_log_bytes = config.wal_max_bytes;
+    let sink = DurableSink::start(&sink_config).map_err(ServerError::Pipeline)?;
     run_with_sink(config, listener, sink, shutdown).await
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use common::{customer, post, post_json, start, stored_total};
+use common::{assert_total, customer, post, post_json, start};
 use serde_json::json;
 
 #[tokio::test]
@@ -30,11 +30,8 @@ async fn the_guides_track_request_is_recorded_durably() {
         answer.json(),
         json!({"success": true, "recorded": {"customer_id": customer_id, "metric_type": "impressions", "quantity": 1000}})
     );
-    // Acknowledged means committed: the rollup holds it already.
-    assert_eq!(
-        stored_total(&server, &customer_id, "impressions").await,
-        1000
-    );
+    // Acknowledged means in the log; the applier adds it to the rollup moments later.
+    assert_total(&server, &customer_id, "impressions", 1000).await;
 
     // The iOS example's path, and the key in the Authorization header.
     let answer = post(
@@ -49,10 +46,7 @@ async fn the_guides_track_request_is_recorded_durably() {
     .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["recorded"]["quantity"], json!(35.2));
-    assert_eq!(
-        stored_total(&server, &customer_id, "data_transfer").await,
-        35_200_000_000
-    );
+    assert_total(&server, &customer_id, "data_transfer", 35_200_000_000).await;
 }
 
 #[tokio::test]
@@ -104,8 +98,8 @@ async fn batches_count_accepted_duplicate_and_rejected_records() {
             (5, "invalid_field".to_owned())
         ]
     );
-    assert_eq!(stored_total(&server, &customer_id, "impressions").await, 10);
-    assert_eq!(stored_total(&server, &customer_id, "api_calls").await, 7);
+    assert_total(&server, &customer_id, "impressions", 10).await;
+    assert_total(&server, &customer_id, "api_calls", 7).await;
 
     // NDJSON, key in the header; the event id "a" is already known.
     let ndjson = b"{\"metric_type\":\"impressions\",\"quantity\":3}\r\n\n{\"metric_type\":\"impressions\",\"quantity\":10,\"event_id\":\"a\"}\n";
@@ -127,7 +121,7 @@ async fn batches_count_accepted_duplicate_and_rejected_records() {
         ),
         (json!(1), json!(1))
     );
-    assert_eq!(stored_total(&server, &customer_id, "impressions").await, 13);
+    assert_total(&server, &customer_id, "impressions", 13).await;
 
     // Every record bad: 400 with the errors by index, nothing stored.
     let answer = post_json(
@@ -153,7 +147,7 @@ async fn a_duplicate_event_id_is_answered_and_counted_once() {
     let second = post_json(server.addr, "/api/usage/track", &body).await;
     assert_eq!(second.status, 200);
     assert_eq!(second.json()["duplicate"], true);
-    assert_eq!(stored_total(&server, &customer_id, "api_calls").await, 4);
+    assert_total(&server, &customer_id, "api_calls", 4).await;
 }
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -183,7 +177,7 @@ async fn compressed_bodies_are_read_and_bombs_refused() {
         .await;
         assert_eq!(answer.status, 200, "{encoding}: {}", answer.body);
     }
-    assert_eq!(stored_total(&server, &customer_id, "impressions").await, 4);
+    assert_total(&server, &customer_id, "impressions", 4).await;
 
     // 64 MiB of spaces compress to about 64 KiB: refused at the decompressed limit.
     let bomb = gzip(&vec![b' '; 64 * 1024 * 1024]);
@@ -279,10 +273,7 @@ async fn a_suspended_customer_gets_403_and_is_served_again_on_reactivation() {
         tokio::time::sleep(Duration::from_millis(20)).await;
         waited += Duration::from_millis(20);
     }
-    assert_eq!(
-        stored_total(&server, &customer_id, "impressions").await,
-        accepted
-    );
+    assert_total(&server, &customer_id, "impressions", accepted).await;
 }
 
 #[tokio::test]

@@ -92,12 +92,17 @@ CREATE TABLE usage_records (
 );
 CREATE INDEX usage_records_recorded_at_idx ON usage_records (recorded_at);
 
--- Pipeline batches already added to usage_records: a replayed batch id is skipped,
--- and the id is written in the same transaction as the rollup rows.
+-- Pipeline batches already added to usage_records. A batch is the range
+-- [batch_id, end_position) of one write-ahead log (log_id: one per ingest instance); it is
+-- recorded in the same transaction as its rollup rows, so a replayed batch is skipped and
+-- the largest end_position of a log is where its replay starts.
 CREATE TABLE pipeline_batches (
-    batch_id        bigint PRIMARY KEY CHECK (batch_id >= 0),
+    log_id          text NOT NULL,
+    batch_id        bigint NOT NULL CHECK (batch_id >= 0),
+    end_position    bigint NOT NULL CHECK (end_position > batch_id),
     record_count    integer NOT NULL CHECK (record_count >= 0),
-    applied_at      timestamptz NOT NULL DEFAULT now()
+    applied_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (log_id, batch_id)
 );
 
 -- Usage reported to Stripe, one row per customer, metric and UTC day.

@@ -5,7 +5,9 @@
 //! - [`model`]: metrics and their exact integer units.
 //! - [`env`]: reading typed configuration from environment variables, one-line errors.
 //! - [`sink`]: the trait the edge submits records through, with durable acknowledgements.
-//! - [`postgres_sink`]: group-committed hourly rollups in Postgres, exactly once per batch.
+//! - [`durable`]: the production sink: group-committed log, applied to Postgres exactly once.
+//! - [`postgres_sink`]: hourly rollups in Postgres, one transaction per log range.
+//! - [`wal`]: the write-ahead log: framed, checksummed segments, recovery.
 //! - [`telemetry`]: metric names.
 //! - [`migrate`]: Postgres (sqlx) and ClickHouse migrations, each applied once.
 //! - [`stores`]: building Postgres pools and ClickHouse clients from configuration.
@@ -13,6 +15,7 @@
 //!
 //! This crate knows neither the HTTP edge nor billing: they depend on it, never the reverse.
 
+pub mod durable;
 pub mod env;
 pub mod migrate;
 pub mod model;
@@ -22,3 +25,4 @@ pub mod stores;
 pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod wal;

@@ -101,6 +101,34 @@ pub async fn customer(server: &TestServer) -> (String, String) {
     (created.customer.id, created.api_key.expose().to_owned())
 }
 
+/// Waits (up to 10 s) until the customer's rollup of `metric` in Postgres equals `expected`:
+/// a 200 means the record is in the write-ahead log, and the applier adds it moments later.
+pub async fn assert_total(server: &TestServer, customer_id: &str, metric: &str, expected: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let total = stored_total(server, customer_id, metric).await;
+        if total == expected {
+            // Stay a moment to catch a late double count.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(
+                stored_total(server, customer_id, metric).await,
+                expected,
+                "{metric}"
+            );
+            return;
+        }
+        assert!(
+            total < expected,
+            "{metric}: {total} stored, more than the {expected} accepted"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{metric}: {total} stored, {expected} accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sum of a customer's rollups of one metric in Postgres.
 pub async fn stored_total(server: &TestServer, customer_id: &str, metric: &str) -> i64 {
     sqlx::query_scalar::<_, Option<i64>>(
