@@ -122,6 +122,17 @@ impl Dedup {
         }
     }
 
+    /// Remembers an id accepted by an earlier process (replayed from the write-ahead log), as
+    /// if it had just been accepted; a full shard makes room as [`Dedup::claim`] does.
+    pub fn remember(&self, key: IdKey) {
+        let now = self.now();
+        let mut shard = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+        if !shard.ids.contains_key(&key) && shard.ids.len() >= self.capacity_per_shard {
+            self.evict(&mut shard, now);
+        }
+        shard.ids.insert(key, now);
+    }
+
     /// Forgets claimed ids whose records were refused, so a retry is accepted.
     pub fn release(&self, keys: &[IdKey]) {
         for key in keys {
@@ -229,6 +240,18 @@ mod tests {
         }
         assert!(dedup.len() <= capacity + SHARDS, "{} ids kept", dedup.len());
         assert_eq!(dedup.claim(pending), Claim::InFlight);
+    }
+
+    #[test]
+    fn remembered_ids_are_duplicates_and_stay_bounded() {
+        let capacity = 64 * 4;
+        let dedup = Dedup::new(Duration::from_secs(3600), capacity);
+        dedup.remember(dedup.key("cus", "logged"));
+        assert_eq!(dedup.claim(dedup.key("cus", "logged")), Claim::Duplicate);
+        for i in 0..10 * capacity {
+            dedup.remember(dedup.key("cus", &i.to_string()));
+        }
+        assert!(dedup.len() <= capacity + SHARDS, "{} ids kept", dedup.len());
     }
 
     #[test]

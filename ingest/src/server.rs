@@ -65,7 +65,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let mut sink_config = DurableConfig::new(&config.wal_dir, &config.stores.database_url);
+    let mut sink_config = DurableConfig::new(&config.wal_dir, &config.stores);
     sink_config.queue_capacity = config.queue_capacity;
     sink_config.max_log_bytes = config.wal_max_bytes;
     let sink = DurableSink::start(&sink_config).map_err(ServerError::Pipeline)?;
@@ -93,6 +93,15 @@ pub async fn run_with_sink(
     let keys = KeyCache::new(pool.clone());
     keys.refresh_all().await?;
     let dedup = Arc::new(Dedup::new(config.dedup_window, config.dedup_capacity));
+    let replayed = sink.replay_event_ids(&mut |customer, event| {
+        dedup.remember(dedup.key(customer, event));
+    });
+    if replayed > 0 {
+        tracing::info!(
+            ids = replayed,
+            "dedup: remembered the event ids of the write-ahead log"
+        );
+    }
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

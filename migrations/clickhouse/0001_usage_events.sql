@@ -1,5 +1,6 @@
--- Raw usage records, one row per accepted record, with the client's event id and the
--- pipeline batch that wrote it (replay looks the batch id up before inserting again).
+-- Raw usage records, one row per accepted record, with the client's event id, the
+-- write-ahead log it came from and the pipeline batch that wrote it (replay looks the
+-- batch up before inserting again: see pipeline/src/clickhouse_sink.rs).
 -- Runs on ClickHouse 18.16 and current releases: Enum8 instead of LowCardinality,
 -- DateTime (seconds) instead of DateTime64, which 18.16 lacks.
 -- data_transfer quantities are bytes (1 GB = 1,000,000,000 bytes).
@@ -12,7 +13,8 @@ CREATE TABLE IF NOT EXISTS usage_events
     batch_id UInt64,
     ts DateTime,
     received_at DateTime,
-    metadata String
+    metadata String,
+    log_id String
 )
 ENGINE = MergeTree()
 PARTITION BY toYYYYMM(ts)

@@ -5,8 +5,12 @@
 //! - [`model`]: metrics and their exact integer units.
 //! - [`env`]: reading typed configuration from environment variables, one-line errors.
 //! - [`sink`]: the trait the edge submits records through, with durable acknowledgements.
-//! - [`durable`]: the production sink: group-committed log, applied to Postgres exactly once.
+//! - [`durable`]: the production sink: group-committed log, batched into both stores
+//!   exactly once.
 //! - [`postgres_sink`]: hourly rollups in Postgres, one transaction per log range.
+//! - [`clickhouse_sink`]: raw events in ClickHouse, with the argument why replay never
+//!   inserts a batch twice.
+//! - [`failpoint`]: named crash points for the crash tests (`APEX_FAILPOINT`).
 //! - [`wal`]: the write-ahead log: framed, checksummed segments, recovery.
 //! - [`telemetry`]: metric names.
 //! - [`migrate`]: Postgres (sqlx) and ClickHouse migrations, each applied once.
@@ -15,7 +19,9 @@
 //!
 //! This crate knows neither the HTTP edge nor billing: they depend on it, never the reverse.
 
+pub mod clickhouse_sink;
 pub mod durable;
+pub mod failpoint;
 pub mod env;
 pub mod migrate;
 pub mod model;

@@ -58,6 +58,11 @@ pub const CLICKHOUSE_MIGRATIONS: &[ClickHouseMigration] = &[
         name: "0002_usage_daily.sql",
         sql: include_str!("../../migrations/clickhouse/0002_usage_daily.sql"),
     },
+    ClickHouseMigration {
+        version: 3,
+        name: "0003_pipeline_batches.sql",
+        sql: include_str!("../../migrations/clickhouse/0003_pipeline_batches.sql"),
+    },
 ];
 
 /// Applies every pending Postgres migration.

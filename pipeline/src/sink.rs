@@ -34,6 +34,16 @@ pub trait RecordSink: Send + Sync + 'static {
     /// Stops taking submissions, makes everything already taken durable, and returns when
     /// that is done.
     fn shutdown(&self);
+
+    /// Calls `visit(customer_id, event_id)` for every record with an event id that the sink
+    /// kept from before this process started (the write-ahead log of a previous run), so the
+    /// edge's duplicate detection survives a restart: a client retrying a request that was
+    /// logged but never answered (the usual case after a crash) is still counted once.
+    /// Returns how many ids were visited. Sinks that keep nothing visit nothing.
+    fn replay_event_ids(&self, visit: &mut dyn FnMut(&str, &str)) -> usize {
+        let _ = visit;
+        0
+    }
 }
 
 /// A submission travelling through a pipeline queue with its acknowledgement.

@@ -2,10 +2,13 @@
 //! ClickHouse database on the real servers of `scripts/stack.sh`, so tests never share data
 //! and can run in parallel. Databases are named `apex_t_*`; `scripts/test.sh` drops old ones.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::{Connection, PgConnection, PgPool};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::env::EnvSource;
 use crate::stores::StoreConfig;
@@ -78,6 +81,40 @@ impl TestStores {
         Self { config, pool, name }
     }
 
+    /// Sum of `quantity` of a customer in the Postgres rollups.
+    pub async fn postgres_total(&self, customer: &str) -> u64 {
+        let sum: Option<i64> = sqlx::query_scalar(
+            "SELECT sum(quantity)::bigint FROM usage_records WHERE customer_id = $1",
+        )
+        .bind(customer)
+        .fetch_one(&self.pool)
+        .await
+        .expect("cannot read usage_records");
+        sum.map_or(0, |s| s.max(0) as u64)
+    }
+
+    /// Rows and sum of `quantity` of a customer in ClickHouse `usage_events`.
+    pub async fn clickhouse_events(&self, customer: &str) -> (u64, u64) {
+        self.config
+            .clickhouse()
+            .query("SELECT count(), sum(quantity) FROM usage_events WHERE customer_id = ?")
+            .bind(customer)
+            .fetch_one::<(u64, u64)>()
+            .await
+            .expect("cannot read usage_events")
+    }
+
+    /// Sum of `quantity` of a customer in the ClickHouse daily rollup.
+    pub async fn clickhouse_daily_total(&self, customer: &str) -> u64 {
+        self.config
+            .clickhouse()
+            .query("SELECT sum(quantity) FROM usage_daily WHERE customer_id = ?")
+            .bind(customer)
+            .fetch_one::<u64>()
+            .await
+            .expect("cannot read usage_daily")
+    }
+
     /// Creates databases and applies every migration to both.
     pub async fn migrated() -> Self {
         let stores = Self::empty().await;
@@ -88,9 +125,99 @@ impl TestStores {
     }
 }
 
+/// Byte range of the `host:port` part of a URL.
+fn host_span(url: &str) -> (usize, usize) {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let start = url[after_scheme..]
+        .find('@')
+        .map_or(after_scheme, |i| after_scheme + i + 1);
+    let end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    (start, end)
+}
+
+/// `url` with its `host:port` replaced by `addr` (to route a store through a [`Proxy`]).
+pub fn with_address(url: &str, addr: SocketAddr) -> String {
+    let (start, end) = host_span(url);
+    format!("{}{addr}{}", &url[..start], &url[end..])
+}
+
+/// The `host:port` of a URL, resolved to a socket address.
+pub fn address_of(url: &str) -> SocketAddr {
+    let (start, end) = host_span(url);
+    std::net::ToSocketAddrs::to_socket_addrs(&url[start..end])
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .unwrap_or_else(|| panic!("no address in {url}"))
+}
+
+/// A TCP proxy on loopback in front of a real store: `set_down(true)` cuts every open
+/// connection and refuses new ones until `set_down(false)`, as a store outage looks to a
+/// client, without stopping the shared server other tests use.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    down: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (down, _) = watch::channel(false);
+        let watcher = down.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut cut = watcher.subscribe();
+                if *cut.borrow() {
+                    continue; // dropped at once: connection reset
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, down, task }
+    }
+
+    /// Takes the store away (`true`) or brings it back (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{with_address, with_database};
+
+    #[test]
+    fn addresses_are_replaced_in_urls() {
+        let to = "127.0.0.1:9".parse().unwrap();
+        assert_eq!(
+            with_address("postgres://u:p@h:1/apex?x=1", to),
+            "postgres://u:p@127.0.0.1:9/apex?x=1"
+        );
+        assert_eq!(
+            with_address("http://127.0.0.1:18123", to),
+            "http://127.0.0.1:9"
+        );
+    }
+
 
     #[test]
     fn database_is_replaced_in_urls() {

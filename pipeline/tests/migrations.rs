@@ -82,6 +82,7 @@ async fn clickhouse_migrations_apply_once_and_feed_the_daily_rollup() {
     assert_eq!(
         tables,
         [
+            "pipeline_batches",
             "schema_migrations",
             "usage_daily",
             "usage_daily_mv",

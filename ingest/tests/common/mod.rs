@@ -188,6 +188,35 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Answer {
     }
 }
 
+/// Like [`post`], but a refused or broken connection (a killed server) is `None`.
+pub async fn try_post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Option<Answer> {
+    let mut raw = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for header in headers {
+        raw.push_str(header);
+        raw.push_str("\r\n");
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(body);
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream.write_all(&raw).await.ok()?;
+    let mut bytes = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut bytes))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some(Answer {
+        status: head.get(9..12)?.parse().ok()?,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
 pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     exchange(
         addr,

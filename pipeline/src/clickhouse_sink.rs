@@ -1,0 +1,310 @@
+//! The ClickHouse side of the pipeline: one `usage_events` row per record, written in
+//! RowBinary, each carrying its `event_id`, the id of the log it came from (`log_id`) and its
+//! batch (`batch_id`, the log position where the batch starts). The daily rollup
+//! (`usage_daily`) is fed from `usage_events` by a materialized view.
+//!
+//! # Why replay never inserts a batch twice
+//!
+//! ClickHouse has no transactions, so a batch is written in three steps, each recorded in
+//! `pipeline_batches` (ClickHouse) and all done by the single applier of the log, in log order:
+//!
+//! 1. a `started` marker with the batch's exact log range `[batch_id, end_position)` and the
+//!    span of its timestamps, written *before* any of its rows;
+//! 2. the rows, one `INSERT` per calendar month of `ts`. One `INSERT` of fewer rows than
+//!    `max_insert_block_size` (1,048,576 by default; batches are capped at
+//!    [`MAX_BATCH_ROWS`]) into one partition (tables are partitioned by month) becomes one
+//!    data part, and a part appears atomically: after a crash a month of the batch is
+//!    either wholly there or not at all;
+//! 3. a `done` marker.
+//!
+//! On start the applier reads the newest marker of its log. `done` means everything up to its
+//! `end_position` is in, and the next batch starts there. `started` means the process died
+//! inside that batch: the applier reads back exactly the same log range, asks which months of
+//! the batch already have rows (`log_id`, `batch_id` and the timestamp span narrow the scan to
+//! the batch's partitions), inserts only the missing months, then writes `done`. An `INSERT`
+//! whose outcome is unknown (a timeout, a dropped connection) is settled the same way before
+//! it is retried. Nothing is inserted before its `started` marker is known to be written, so
+//! rows without a marker cannot exist.
+//!
+//! What this does not cover: the ClickHouse server itself dying between writing a part of
+//! `usage_events` and the materialized view's part of `usage_daily` (the client's `INSERT`
+//! then fails and the batch is settled as above, with the raw rows present but the daily
+//! rollup short). `usage_events` stays exact; `usage_daily` can be rebuilt from it.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{Datelike, TimeZone, Utc};
+use clickhouse::Client;
+use serde::Serialize;
+
+use crate::model::{Metric, UsageRecord};
+
+/// Rows in one batch at most: below ClickHouse's `max_insert_block_size`, so that one
+/// `INSERT` into one partition is one part (see the module documentation).
+pub const MAX_BATCH_ROWS: usize = 500_000;
+
+/// Why a ClickHouse step failed.
+pub type ChError = clickhouse::error::Error;
+
+#[derive(clickhouse::Row, Serialize)]
+struct EventRow<'a> {
+    customer_id: &'a str,
+    metric_type: i8,
+    quantity: u64,
+    event_id: &'a str,
+    batch_id: u64,
+    ts: u32,
+    received_at: u32,
+    metadata: &'a str,
+    log_id: &'a str,
+}
+
+#[derive(clickhouse::Row, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+struct MarkerRow<'a> {
+    log_id: &'a str,
+    batch_id: u64,
+    end_position: u64,
+    rows: u64,
+    state: i8,
+    min_ts: u32,
+    max_ts: u32,
+}
+
+const STARTED: i8 = 1;
+const DONE: i8 = 2;
+
+/// Where the ClickHouse applier of a log resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// Every batch before this position is complete.
+    At(u64),
+    /// The batch `[start, end)` was begun and may be partly written.
+    Unfinished {
+        /// Its first log position (its `batch_id`).
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
+}
+
+/// Reads the newest marker of `log_id`.
+pub async fn resume(client: &Client, log_id: &str) -> Result<Resume, ChError> {
+    let newest = client
+        .query(
+            "SELECT batch_id, end_position, state FROM pipeline_batches WHERE log_id = ? \
+             ORDER BY batch_id DESC, state DESC LIMIT 1",
+        )
+        .bind(log_id)
+        .fetch_all::<(u64, u64, i8)>()
+        .await?;
+    Ok(match newest.first() {
+        None => Resume::At(0),
+        Some(&(_, end, DONE)) => Resume::At(end),
+        Some(&(start, end, _)) => Resume::Unfinished { start, end },
+    })
+}
+
+fn metric_code(metric: Metric) -> i8 {
+    // The values of the Enum8 in migrations/clickhouse/0001_usage_events.sql.
+    match metric {
+        Metric::Impressions => 1,
+        Metric::ApiCalls => 2,
+        Metric::DataTransfer => 3,
+    }
+}
+
+/// Unix seconds as a ClickHouse `DateTime` (unsigned 32-bit seconds), clamped.
+fn datetime(ms: i64) -> u32 {
+    u32::try_from(ms.div_euclid(1000).max(0)).unwrap_or(u32::MAX)
+}
+
+/// `toYYYYMM` of a `DateTime` in UTC: the partition a row lands in.
+fn month(ts: u32) -> u32 {
+    let at = Utc
+        .timestamp_opt(i64::from(ts), 0)
+        .single()
+        .unwrap_or_default();
+    at.year().unsigned_abs() * 100 + at.month()
+}
+
+/// One batch of the log on its way to ClickHouse.
+pub struct Batch<'a> {
+    /// The log's identity.
+    pub log_id: &'a str,
+    /// First log position of the batch: its id.
+    pub start: u64,
+    /// Log position just after it.
+    pub end: u64,
+    /// Its records, in log order.
+    pub records: &'a [UsageRecord],
+}
+
+impl Batch<'_> {
+    fn marker(&self, state: i8) -> MarkerRow<'_> {
+        let (min_ts, max_ts) = self
+            .records
+            .iter()
+            .map(|r| datetime(r.timestamp_ms))
+            .fold((u32::MAX, 0), |(lo, hi), ts| (lo.min(ts), hi.max(ts)));
+        MarkerRow {
+            log_id: self.log_id,
+            batch_id: self.start,
+            end_position: self.end,
+            rows: self.records.len() as u64,
+            state,
+            min_ts: min_ts.min(max_ts),
+            max_ts,
+        }
+    }
+
+    /// Indexes of the records by the month (partition) they land in.
+    fn by_month(&self) -> BTreeMap<u32, Vec<usize>> {
+        let mut months: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, record) in self.records.iter().enumerate() {
+            months
+                .entry(month(datetime(record.timestamp_ms)))
+                .or_default()
+                .push(i);
+        }
+        months
+    }
+}
+
+async fn write_marker(client: &Client, marker: &MarkerRow<'_>) -> Result<(), ChError> {
+    let mut insert = client.insert::<MarkerRow<'_>>("pipeline_batches").await?;
+    insert.write(marker).await?;
+    insert.end().await
+}
+
+/// Months of the batch that already have rows (from an attempt whose outcome is unknown).
+async fn months_present(client: &Client, batch: &Batch<'_>) -> Result<HashSet<u32>, ChError> {
+    let marker = batch.marker(STARTED);
+    let months = client
+        .query(
+            "SELECT toUInt32(toYYYYMM(ts)) AS month FROM usage_events \
+             WHERE log_id = ? AND batch_id = ? AND ts >= toDateTime(?) AND ts <= toDateTime(?) \
+             GROUP BY month",
+        )
+        .bind(batch.log_id)
+        .bind(batch.start)
+        .bind(marker.min_ts)
+        .bind(marker.max_ts)
+        .fetch_all::<u32>()
+        .await?;
+    Ok(months.into_iter().collect())
+}
+
+/// How far the applier got with the batch it is writing; kept across retries so a retry
+/// knows what is certain and what must be looked up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// The `started` marker is known to be written.
+    pub started: bool,
+    /// Some rows may have been written by an attempt whose outcome is unknown.
+    pub uncertain: bool,
+}
+
+impl Progress {
+    /// The state of a batch found `started` at start-up.
+    pub fn unfinished() -> Self {
+        Self {
+            started: true,
+            uncertain: true,
+        }
+    }
+}
+
+/// Writes `batch` once, whatever earlier attempts did (see the module documentation).
+/// `progress` starts as [`Progress::default`] for a new batch and is updated as steps succeed.
+pub async fn write_batch(
+    client: &Client,
+    batch: &Batch<'_>,
+    progress: &mut Progress,
+) -> Result<(), ChError> {
+    if !progress.started {
+        write_marker(client, &batch.marker(STARTED)).await?;
+        progress.started = true;
+        crate::failpoint::hit("ch_after_started");
+    }
+    let present = if progress.uncertain {
+        months_present(client, batch).await?
+    } else {
+        HashSet::new()
+    };
+    for (month, indexes) in batch.by_month() {
+        if present.contains(&month) {
+            continue;
+        }
+        // From here until this INSERT is answered, its outcome is unknown.
+        progress.uncertain = true;
+        let mut insert = client.insert::<EventRow<'_>>("usage_events").await?;
+        for &i in &indexes {
+            let record = &batch.records[i];
+            insert
+                .write(&EventRow {
+                    customer_id: &record.customer_id,
+                    metric_type: metric_code(record.metric),
+                    quantity: record.quantity,
+                    event_id: record.event_id.as_deref().unwrap_or(""),
+                    batch_id: batch.start,
+                    ts: datetime(record.timestamp_ms),
+                    received_at: datetime(record.received_ms),
+                    metadata: record.metadata.as_deref().unwrap_or(""),
+                    log_id: batch.log_id,
+                })
+                .await?;
+        }
+        insert.end().await?;
+    }
+    crate::failpoint::hit("ch_after_data");
+    write_marker(client, &batch.marker(DONE)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_are_utc_calendar_months() {
+        // 2026-11-30T23:59:59Z and 2026-12-01T00:00:00Z.
+        assert_eq!(month(1_796_083_199), 202_611);
+        assert_eq!(month(1_796_083_200), 202_612);
+        assert_eq!(month(0), 197_001);
+    }
+
+    #[test]
+    fn datetimes_clamp_instead_of_wrapping() {
+        assert_eq!(datetime(-5_000), 0);
+        assert_eq!(datetime(1_999), 1);
+        assert_eq!(datetime(i64::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn a_batch_is_split_by_month_and_its_marker_spans_its_timestamps() {
+        let record = |ms: i64| UsageRecord {
+            customer_id: "cus_a".into(),
+            metric: Metric::Impressions,
+            quantity: 1,
+            event_id: None,
+            timestamp_ms: ms,
+            received_ms: ms,
+            metadata: None,
+        };
+        let records = [
+            record(1_796_083_199_000),
+            record(1_796_083_200_000),
+            record(1_796_083_100_000),
+        ];
+        let batch = Batch {
+            log_id: "l",
+            start: 10,
+            end: 20,
+            records: &records,
+        };
+        let months: Vec<(u32, Vec<usize>)> = batch.by_month().into_iter().collect();
+        assert_eq!(months, [(202_611, vec![0, 2]), (202_612, vec![1])]);
+        let marker = batch.marker(DONE);
+        assert_eq!((marker.min_ts, marker.max_ts), (1_796_083_100, 1_796_083_200));
+        assert_eq!((marker.batch_id, marker.end_position, marker.rows), (10, 20, 3));
+    }
+}
