@@ -1,14 +1,19 @@
-//! `kill -9` of the real `apex-server` binary under load, twice, with restarts on the same
-//! write-ahead log: every acknowledged record reaches Postgres (0 lost), nothing is counted
-//! twice, and once the client has retried every unanswered request with the same event ids,
-//! the totals equal exactly what was sent.
+//! Crashes of the real `apex-server` binary under load, then restarts on the same write-ahead
+//! log: `kill -9` at two moments of a 240,000-record load, and an abort at each named crash
+//! point (`APEX_FAILPOINT`): mid-append, after the fsync but before the answers, between the
+//! two stores, and inside a ClickHouse batch (after its start marker, half-way through
+//! streaming its rows, after its rows). Each time, once the server is back: every acknowledged record is in
+//! Postgres, ClickHouse `usage_events` and the daily rollup (0 lost), nothing is counted
+//! twice, and after the client retries every unanswered request with the same event ids,
+//! each store holds exactly what was sent.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apex_pipeline::testing::TestStores;
@@ -16,19 +21,34 @@ use common::{JWT_SECRET, try_post};
 use tokio::sync::Mutex;
 
 const RECORDS_PER_REQUEST: u64 = 100;
-const REQUESTS: u64 = 2_400;
 const WORKERS: u64 = 8;
 
-struct Server {
-    child: Child,
+/// The server process; killed when dropped, so a failing test leaves no server behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-async fn spawn_server(stores: &TestStores, addr: SocketAddr, wal: &std::path::Path) -> Server {
-    let child = Command::new(env!("CARGO_BIN_EXE_apex-server"))
+async fn spawn_server(
+    stores: &TestStores,
+    addr: SocketAddr,
+    wal: &Path,
+    failpoint: Option<&str>,
+) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apex-server"));
+    command
         .env("DATABASE_URL", &stores.config.database_url)
         .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
         .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
@@ -36,60 +56,90 @@ async fn spawn_server(stores: &TestStores, addr: SocketAddr, wal: &std::path::Pa
         .env("APEX_WAL_DIR", wal)
         .env("APEX_LISTEN", addr.to_string())
         .env("APEX_LOG", "warn")
+        .env_remove(apex_pipeline::failpoint::VARIABLE)
         .stdout(Stdio::null())
-        .spawn()
-        .expect("apex-server starts");
-    let deadline = Instant::now() + Duration::from_secs(30);
+        .stderr(Stdio::null());
+    if let Some(point) = failpoint {
+        command.env(apex_pipeline::failpoint::VARIABLE, point);
+    }
+    let mut server = Server(command.spawn().expect("apex-server starts"));
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(answer) = try_get_ready(addr).await {
-            if answer {
-                return Server { child };
-            }
+        if ready(addr).await {
+            return server;
         }
-        assert!(Instant::now() < deadline, "apex-server did not become ready");
+        if let Ok(Some(status)) = server.0.try_wait() {
+            panic!("apex-server exited before it was ready: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apex-server did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-async fn try_get_ready(addr: SocketAddr) -> Option<bool> {
+async fn ready(addr: SocketAddr) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-    stream
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    if stream
         .write_all(b"GET /readyz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         .await
-        .ok()?;
+        .is_err()
+    {
+        return false;
+    }
     let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).await.ok()?;
-    Some(bytes.starts_with(b"HTTP/1.1 200"))
+    let _ = stream.read_to_end(&mut bytes).await;
+    bytes.starts_with(b"HTTP/1.1 200")
 }
 
-fn batch_body(key: &str, request: u64) -> Vec<u8> {
+/// The body of request number `request`: 100 records with event ids unique to it. With
+/// `two_months`, half of them are dated in the previous calendar month, so a batch spans two
+/// ClickHouse partitions (and two monthly parts to settle after a crash).
+fn batch_body(key: &str, request: u64, two_months: bool) -> Vec<u8> {
+    let last_month = {
+        use chrono::Datelike;
+        let today = chrono::Utc::now().date_naive();
+        let first = today.with_day(1).unwrap_or(today);
+        // An hour before the month began: always within the 35 days accepted.
+        first.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp() - 3_600
+    };
     let records: Vec<String> = (0..RECORDS_PER_REQUEST)
-        .map(|i| format!(r#"{{"metric_type":"impressions","quantity":1,"event_id":"r{request}-{i}"}}"#))
+        .map(|i| {
+            let timestamp = if two_months && i % 2 == 0 {
+                format!(r#","timestamp":{last_month}"#)
+            } else {
+                String::new()
+            };
+            format!(
+                r#"{{"metric_type":"impressions","quantity":1,"event_id":"r{request}-{i}"{timestamp}}}"#
+            )
+        })
         .collect();
     format!(r#"{{"api_key":"{key}","records":[{}]}}"#, records.join(",")).into_bytes()
 }
 
-async fn total(stores: &TestStores, customer: &str) -> u64 {
-    sqlx::query_scalar::<_, Option<i64>>(
-        "SELECT sum(quantity)::bigint FROM usage_records WHERE customer_id = $1",
+/// Sums in each store: Postgres rollups, ClickHouse raw rows and their sum, the daily rollup.
+async fn totals(stores: &TestStores, customer: &str) -> (u64, (u64, u64), u64) {
+    (
+        stores.postgres_total(customer).await,
+        stores.clickhouse_events(customer).await,
+        stores.clickhouse_daily_total(customer).await,
     )
-    .bind(customer)
-    .fetch_one(&stores.pool)
-    .await
-    .unwrap()
-    .unwrap_or(0) as u64
 }
 
-/// Waits until the total stops moving (the applier caught up) and returns it.
-async fn settled_total(stores: &TestStores, customer: &str) -> u64 {
-    let mut last = total(stores, customer).await;
+/// Waits until every store's totals stop moving (the appliers caught up) and returns them.
+async fn settled(stores: &TestStores, customer: &str) -> (u64, (u64, u64), u64) {
+    let mut last = totals(stores, customer).await;
     let mut stable_since = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while stable_since.elapsed() < Duration::from_millis(1500) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while stable_since.elapsed() < Duration::from_millis(2_000) {
         assert!(Instant::now() < deadline, "totals never settled");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = total(stores, customer).await;
+        let now = totals(stores, customer).await;
         if now != last {
             last = now;
             stable_since = Instant::now();
@@ -98,8 +148,100 @@ async fn settled_total(stores: &TestStores, customer: &str) -> u64 {
     last
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_under_load_loses_and_duplicates_nothing() {
+/// How a load phase ends.
+#[derive(Clone, Copy)]
+enum Crash {
+    /// `kill -9` once this many records are acknowledged.
+    KillAfter(u64),
+    /// The server aborts by itself at its failpoint.
+    Failpoint,
+}
+
+struct Load {
+    addr: SocketAddr,
+    key: String,
+    two_months: bool,
+    max_requests: u64,
+    next_request: AtomicU64,
+    acknowledged: AtomicU64,
+    unanswered: Mutex<Vec<u64>>,
+}
+
+impl Load {
+    /// Sends requests from `WORKERS` clients until `server` is gone or the requests run out.
+    async fn phase(self: &Arc<Self>, server: &mut Server, crash: Option<Crash>) {
+        let server_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|_| {
+                let (load, gone) = (self.clone(), server_gone.clone());
+                tokio::spawn(async move {
+                    while !gone.load(Ordering::SeqCst) {
+                        let request = load.next_request.fetch_add(1, Ordering::SeqCst);
+                        if request >= load.max_requests {
+                            return;
+                        }
+                        let body = batch_body(&load.key, request, load.two_months);
+                        let answer = try_post(
+                            load.addr,
+                            "/api/usage/batch",
+                            &["Content-Type: application/json"],
+                            &body,
+                        )
+                        .await;
+                        match answer {
+                            Some(a) if a.status == 200 => {
+                                assert_eq!(a.json()["accepted"], RECORDS_PER_REQUEST, "{}", a.body);
+                                load.acknowledged
+                                    .fetch_add(RECORDS_PER_REQUEST, Ordering::SeqCst);
+                            }
+                            Some(_) => load.unanswered.lock().await.push(request),
+                            None => {
+                                // The server is gone: this client stops until the restart.
+                                load.unanswered.lock().await.push(request);
+                                return;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        match crash {
+            Some(Crash::KillAfter(acks)) => {
+                while self.acknowledged.load(Ordering::SeqCst) < acks {
+                    assert!(Instant::now() < deadline, "the load stalled");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                server.0.kill().expect("SIGKILL");
+                let _ = server.0.wait();
+            }
+            Some(Crash::Failpoint) => loop {
+                if let Ok(Some(status)) = server.0.try_wait() {
+                    assert!(!status.success(), "the server must abort at its failpoint");
+                    break;
+                }
+                assert!(
+                    self.next_request.load(Ordering::SeqCst) < self.max_requests,
+                    "the failpoint never fired"
+                );
+                assert!(Instant::now() < deadline, "the failpoint never fired");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            },
+            None => {}
+        }
+        server_gone.store(crash.is_some(), Ordering::SeqCst);
+        for worker in workers {
+            worker.await.unwrap();
+        }
+    }
+}
+
+async fn crash_and_recover(
+    crashes: &[Crash],
+    failpoint: Option<&str>,
+    two_months: bool,
+    max_requests: u64,
+) {
     let stores = TestStores::migrated().await;
     let created = apex_billing::customers::create_customer(
         &stores.pool,
@@ -114,80 +256,120 @@ async fn kill_9_under_load_loses_and_duplicates_nothing() {
     .await
     .unwrap();
     let customer = created.customer.id.clone();
-    let key = created.api_key.expose().to_owned();
-    let wal = std::env::temp_dir().join(format!("{}_crash_wal", stores.name));
+    let wal: PathBuf = std::env::temp_dir().join(format!("{}_crash_wal", stores.name));
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let load = Arc::new(Load {
+        addr,
+        key: created.api_key.expose().to_owned(),
+        two_months,
+        max_requests,
+        next_request: AtomicU64::new(0),
+        acknowledged: AtomicU64::new(0),
+        unanswered: Mutex::new(Vec::new()),
+    });
 
-    let next_request = Arc::new(AtomicU64::new(0));
-    let acknowledged = Arc::new(AtomicU64::new(0));
-    let unanswered = Arc::new(Mutex::new(Vec::<u64>::new()));
-    let mut server = spawn_server(&stores, addr, &wal).await;
-
-    // Two kills at different points of the load, then a last run to the end.
-    for kill_after_acks in [40_000u64, 120_000, u64::MAX] {
-        let killed = Arc::new(AtomicBool::new(false));
-        let workers: Vec<_> = (0..WORKERS)
-            .map(|_| {
-                let (next, acked, lost, killed, key) = (
-                    next_request.clone(),
-                    acknowledged.clone(),
-                    unanswered.clone(),
-                    killed.clone(),
-                    key.clone(),
-                );
-                tokio::spawn(async move {
-                    while !killed.load(Ordering::SeqCst) {
-                        let request = next.fetch_add(1, Ordering::SeqCst);
-                        if request >= REQUESTS {
-                            return;
-                        }
-                        let answer = try_post(addr, "/api/usage/batch", &["Content-Type: application/json"], &batch_body(&key, request)).await;
-                        match answer {
-                            Some(a) if a.status == 200 => {
-                                assert_eq!(a.json()["accepted"], RECORDS_PER_REQUEST, "{}", a.body);
-                                acked.fetch_add(RECORDS_PER_REQUEST, Ordering::SeqCst);
-                            }
-                            _ => lost.lock().await.push(request),
-                        }
-                    }
-                })
-            })
-            .collect();
-        if kill_after_acks != u64::MAX {
-            while acknowledged.load(Ordering::SeqCst) < kill_after_acks {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            server.child.kill().unwrap(); // SIGKILL
-            let _ = server.child.wait();
-            killed.store(true, Ordering::SeqCst);
-        }
-        for worker in workers {
-            worker.await.unwrap();
-        }
-        if kill_after_acks != u64::MAX {
-            server = spawn_server(&stores, addr, &wal).await;
-        }
+    for &crash in crashes {
+        let armed = matches!(crash, Crash::Failpoint)
+            .then_some(failpoint)
+            .flatten();
+        let mut server = spawn_server(&stores, addr, &wal, armed).await;
+        load.phase(&mut server, Some(crash)).await;
     }
+    let mut server = spawn_server(&stores, addr, &wal, None).await;
 
-    let acked = acknowledged.load(Ordering::SeqCst);
-    let sent = REQUESTS * RECORDS_PER_REQUEST;
-    let stored = settled_total(&stores, &customer).await;
-    assert!(stored >= acked, "lost acknowledged records: {stored} stored, {acked} acknowledged");
-    assert!(stored <= sent, "counted twice: {stored} stored, {sent} sent");
-    let retries = unanswered.lock().await.clone();
-    assert!(!retries.is_empty(), "the kills left no request unanswered: the test proves nothing");
+    // Right after recovery, before any retry: nothing acknowledged is missing anywhere, and
+    // nothing is counted twice.
+    let acked = load.acknowledged.load(Ordering::SeqCst);
+    let (pg, (ch_rows, ch_sum), daily) = settled(&stores, &customer).await;
+    let issued = load.next_request.load(Ordering::SeqCst).min(max_requests) * RECORDS_PER_REQUEST;
+    for (store, stored) in [
+        ("Postgres", pg),
+        ("ClickHouse", ch_sum),
+        ("ClickHouse daily", daily),
+    ] {
+        assert!(
+            stored >= acked,
+            "{store} lost acknowledged records: {stored} stored, {acked} acknowledged"
+        );
+        assert!(
+            stored <= issued,
+            "{store} counted twice: {stored} stored, {issued} sent"
+        );
+    }
+    assert_eq!(ch_rows, ch_sum, "one ClickHouse row per record");
 
-    // The client retries every unanswered request with the same event ids.
+    // The rest of the load, then the client retries every unanswered request.
+    load.phase(&mut server, None).await;
+    let retries = load.unanswered.lock().await.clone();
+    assert!(
+        !retries.is_empty(),
+        "the crash left no request unanswered: the test proves nothing"
+    );
     for request in retries {
-        let answer = try_post(addr, "/api/usage/batch", &["Content-Type: application/json"], &batch_body(&key, request))
-            .await
-            .expect("the restarted server answers");
+        let answer = try_post(
+            addr,
+            "/api/usage/batch",
+            &["Content-Type: application/json"],
+            &batch_body(&load.key, request, two_months),
+        )
+        .await
+        .expect("the restarted server answers");
         assert_eq!(answer.status, 200, "{}", answer.body);
     }
-    assert_eq!(settled_total(&stores, &customer).await, sent, "after retries, exactly what was sent");
-    assert!(sent >= 200_000);
-
-    server.child.kill().unwrap();
-    let _ = server.child.wait();
+    let sent = max_requests * RECORDS_PER_REQUEST;
+    assert_eq!(
+        settled(&stores, &customer).await,
+        (sent, (sent, sent), sent),
+        "after retries, every store holds exactly what was sent"
+    );
+    drop(server);
     let _ = std::fs::remove_dir_all(&wal);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_twice_under_a_240_000_record_load_loses_and_duplicates_nothing() {
+    crash_and_recover(
+        &[Crash::KillAfter(40_000), Crash::KillAfter(120_000)],
+        None,
+        false,
+        2_400,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_mid_append_before_the_fsync() {
+    crash_and_recover(&[Crash::Failpoint], Some("wal_before_fsync:40"), false, 600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_after_the_fsync_before_the_answers() {
+    // The unanswered requests are in the log: their retries must be found as duplicates.
+    crash_and_recover(&[Crash::Failpoint], Some("wal_after_fsync:40"), false, 600).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_between_the_two_stores() {
+    crash_and_recover(&[Crash::Failpoint], Some("pg_after_commit:2"), false, 1_200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_after_a_clickhouse_batch_began() {
+    crash_and_recover(
+        &[Crash::Failpoint],
+        Some("ch_after_started:2"),
+        false,
+        1_200,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_in_the_middle_of_a_clickhouse_insert() {
+    crash_and_recover(&[Crash::Failpoint], Some("ch_mid_insert:2"), true, 1_200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_after_a_clickhouse_batch_was_written() {
+    crash_and_recover(&[Crash::Failpoint], Some("ch_after_data:2"), true, 1_200).await;
 }

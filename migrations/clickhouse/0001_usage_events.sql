@@ -1,6 +1,7 @@
 -- Raw usage records, one row per accepted record, with the client's event id, the
--- write-ahead log it came from and the pipeline batch that wrote it (replay looks the
--- batch up before inserting again: see pipeline/src/clickhouse_sink.rs).
+-- write-ahead log it came from, the pipeline batch that wrote it and the row's index in that
+-- batch (replay looks the rows of a batch up before inserting again: see
+-- pipeline/src/clickhouse_sink.rs).
 -- Runs on ClickHouse 18.16 and current releases: Enum8 instead of LowCardinality,
 -- DateTime (seconds) instead of DateTime64, which 18.16 lacks.
 -- data_transfer quantities are bytes (1 GB = 1,000,000,000 bytes).
@@ -14,7 +15,8 @@ CREATE TABLE IF NOT EXISTS usage_events
     ts DateTime,
     received_at DateTime,
     metadata String,
-    log_id String
+    log_id String,
+    batch_seq UInt32
 )
 ENGINE = MergeTree()
 PARTITION BY toYYYYMM(ts)

@@ -3,44 +3,46 @@
 //! batch (`batch_id`, the log position where the batch starts). The daily rollup
 //! (`usage_daily`) is fed from `usage_events` by a materialized view.
 //!
-//! # Why replay never inserts a batch twice
+//! # Why replay never inserts a row twice
 //!
-//! ClickHouse has no transactions, so a batch is written in three steps, each recorded in
-//! `pipeline_batches` (ClickHouse) and all done by the single applier of the log, in log order:
+//! ClickHouse has no transactions, and one `INSERT` is not all-or-nothing: a client that dies
+//! while streaming rows can leave the server with a prefix of them, committed (seen here:
+//! ClickHouse 18.16 took a RowBinary stream cut at a row boundary as complete). So every row
+//! carries its batch (`batch_id`, the log position where the batch starts) and its index in
+//! the batch (`batch_seq`), and a batch is written in three steps, each recorded in
+//! `pipeline_batches`, all by the single applier of the log, in log order:
 //!
 //! 1. a `started` marker with the batch's exact log range `[batch_id, end_position)` and the
 //!    span of its timestamps, written *before* any of its rows;
-//! 2. the rows, one `INSERT` per calendar month of `ts`. One `INSERT` of fewer rows than
-//!    `max_insert_block_size` (1,048,576 by default; batches are capped at
-//!    [`MAX_BATCH_ROWS`]) into one partition (tables are partitioned by month) becomes one
-//!    data part, and a part appears atomically: after a crash a month of the batch is
-//!    either wholly there or not at all;
+//! 2. the rows, in one `INSERT` tagged with a query id naming the batch;
 //! 3. a `done` marker.
 //!
 //! On start the applier reads the newest marker of its log. `done` means everything up to its
 //! `end_position` is in, and the next batch starts there. `started` means the process died
-//! inside that batch: the applier reads back exactly the same log range, asks which months of
-//! the batch already have rows (`log_id`, `batch_id` and the timestamp span narrow the scan to
-//! the batch's partitions), inserts only the missing months, then writes `done`. An `INSERT`
-//! whose outcome is unknown (a timeout, a dropped connection) is settled the same way before
-//! it is retried. Nothing is inserted before its `started` marker is known to be written, so
-//! rows without a marker cannot exist.
+//! inside that batch: the applier reads back exactly the same log range, waits until no
+//! `INSERT` of that batch is still running on the server (by query id in
+//! `system.processes`), reads which `batch_seq` of the batch are present (`log_id`,
+//! `batch_id` and the timestamp span narrow the scan to the batch's partitions), inserts only
+//! the missing rows, then writes `done`. An `INSERT` whose outcome is unknown (an error after
+//! the rows were sent) is settled the same way before it is retried. Nothing is inserted
+//! before its `started` marker is known to be written, so rows without a marker cannot exist.
 //!
-//! What this does not cover: the ClickHouse server itself dying between writing a part of
-//! `usage_events` and the materialized view's part of `usage_daily` (the client's `INSERT`
-//! then fails and the batch is settled as above, with the raw rows present but the daily
-//! rollup short). `usage_events` stays exact; `usage_daily` can be rebuilt from it.
+//! The daily rollup is fed by the materialized view from exactly the rows that land in
+//! `usage_events`, partial inserts included, so it stays equal to them. What this does not
+//! cover: the ClickHouse server itself dying between writing a part of `usage_events` and the
+//! view's part of `usage_daily`; `usage_events` stays exact, and `usage_daily` can be rebuilt
+//! from it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
+use std::time::Duration;
 
-use chrono::{Datelike, TimeZone, Utc};
 use clickhouse::Client;
 use serde::Serialize;
 
 use crate::model::{Metric, UsageRecord};
 
-/// Rows in one batch at most: below ClickHouse's `max_insert_block_size`, so that one
-/// `INSERT` into one partition is one part (see the module documentation).
+/// Rows in one batch at most: ClickHouse's advice is inserts of 10,000 to 1,000,000 rows,
+/// and a replay reads the `batch_seq` of one batch into memory.
 pub const MAX_BATCH_ROWS: usize = 500_000;
 
 /// Why a ClickHouse step failed.
@@ -57,6 +59,7 @@ struct EventRow<'a> {
     received_at: u32,
     metadata: &'a str,
     log_id: &'a str,
+    batch_seq: u32,
 }
 
 #[derive(clickhouse::Row, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,15 +121,6 @@ fn datetime(ms: i64) -> u32 {
     u32::try_from(ms.div_euclid(1000).max(0)).unwrap_or(u32::MAX)
 }
 
-/// `toYYYYMM` of a `DateTime` in UTC: the partition a row lands in.
-fn month(ts: u32) -> u32 {
-    let at = Utc
-        .timestamp_opt(i64::from(ts), 0)
-        .single()
-        .unwrap_or_default();
-    at.year().unsigned_abs() * 100 + at.month()
-}
-
 /// One batch of the log on its way to ClickHouse.
 pub struct Batch<'a> {
     /// The log's identity.
@@ -156,18 +150,6 @@ impl Batch<'_> {
             max_ts,
         }
     }
-
-    /// Indexes of the records by the month (partition) they land in.
-    fn by_month(&self) -> BTreeMap<u32, Vec<usize>> {
-        let mut months: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, record) in self.records.iter().enumerate() {
-            months
-                .entry(month(datetime(record.timestamp_ms)))
-                .or_default()
-                .push(i);
-        }
-        months
-    }
 }
 
 async fn write_marker(client: &Client, marker: &MarkerRow<'_>) -> Result<(), ChError> {
@@ -176,14 +158,31 @@ async fn write_marker(client: &Client, marker: &MarkerRow<'_>) -> Result<(), ChE
     insert.end().await
 }
 
-/// Months of the batch that already have rows (from an attempt whose outcome is unknown).
-async fn months_present(client: &Client, batch: &Batch<'_>) -> Result<HashSet<u32>, ChError> {
+/// The query id of the `INSERT`s of a batch, so a replay can tell whether one still runs.
+fn insert_query_id(batch: &Batch<'_>) -> String {
+    format!("apex-{}-{}", batch.log_id, batch.start)
+}
+
+/// `batch_seq` of the rows of the batch already present (from an attempt whose outcome is
+/// unknown), once no `INSERT` of the batch is running any more.
+async fn rows_present(client: &Client, batch: &Batch<'_>) -> Result<HashSet<u32>, ChError> {
+    let query_id = insert_query_id(batch);
+    for _ in 0..600 {
+        let running: u64 = client
+            .query("SELECT count() FROM system.processes WHERE query_id = ?")
+            .bind(&query_id)
+            .fetch_one()
+            .await?;
+        if running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let marker = batch.marker(STARTED);
-    let months = client
+    let present = client
         .query(
-            "SELECT toUInt32(toYYYYMM(ts)) AS month FROM usage_events \
-             WHERE log_id = ? AND batch_id = ? AND ts >= toDateTime(?) AND ts <= toDateTime(?) \
-             GROUP BY month",
+            "SELECT batch_seq FROM usage_events \
+             WHERE log_id = ? AND batch_id = ? AND ts >= toDateTime(?) AND ts <= toDateTime(?)",
         )
         .bind(batch.log_id)
         .bind(batch.start)
@@ -191,7 +190,7 @@ async fn months_present(client: &Client, batch: &Batch<'_>) -> Result<HashSet<u3
         .bind(marker.max_ts)
         .fetch_all::<u32>()
         .await?;
-    Ok(months.into_iter().collect())
+    Ok(present.into_iter().collect())
 }
 
 /// How far the applier got with the batch it is writing; kept across retries so a retry
@@ -227,19 +226,21 @@ pub async fn write_batch(
         crate::failpoint::hit("ch_after_started");
     }
     let present = if progress.uncertain {
-        months_present(client, batch).await?
+        rows_present(client, batch).await?
     } else {
         HashSet::new()
     };
-    for (month, indexes) in batch.by_month() {
-        if present.contains(&month) {
-            continue;
-        }
+    if present.len() < batch.records.len() {
         // From here until this INSERT is answered, its outcome is unknown.
         progress.uncertain = true;
-        let mut insert = client.insert::<EventRow<'_>>("usage_events").await?;
-        for &i in &indexes {
-            let record = &batch.records[i];
+        let mut insert = client
+            .insert::<EventRow<'_>>("usage_events")
+            .await?
+            .with_setting("query_id", insert_query_id(batch));
+        for (seq, record) in (0u32..).zip(batch.records) {
+            if present.contains(&seq) {
+                continue;
+            }
             insert
                 .write(&EventRow {
                     customer_id: &record.customer_id,
@@ -251,8 +252,13 @@ pub async fn write_batch(
                     received_at: datetime(record.received_ms),
                     metadata: record.metadata.as_deref().unwrap_or(""),
                     log_id: batch.log_id,
+                    batch_seq: seq,
                 })
                 .await?;
+            if seq as usize == batch.records.len() / 2 {
+                // Half the rows are on their way: a crash now cuts the stream.
+                crate::failpoint::hit("ch_mid_insert");
+            }
         }
         insert.end().await?;
     }
@@ -265,14 +271,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn months_are_utc_calendar_months() {
-        // 2026-11-30T23:59:59Z and 2026-12-01T00:00:00Z.
-        assert_eq!(month(1_796_083_199), 202_611);
-        assert_eq!(month(1_796_083_200), 202_612);
-        assert_eq!(month(0), 197_001);
-    }
-
-    #[test]
     fn datetimes_clamp_instead_of_wrapping() {
         assert_eq!(datetime(-5_000), 0);
         assert_eq!(datetime(1_999), 1);
@@ -280,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_split_by_month_and_its_marker_spans_its_timestamps() {
+    fn a_batch_marker_spans_its_timestamps() {
         let record = |ms: i64| UsageRecord {
             customer_id: "cus_a".into(),
             metric: Metric::Impressions,
@@ -301,10 +299,14 @@ mod tests {
             end: 20,
             records: &records,
         };
-        let months: Vec<(u32, Vec<usize>)> = batch.by_month().into_iter().collect();
-        assert_eq!(months, [(202_611, vec![0, 2]), (202_612, vec![1])]);
         let marker = batch.marker(DONE);
-        assert_eq!((marker.min_ts, marker.max_ts), (1_796_083_100, 1_796_083_200));
-        assert_eq!((marker.batch_id, marker.end_position, marker.rows), (10, 20, 3));
+        assert_eq!(
+            (marker.min_ts, marker.max_ts),
+            (1_796_083_100, 1_796_083_200)
+        );
+        assert_eq!(
+            (marker.batch_id, marker.end_position, marker.rows),
+            (10, 20, 3)
+        );
     }
 }

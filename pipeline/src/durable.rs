@@ -493,7 +493,8 @@ fn read_batch(
 enum Target {
     Postgres(PgPool),
     ClickHouse {
-        client: clickhouse::Client,
+        // Boxed: the client is large and there is one Target per applier thread.
+        client: Box<clickhouse::Client>,
         /// The batch being written and how far it got.
         current: Option<(u64, Progress)>,
     },
@@ -588,7 +589,7 @@ fn run_applier(store: Store, config: &DurableConfig, log_id: &str, shared: &Shar
                 }
             },
             Store::ClickHouse => Target::ClickHouse {
-                client: config.stores.clickhouse(),
+                client: Box::new(config.stores.clickhouse()),
                 current: None,
             },
         }
@@ -623,7 +624,9 @@ impl Applier<'_> {
         if !self.shared.writer_done.load(Ordering::Acquire) {
             return false;
         }
-        self.shutdown_since.get_or_insert_with(Instant::now).elapsed()
+        self.shutdown_since
+            .get_or_insert_with(Instant::now)
+            .elapsed()
             > self.config.shutdown_apply_budget
     }
 
@@ -654,7 +657,12 @@ impl Applier<'_> {
         };
         if position < oldest {
             // Cannot happen while segments are deleted only below every store's watermark.
-            tracing::error!(store = label, from = position, oldest, "applier: log already deleted below the store's watermark");
+            tracing::error!(
+                store = label,
+                from = position,
+                oldest,
+                "applier: log already deleted below the store's watermark"
+            );
             position = oldest;
             unfinished_end = None;
         }
@@ -709,7 +717,12 @@ impl Applier<'_> {
                 }
             };
             if batch.corrupt_bytes > 0 {
-                tracing::error!(store = label, bytes = batch.corrupt_bytes, at = position, "applier: skipped corrupt log bytes");
+                tracing::error!(
+                    store = label,
+                    bytes = batch.corrupt_bytes,
+                    at = position,
+                    "applier: skipped corrupt log bytes"
+                );
                 metrics::counter!(telemetry::WAL_CORRUPT_BYTES_TOTAL, "store" => label)
                     .increment(batch.corrupt_bytes);
             }

@@ -5,8 +5,9 @@
 //!
 //! Points: `wal_before_fsync` (blocks written, not yet fsynced, requests unanswered),
 //! `wal_after_fsync` (durable, requests not yet answered), `pg_after_commit` (a batch in
-//! Postgres, not yet in ClickHouse), `ch_after_started` and `ch_after_data` (a ClickHouse
-//! batch begun or written, its completion marker not yet).
+//! Postgres, not yet in ClickHouse), `ch_after_started`, `ch_mid_insert` and `ch_after_data`
+//! (a ClickHouse batch begun, its rows half streamed, or its rows written, its completion
+//! marker not yet).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

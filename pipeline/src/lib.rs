@@ -21,8 +21,8 @@
 
 pub mod clickhouse_sink;
 pub mod durable;
-pub mod failpoint;
 pub mod env;
+pub mod failpoint;
 pub mod migrate;
 pub mod model;
 pub mod postgres_sink;

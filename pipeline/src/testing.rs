@@ -165,7 +165,9 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to `target`.
     pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a proxy");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (down, _) = watch::channel(false);
         let watcher = down.clone();
@@ -217,7 +219,6 @@ mod tests {
             "http://127.0.0.1:9"
         );
     }
-
 
     #[test]
     fn database_is_replaced_in_urls() {

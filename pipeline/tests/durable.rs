@@ -129,7 +129,11 @@ async fn a_log_left_unapplied_is_replayed_at_the_next_start() {
         assert_eq!(customer, "cus_replay");
         logged += 1;
     });
-    assert_eq!(logged, 100 * 20, "every logged event id is offered to the dedup");
+    assert_eq!(
+        logged,
+        100 * 20,
+        "every logged event id is offered to the dedup"
+    );
     wait_applied(&online).await;
     assert_exact(&stores, "cus_replay", acknowledged, 3).await;
     shut(online).await;
@@ -210,7 +214,9 @@ async fn load_through_an_outage(down: &str) {
         let ack = sink
             .submit(records(&customer, 100, 2))
             .expect("the log takes records while a store is down");
-        ack.await.unwrap().expect("acknowledged while a store is down");
+        ack.await
+            .unwrap()
+            .expect("acknowledged while a store is down");
         acknowledged += 200;
         if at >= outage_from + Duration::from_secs(1) && at < outage_to {
             acknowledged_during_outage += 200;
@@ -229,7 +235,10 @@ async fn load_through_an_outage(down: &str) {
         acknowledged_during_outage > 0,
         "nothing was acknowledged during the outage"
     );
-    assert!(fell_behind, "the {down} applier kept up: the outage did not happen");
+    assert!(
+        fell_behind,
+        "the {down} applier kept up: the outage did not happen"
+    );
     proxy.set_down(false);
     wait_applied(&sink).await;
     assert_exact(&stores, &customer, acknowledged, 2).await;

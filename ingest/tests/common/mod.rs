@@ -189,7 +189,12 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Answer {
 }
 
 /// Like [`post`], but a refused or broken connection (a killed server) is `None`.
-pub async fn try_post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Option<Answer> {
+pub async fn try_post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Option<Answer> {
     let mut raw = format!(
         "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
