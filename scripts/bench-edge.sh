@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Edge throughput, side by side in one run: `POST /api/usage/track` on apex-server (with the
 # durable Postgres pipeline) against apex-loadtest's null-server (reads the body, answers
-# 200), same wrk client, alternating, ROUNDS times; prints each run and the medians.
+# 200), same wrk client, alternating, ROUNDS times; prints each run and the medians; then
+# ROUNDS runs of apex-server at half its median rate (paced connections), with their p99.
 # Usage: scripts/bench-edge.sh [ROUNDS=3] [SECONDS=15] [CONNECTIONS=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,3 +41,12 @@ apex_rps=$(awk '$1=="apex-track"{print $2}' "$results" | median)
 echo "null-server req/s: $null_rps  p99: $(awk '$1=="null-server"{print $4}' "$results" | tr '\n' ' ')"
 echo "apex-track  req/s: $apex_rps  p99: $(awk '$1=="apex-track"{print $4}' "$results" | tr '\n' ' ')  non-2xx: $(awk '$1=="apex-track"{print $5}' "$results" | tr '\n' ' ')"
 awk -v a="$apex_rps" -v n="$null_rps" 'BEGIN {printf "ratio apex/null: %.2f\n", a/n}'
+
+# Half load: 64 connections, each pausing so that together they offer half the median rate.
+delay_ms=$(awk -v r="$apex_rps" -v c="$conns" 'BEGIN {printf "%d", c * 1000 / (r / 2)}')
+for i in $(seq 1 "$rounds"); do
+  APEX_BENCH_DELAY_MS=$delay_ms wrk -t1 -c"$conns" -d"${secs}s" --latency -s scripts/bench/track_paced.lua \
+    http://127.0.0.1:18080/api/usage/track 2>&1 |
+    awk '/Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} END {printf "half-load %s %s\n", rps, p99}' | tee -a "$results"
+done
+echo "apex-track at half load (${delay_ms} ms pause per connection): req/s $(awk '$1=="half-load"{print $2}' "$results" | tr '\n' ' ') p99 $(awk '$1=="half-load"{print $3}' "$results" | tr '\n' ' ')"

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Durable batch ingest end to end: wrk posts 1,000-record batches to apex-server (HTTP, then
+# the log's fsync, then ClickHouse and Postgres) for SECONDS, ROUNDS times, each round with a
+# new customer. Prints per round the records/s acknowledged, how long both stores took to hold
+# every record after the load stopped, and whether their totals match what was acknowledged
+# (exit status 1 if not).
+# Usage: scripts/bench-pipeline.sh [ROUNDS=3] [SECONDS=60] [CONNECTIONS=16]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"; secs="${2:-60}"; conns="${3:-16}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+scripts/stack.sh up >/dev/null
+eval "$(scripts/stack.sh env)"
+cargo build --release --quiet --bin apex-server --bin apexctl
+bin="$CARGO_TARGET_DIR/release"
+"$bin/apexctl" migrate >/dev/null
+wal=$(mktemp -d)
+APEX_LISTEN=127.0.0.1:18081 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
+  APEX_WAL_DIR="$wal" "$bin/apex-server" & server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"' EXIT
+for _ in $(seq 1 100); do curl -sf 127.0.0.1:18081/readyz >/dev/null && break; sleep 0.1; done
+
+pg_sum() { psql "$DATABASE_URL" -Atqc "SELECT coalesce(sum(quantity), 0) FROM usage_records WHERE customer_id = '$1'"; }
+ch_sum() { curl -sf "$CLICKHOUSE_URL/?database=$CLICKHOUSE_DATABASE" --data-binary \
+  "SELECT count() FROM usage_events WHERE customer_id = '$1'"; }
+failed=0
+for round in $(seq 1 "$rounds"); do
+  created=$("$bin/apexctl" customers create --name "Pipeline bench $round $(date +%s)" --email bench@example.com --plan scale --json)
+  customer=$(printf '%s' "$created" | sed -E 's/.*"customer_id":"([^"]+)".*/\1/')
+  APEX_BENCH_KEY=$(printf '%s' "$created" | sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+  export APEX_BENCH_KEY
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency -s scripts/bench/batch.lua http://127.0.0.1:18081/api/usage/batch 2>&1)
+  requests=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
+  bad=$(printf '%s\n' "$out" | awk '/Non-2xx/ {print $NF}'); bad=${bad:-0}
+  p99=$(printf '%s\n' "$out" | awk '/^ +99%/ {print $2}')
+  acked=$(( (requests - bad) * 1000 ))
+  stopped=$(date +%s%N)
+  # Requests wrk abandoned at the end may still be answered: at most one per connection.
+  ceiling=$(( acked + conns * 1000 ))
+  while :; do
+    pg=$(pg_sum "$customer"); ch=$(ch_sum "$customer")
+    if [ "$pg" -ge "$acked" ] && [ "$ch" -ge "$acked" ]; then break; fi
+    if [ $(( ($(date +%s%N) - stopped) / 1000000000 )) -gt 120 ]; then break; fi
+    sleep 0.05
+  done
+  drain_ms=$(( ($(date +%s%N) - stopped) / 1000000 ))
+  sleep 2
+  pg=$(pg_sum "$customer"); ch=$(ch_sum "$customer")
+  verdict=ok
+  if [ "$pg" -lt "$acked" ] || [ "$ch" -lt "$acked" ] || [ "$pg" -gt "$ceiling" ] || [ "$ch" -gt "$ceiling" ] || [ "$pg" != "$ch" ]; then
+    verdict=MISMATCH; failed=1
+  fi
+  echo "round $round: $(( acked / secs )) records/s acknowledged ($requests requests, $bad non-2xx, p99 $p99), stores caught up ${drain_ms} ms after the load; postgres $pg clickhouse $ch acknowledged $acked: $verdict"
+done
+exit $failed
