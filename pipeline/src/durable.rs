@@ -705,6 +705,7 @@ impl Applier<'_> {
                 Some(end) => (end, true),
                 None => (durable, false),
             };
+            let read_at = Instant::now();
             let batch = match read_batch(&self.config.wal_dir, position, limit, &limits, exact) {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -765,12 +766,15 @@ impl Applier<'_> {
                 metrics::counter!(telemetry::REPLAYED_RECORDS_TOTAL, "store" => label)
                     .increment(rows);
             }
+            // Records left behind a batch cut by its limits have waited as long as it did;
+            // records that arrived since the read have waited since then at most.
+            let cut = !exact && batch.end < limit;
+            if !cut {
+                waiting_since =
+                    (self.shared.durable.load(Ordering::Acquire) > batch.end).then_some(read_at);
+            }
             position = batch.end;
             unfinished_end = None;
-            // Records left behind a cut batch have waited at least as long: no new wait.
-            if self.shared.durable.load(Ordering::Acquire) <= position {
-                waiting_since = None;
-            }
             self.set_applied(position);
         }
     }
