@@ -50,7 +50,8 @@ demo API key:  $APEX_DEMO_API_KEY
 
 try, from another terminal:
   curl -s http://$listen/healthz
-  curl -s http://$listen/metrics | head
+  curl -s -X POST http://$listen/api/usage/track -H 'Content-Type: application/json' -d '{"api_key":"$APEX_DEMO_API_KEY","metric_type":"impressions","quantity":1000,"metadata":{"platform":"iOS"}}'
+  curl -s http://$listen/metrics | grep apex_ingest_records_total
 
 stop with Ctrl-C; stop the databases with: scripts/stack.sh down
 MSG

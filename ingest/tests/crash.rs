@@ -350,26 +350,26 @@ async fn crash_after_the_fsync_before_the_answers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_between_the_two_stores() {
-    crash_and_recover(&[Crash::Failpoint], Some("pg_after_commit:2"), false, 1_200).await;
+    crash_and_recover(&[Crash::Failpoint], Some("pg_after_commit:1"), false, 3_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_after_a_clickhouse_batch_began() {
     crash_and_recover(
         &[Crash::Failpoint],
-        Some("ch_after_started:2"),
+        Some("ch_after_started:1"),
         false,
-        1_200,
+        3_000,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_in_the_middle_of_a_clickhouse_insert() {
-    crash_and_recover(&[Crash::Failpoint], Some("ch_mid_insert:2"), true, 1_200).await;
+    crash_and_recover(&[Crash::Failpoint], Some("ch_mid_insert:1"), true, 3_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn crash_after_a_clickhouse_batch_was_written() {
-    crash_and_recover(&[Crash::Failpoint], Some("ch_after_data:2"), true, 1_200).await;
+    crash_and_recover(&[Crash::Failpoint], Some("ch_after_data:1"), true, 3_000).await;
 }
