@@ -170,44 +170,11 @@ impl Answer {
     }
 }
 
-/// Sends `raw` (a whole HTTP/1.1 request) and reads the answer until the server closes.
-pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Answer {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(raw).await.unwrap();
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut bytes))
-        .await
-        .expect("the server answers in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    Answer {
-        status: head[9..12].parse().unwrap(),
-        head: head.to_owned(),
-        body: body.to_owned(),
-    }
-}
-
-/// Like [`post`], but a refused or broken connection (a killed server) is `None`.
-pub async fn try_post(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[&str],
-    body: &[u8],
-) -> Option<Answer> {
-    let mut raw = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for header in headers {
-        raw.push_str(header);
-        raw.push_str("\r\n");
-    }
-    raw.push_str("\r\n");
-    let mut raw = raw.into_bytes();
-    raw.extend_from_slice(body);
+/// Sends `raw` (a whole HTTP/1.1 request) and reads the answer until the server closes;
+/// `None` when the connection is refused or broken, or the answer is not HTTP.
+pub async fn try_exchange(addr: SocketAddr, raw: &[u8]) -> Option<Answer> {
     let mut stream = TcpStream::connect(addr).await.ok()?;
-    stream.write_all(&raw).await.ok()?;
+    stream.write_all(raw).await.ok()?;
     let mut bytes = Vec::new();
     tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut bytes))
         .await
@@ -222,16 +189,15 @@ pub async fn try_post(
     })
 }
 
-pub async fn get(addr: SocketAddr, path: &str) -> Answer {
-    exchange(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
+/// Like [`try_exchange`], for a server that must answer.
+pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Answer {
+    try_exchange(addr, raw)
+        .await
+        .expect("the server answers in time with HTTP")
 }
 
-/// POSTs `body` with the given extra header lines (each `Name: value`).
-pub async fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Answer {
+/// A POST of `body` with the given extra header lines (each `Name: value`).
+fn post_request(path: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
     let mut raw = format!(
         "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -243,7 +209,30 @@ pub async fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -
     raw.push_str("\r\n");
     let mut raw = raw.into_bytes();
     raw.extend_from_slice(body);
-    exchange(addr, &raw).await
+    raw
+}
+
+/// Like [`post`], but a refused or broken connection (a killed server) is `None`.
+pub async fn try_post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Option<Answer> {
+    try_exchange(addr, &post_request(path, headers, body)).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Answer {
+    exchange(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+}
+
+/// POSTs `body` with the given extra header lines (each `Name: value`).
+pub async fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Answer {
+    exchange(addr, &post_request(path, headers, body)).await
 }
 
 pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> Answer {
