@@ -209,7 +209,13 @@ ch_up() {
   # simple command (not `cd && ...`) so that $! is the server's own pid.
   (cd "$ch_dir"; setsid nohup "$(ch_server_bin)" --config-file="$ch_dir/config.xml" \
       >"$ch_dir/log/stdout.log" 2>&1 </dev/null & echo $! >"$ch_dir/clickhouse.pid")
-  for _ in $(seq 1 150); do ch_ready && break; sleep 0.2; done
+  # ClickHouse loads every table before it answers: with many (test) databases that takes
+  # a while, so wait up to two minutes, giving up early if the server died.
+  for _ in $(seq 1 600); do
+    ch_ready && break
+    alive "$(ch_pid)" || break
+    sleep 0.2
+  done
   ch_ready || die "ClickHouse does not answer: see $ch_dir/log/"
   curl -sf "http://127.0.0.1:$ch_http/" --data-binary "CREATE DATABASE IF NOT EXISTS apex" >/dev/null
 }
