@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"; secs="${2:-15}"; conns="${3:-64}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-scripts/stack.sh up >/dev/null
-eval "$(scripts/stack.sh env)"
-cargo build --release --quiet --bin apex-server --bin apexctl --bin apex-loadtest
-bin="$CARGO_TARGET_DIR/release"
-"$bin/apexctl" migrate >/dev/null
+. scripts/bench/prepare.sh
 APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "Bench $(date +%s)" --email bench@example.com --json |
   sed -E 's/.*"api_key":"([^"]+)".*/\1/')
 export APEX_BENCH_KEY

@@ -8,13 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"; secs="${2:-60}"; conns="${3:-16}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-scripts/stack.sh up >/dev/null
-eval "$(scripts/stack.sh env)"
-cargo build --release --quiet --bin apex-server --bin apexctl
-bin="$CARGO_TARGET_DIR/release"
-"$bin/apexctl" migrate >/dev/null
+. scripts/bench/prepare.sh
 wal=$(mktemp -d)
 APEX_LISTEN=127.0.0.1:18081 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
   APEX_WAL_DIR="$wal" "$bin/apex-server" & server=$!

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use apex_pipeline::testing::TestStores;
-use common::{JWT_SECRET, try_post};
+use common::{JWT_SECRET, customer_in, try_post};
 use tokio::sync::Mutex;
 
 const RECORDS_PER_REQUEST: u64 = 100;
@@ -243,24 +243,12 @@ async fn crash_and_recover(
     max_requests: u64,
 ) {
     let stores = TestStores::migrated().await;
-    let created = apex_billing::customers::create_customer(
-        &stores.pool,
-        &apex_billing::customers::NewCustomer {
-            name: "Crash".into(),
-            email: "crash@example.com".into(),
-            plan_id: "scale".into(),
-            trial_days: None,
-        },
-        chrono::Utc::now(),
-    )
-    .await
-    .unwrap();
-    let customer = created.customer.id.clone();
+    let (customer, key) = customer_in(&stores, "scale").await;
     let wal: PathBuf = std::env::temp_dir().join(format!("{}_crash_wal", stores.name));
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let load = Arc::new(Load {
         addr,
-        key: created.api_key.expose().to_owned(),
+        key,
         two_months,
         max_requests,
         next_request: AtomicU64::new(0),

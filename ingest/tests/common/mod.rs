@@ -86,12 +86,17 @@ pub async fn start_with(extra: &[(&str, &str)], sink: Option<Arc<dyn RecordSink>
 
 /// A customer on the starter plan and its plain API key.
 pub async fn customer(server: &TestServer) -> (String, String) {
+    customer_in(&server.stores, "starter").await
+}
+
+/// A customer on `plan` in `stores`, and its plain API key.
+pub async fn customer_in(stores: &TestStores, plan: &str) -> (String, String) {
     let created = create_customer(
-        &server.stores.pool,
+        &stores.pool,
         &NewCustomer {
             name: "Test Publisher".into(),
             email: "test@example.com".into(),
-            plan_id: "starter".into(),
+            plan_id: plan.into(),
             trial_days: None,
         },
         chrono::Utc::now(),
