@@ -60,6 +60,10 @@ pub struct ServerConfig {
     pub key_refresh: Duration,
     /// `APEX_WAL_MAX_BYTES`, default 4 GiB: unapplied log beyond which ingest answers 503.
     pub wal_max_bytes: u64,
+    /// `APEX_WAL_GROUP_COMMIT_US`, default 0: how long the log writer may hold a group open
+    /// for more requests before its fsync (0: the group is whatever queued during the last
+    /// fsync; at most 2,000).
+    pub wal_group_commit_window: Duration,
 }
 
 /// Size and time limits of the ingest endpoints.
@@ -140,6 +144,13 @@ impl ServerConfig {
                 reason: "must be at least one 64 MiB segment (67108864)".to_owned(),
             });
         }
+        let group_commit_us: u64 = env.parse_or("APEX_WAL_GROUP_COMMIT_US", 0)?;
+        if group_commit_us > 2_000 {
+            return Err(ConfigError::Invalid {
+                name: "APEX_WAL_GROUP_COMMIT_US",
+                reason: "must be at most 2000 (2 ms): every request waits for it".to_owned(),
+            });
+        }
         Ok(Self {
             listen,
             stores,
@@ -157,6 +168,7 @@ impl ServerConfig {
             dedup_capacity,
             key_refresh,
             wal_max_bytes,
+            wal_group_commit_window: Duration::from_micros(group_commit_us),
         })
     }
 }

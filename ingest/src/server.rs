@@ -68,6 +68,7 @@ pub async fn run(
     let mut sink_config = DurableConfig::new(&config.wal_dir, &config.stores);
     sink_config.queue_capacity = config.queue_capacity;
     sink_config.max_log_bytes = config.wal_max_bytes;
+    sink_config.group_commit_window = config.wal_group_commit_window;
     let sink = DurableSink::start(&sink_config).map_err(ServerError::Pipeline)?;
     run_with_sink(config, listener, sink, shutdown).await
 }

@@ -16,7 +16,7 @@
 //! [`SinkError::Full`], which the edge answers with 503 and `Retry-After`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -88,6 +88,9 @@ pub struct DurableConfig {
     pub max_log_bytes: u64,
     /// One fsync covers at most this many bytes of blocks.
     pub group_commit_bytes: usize,
+    /// How long the writer may hold a group open for more requests before its fsync; zero:
+    /// the group is whatever queued during the previous fsync.
+    pub group_commit_window: Duration,
     /// How the appliers cut the log into batches.
     pub batch: BatchLimits,
     /// At shutdown, how long the appliers keep trying to apply what is left.
@@ -104,6 +107,7 @@ impl DurableConfig {
             segment_bytes: 64 * 1024 * 1024,
             max_log_bytes: 4 * 1024 * 1024 * 1024,
             group_commit_bytes: 4 * 1024 * 1024,
+            group_commit_window: Duration::ZERO,
             batch: BatchLimits::DEFAULT,
             shutdown_apply_budget: Duration::from_secs(10),
         }
@@ -148,20 +152,36 @@ struct Shared {
     oldest: AtomicU64,
     writer_done: AtomicBool,
     wake: (Mutex<()>, Condvar),
+    /// Appliers blocked in [`Shared::wait_for_log`].
+    idle_appliers: AtomicUsize,
     /// Held while segments are deleted, so the two appliers never delete at once.
     deleting: Mutex<()>,
     max_log_bytes: u64,
 }
 
 impl Shared {
+    /// Wakes appliers waiting for the log to grow. Cheap when none waits (the common case
+    /// under load), which matters: the writer calls it after every fsync.
     fn notify(&self) {
+        if self.idle_appliers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let _guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
         self.wake.1.notify_all();
     }
 
-    fn wait(&self, timeout: Duration) {
+    /// Waits until the log grows past `position`, the writer stops, or `timeout` passes.
+    fn wait_for_log(&self, position: u64, timeout: Duration) {
         let guard = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = self.wake.1.wait_timeout(guard, timeout);
+        // Registered before the re-check, so a writer that moves `durable` after the check
+        // sees a waiter and takes the lock to notify (it cannot before we wait).
+        self.idle_appliers.fetch_add(1, Ordering::SeqCst);
+        if self.durable.load(Ordering::SeqCst) <= position
+            && !self.writer_done.load(Ordering::SeqCst)
+        {
+            let _ = self.wake.1.wait_timeout(guard, timeout);
+        }
+        self.idle_appliers.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn applied_by_all(&self) -> u64 {
@@ -243,16 +263,18 @@ impl DurableSink {
             oldest: AtomicU64::new(oldest),
             writer_done: AtomicBool::new(false),
             wake: (Mutex::new(()), Condvar::new()),
+            idle_appliers: AtomicUsize::new(0),
             deleting: Mutex::new(()),
             max_log_bytes: config.max_log_bytes,
         });
         let (sender, queue) = bounded(config.queue_capacity);
         let mut threads = Vec::new();
         let writer_thread = {
-            let (queue, shared, limit) = (queue.clone(), shared.clone(), config.group_commit_bytes);
+            let (queue, shared) = (queue.clone(), shared.clone());
+            let (limit, window) = (config.group_commit_bytes, config.group_commit_window);
             std::thread::Builder::new()
                 .name("apex-wal-writer".into())
-                .spawn(move || run_writer(writer, &queue, &shared, limit))
+                .spawn(move || run_writer(writer, &queue, &shared, limit, window))
                 .map_err(|e| e.to_string())?
         };
         threads.push(writer_thread);
@@ -382,14 +404,22 @@ fn run_writer(
     queue: &Receiver<Submission>,
     shared: &Shared,
     group_bytes: usize,
+    window: Duration,
 ) {
     while let Ok(first) = queue.recv() {
+        let close_at = Instant::now() + window;
         let mut payloads = vec![wal::encode_records(&first.records)];
         let mut acks = vec![first.ack];
         let mut bytes = payloads[0].len();
-        // Everything that queued up during the previous fsync rides on this one.
+        // Everything that queued up during the previous fsync rides on this one, and what
+        // arrives within the window.
         while bytes < group_bytes {
-            let Ok(next) = queue.try_recv() else { break };
+            let next = if window.is_zero() {
+                queue.try_recv().ok()
+            } else {
+                queue.recv_deadline(close_at).ok()
+            };
+            let Some(next) = next else { break };
             let payload = wal::encode_records(&next.records);
             bytes += payload.len();
             payloads.push(payload);
@@ -404,7 +434,7 @@ fn run_writer(
         let outcome = match outcome {
             Ok(()) => {
                 crate::failpoint::hit("wal_after_fsync");
-                shared.durable.store(wal.position(), Ordering::Release);
+                shared.durable.store(wal.position(), Ordering::SeqCst);
                 shared.notify();
                 metrics::histogram!(telemetry::WAL_FSYNC_SECONDS)
                     .record(started.elapsed().as_secs_f64());
@@ -423,7 +453,7 @@ fn run_writer(
             let _ = ack.send(outcome);
         }
     }
-    shared.writer_done.store(true, Ordering::Release);
+    shared.writer_done.store(true, Ordering::SeqCst);
     shared.notify();
 }
 
@@ -689,7 +719,8 @@ impl Applier<'_> {
                 if writer_done {
                     return;
                 }
-                self.shared.wait(Duration::from_millis(100));
+                self.shared
+                    .wait_for_log(position, Duration::from_millis(100));
                 continue;
             }
             let since = *waiting_since.get_or_insert_with(Instant::now);
@@ -697,8 +728,14 @@ impl Applier<'_> {
             let full = backlog >= limits.max_bytes as u64;
             let replaying = position < inherited || unfinished_end.is_some();
             if !full && !replaying && !writer_done && since.elapsed() < limits.max_age {
-                self.shared
-                    .wait(limits.max_age.saturating_sub(since.elapsed()));
+                // Not woken by every fsync (there is one per group commit): look again in
+                // short naps, so a backlog that reaches `max_bytes` meanwhile goes soon.
+                std::thread::sleep(
+                    limits
+                        .max_age
+                        .saturating_sub(since.elapsed())
+                        .min(Duration::from_millis(20)),
+                );
                 continue;
             }
             let (limit, exact) = match unfinished_end {
@@ -728,7 +765,7 @@ impl Applier<'_> {
                     .increment(batch.corrupt_bytes);
             }
             if batch.end <= position {
-                self.shared.wait(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
             let started = Instant::now();
