@@ -50,7 +50,7 @@ impl BatchLimits {
     /// Large batches (ClickHouse wants few, big inserts), none older than half a second, so
     /// a record is in both stores well within a second.
     pub const DEFAULT: Self = Self {
-        max_rows: 200_000,
+        max_rows: 500_000,
         max_bytes: 16 * 1024 * 1024,
         max_age: Duration::from_millis(500),
     };
