@@ -48,3 +48,29 @@ pub const ALL: &[&str] = &[
     REPLAYED_RECORDS_TOTAL,
     LAG_SECONDS,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::ALL;
+
+    /// Grafana charts every pipeline metric, and only names the code records.
+    #[test]
+    fn dashboards_chart_exactly_the_recorded_names() {
+        let dashboard = include_str!("../../grafana/dashboards/apex-overview.json");
+        let mut used = std::collections::HashSet::new();
+        for (start, _) in dashboard.match_indices("apex_pipeline_") {
+            let name: String = dashboard[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                ALL.contains(&name.as_str()),
+                "dashboard uses unknown metric {name}"
+            );
+            used.insert(name);
+        }
+        for name in ALL {
+            assert!(used.contains(*name), "dashboard does not chart {name}");
+        }
+    }
+}
