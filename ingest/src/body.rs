@@ -2,7 +2,10 @@
 //! arrive, and decompression (gzip, zstd) with its own cap on the decompressed size, so a
 //! compression bomb costs at most the cap in memory and gets 413.
 
+use std::future::{Future, poll_fn};
 use std::io::Read;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,9 +36,17 @@ pub async fn read_body(
     if declared.is_some_and(|length| length > max_bytes as u64) {
         return Err(too_large());
     }
-    let collected = tokio::time::timeout(timeout, Limited::new(body, max_bytes).collect())
-        .await
-        .map_err(|_| ApiError::BodyTimeout)?
+    let mut collecting = pin!(Limited::new(body, max_bytes).collect());
+    // A small body has usually arrived with the head: take it without arming a timer, which
+    // costs a timer-wheel insert and removal per request.
+    let first_poll = poll_fn(|cx| Poll::Ready(collecting.as_mut().poll(cx))).await;
+    let collected = match first_poll {
+        Poll::Ready(result) => result,
+        Poll::Pending => tokio::time::timeout(timeout, collecting)
+            .await
+            .map_err(|_| ApiError::BodyTimeout)?,
+    };
+    let collected = collected
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

@@ -58,10 +58,19 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         _ => ("unknown", Err(ApiError::NotFound)),
     };
     let response = result.unwrap_or_else(|e| error_response(&e));
-    metrics::counter!(telemetry::REQUESTS_TOTAL, "route" => route, "status" => status_label(response.status()))
-        .increment(1);
-    metrics::histogram!(telemetry::REQUEST_DURATION_SECONDS, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    telemetry::count(
+        telemetry::REQUESTS_TOTAL,
+        [
+            ("route", route),
+            ("status", status_label(response.status())),
+        ],
+        1,
+    );
+    telemetry::observe(
+        telemetry::REQUEST_DURATION_SECONDS,
+        ("route", route),
+        started.elapsed().as_secs_f64(),
+    );
     response
 }
 

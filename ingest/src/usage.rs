@@ -104,8 +104,11 @@ fn into_record(customer_id: &Arc<str>, valid: ValidRecord, now: i64) -> UsageRec
 
 fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
     if n > 0 {
-        metrics::counter!(telemetry::RECORDS_TOTAL, "outcome" => outcome, "cause" => cause)
-            .increment(n as u64);
+        telemetry::count(
+            telemetry::RECORDS_TOTAL,
+            [("outcome", outcome), ("cause", cause)],
+            n as u64,
+        );
     }
 }
 
@@ -148,7 +151,7 @@ async fn send(
     keys: Vec<IdKey>,
 ) -> Result<(), ApiError> {
     let submitted = state.sink.submit(records);
-    metrics::gauge!(telemetry::QUEUE_DEPTH).set(state.sink.queue_depth() as f64);
+    telemetry::queue_depth().set(state.sink.queue_depth() as f64);
     let ack = match submitted {
         Ok(ack) => ack,
         Err(e) => {
