@@ -205,8 +205,8 @@ impl Report {
             if verdict.passed {
                 let _ = writeln!(
                     out,
-                    "  verify     PASSED: {} customer-metric totals equal in postgres, clickhouse and clickhouse_daily",
-                    verdict.compared
+                    "  verify     PASSED: {} customer-metric totals equal in postgres, clickhouse and clickhouse_daily, {:.2} s after the load",
+                    verdict.compared, verdict.settled_after_s
                 );
             } else {
                 let _ = writeln!(

@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
 use crate::schedule::{Bounds, Pacing, Ticket, Tickets, planned_requests};
-use crate::stats::{ConnectionStats, Outcome};
+use crate::stats::{ConnectionStats, Outcome, RunStats, Timeline};
 use crate::workload::{PreparedRequest, Workload};
 
 /// A loopback HTTP server to load.
@@ -122,7 +122,7 @@ pub struct RecordCounts {
 #[derive(Debug, Default)]
 pub struct RunResult {
     /// All outcomes and latencies, in total and per second.
-    pub stats: ConnectionStats,
+    pub stats: RunStats,
     /// What was acknowledged, per customer and metric.
     pub ledger: Ledger,
     /// Records by fate.
@@ -304,6 +304,7 @@ struct Shared {
     workload: Arc<Workload>,
     tickets: Tickets,
     start: Instant,
+    timeline: Timeline,
     done: AtomicU64,
     failed: AtomicU64,
 }
@@ -329,9 +330,8 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
     };
     let mut sender: Option<Sender> = None;
     loop {
-        let ticket = shared
-            .tickets
-            .take(config.pacing, &config.bounds, shared.start.elapsed());
+        let free_at = shared.start.elapsed();
+        let ticket = shared.tickets.take(config.pacing, &config.bounds, free_at);
         let (index, due) = match ticket {
             Ticket::Send { index, due } => (index, due),
             Ticket::Stop => break,
@@ -349,14 +349,26 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
             }
         };
         let request = shared.workload.request(index);
-        tokio::time::sleep_until((shared.start + due).into()).await;
+        // Latency runs from the intended send time when this connection was still busy with
+        // earlier requests at that time: the server's slowness delayed the send, and hiding
+        // that would be coordinated omission. A connection that was free waits for the due
+        // time on the runtime's timer, which wakes up to a millisecond late; that lateness is
+        // the client's, so its latency runs from the actual send.
+        let measured_from = if due > free_at {
+            tokio::time::sleep_until((shared.start + due).into()).await;
+            shared.start.elapsed().max(due)
+        } else {
+            due
+        };
         if sender.is_none() {
             match connect(&config.target, config.http2).await {
                 Ok(s) => sender = Some(s),
                 Err(_) => {
                     result.connect_errors += 1;
                     let end = shared.start.elapsed();
-                    result.stats.record(end.as_secs(), Outcome::Transport, 0, 0);
+                    result
+                        .stats
+                        .record(&shared.timeline, end.as_secs(), Outcome::Transport, 0, 0);
                     account(
                         &request,
                         Outcome::Status(503),
@@ -378,7 +390,7 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
         let answer =
             tokio::time::timeout(config.timeout, exchange(live, &config.target, &request)).await;
         let end = shared.start.elapsed();
-        let latency_us = end.saturating_sub(due).as_micros() as u64;
+        let latency_us = end.saturating_sub(measured_from).as_micros() as u64;
         let (outcome, body) = match answer {
             Ok(Ok((status, body))) => (Outcome::Status(status.as_u16()), body),
             Ok(Err(_)) => (Outcome::Transport, Bytes::new()),
@@ -394,15 +406,20 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
             &mut result.ledger,
             &mut result.records,
         );
-        result
-            .stats
-            .record(end.as_secs(), outcome, latency_us, accepted);
+        result.stats.record(
+            &shared.timeline,
+            end.as_secs(),
+            outcome,
+            latency_us,
+            accepted,
+        );
         if !outcome.is_success() {
             shared.failed.fetch_add(1, Ordering::Relaxed);
         }
         shared.done.fetch_add(1, Ordering::Relaxed);
         result.last_end = end;
     }
+    result.stats.flush(&shared.timeline);
     result
 }
 
@@ -429,6 +446,7 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
         workload,
         tickets: Tickets::default(),
         start: Instant::now(),
+        timeline: Timeline::default(),
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
@@ -445,7 +463,7 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
         let part = task
             .await
             .map_err(|e| format!("a connection task failed: {e}"))?;
-        result.stats.merge(&part.stats);
+        result.stats.total.merge(&part.stats.total);
         for (key, entry) in part.ledger {
             let total = result.ledger.entry(key).or_default();
             total.acked += entry.acked;
@@ -463,6 +481,7 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
     if let Some(bar) = progress {
         bar.await.map_err(|e| e.to_string())?;
     }
+    result.stats.seconds = shared.timeline.snapshot();
     if let Some(sampler) = rss {
         result.rss_bytes = sampler.await.map_err(|e| e.to_string())?;
     }

@@ -1,7 +1,10 @@
-//! Latency and outcome statistics: HDR histograms in microseconds, per connection and per
-//! second of the run, merged at the end into the summary and the timeline of the report.
+//! Latency and outcome statistics: HDR histograms in microseconds. Each connection keeps its
+//! own whole-run tally (3 significant digits) and the tally of the second in progress (2
+//! digits, a tenth of the memory), which it adds to the shared timeline when the second ends
+//! and then reuses: memory stays flat however long the run, and no lock is taken per request.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -11,7 +14,11 @@ pub const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// A latency histogram in microseconds, 3 significant digits, 1 µs to 60 s.
 pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+    histogram_with_digits(3)
+}
+
+fn histogram_with_digits(digits: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, digits).expect("valid histogram bounds")
 }
 
 /// How one request ended.
@@ -63,6 +70,21 @@ impl Default for Tally {
 }
 
 impl Tally {
+    /// A tally for one second of the timeline: latency to 2 significant digits.
+    pub fn coarse() -> Self {
+        Self {
+            latency: histogram_with_digits(2),
+            ..Self::default()
+        }
+    }
+
+    /// Empties the tally, keeping its memory.
+    pub fn reset(&mut self) {
+        self.latency.reset();
+        self.outcomes.clear();
+        self.records_ok = 0;
+    }
+
     /// Counts one request: its outcome, its latency when it was answered, its records when
     /// they were accepted.
     pub fn record(&mut self, outcome: Outcome, latency_us: u64, records: u64) {
@@ -135,31 +157,95 @@ pub struct Percentiles {
     pub max_us: u64,
 }
 
-/// What one connection measured: its whole tally and one tally per second of the run.
+/// The run second by second, filled by every connection.
 #[derive(Debug, Default)]
+pub struct Timeline {
+    seconds: Mutex<BTreeMap<u64, Tally>>,
+}
+
+impl Timeline {
+    /// Adds `tally` to second `second`.
+    pub fn add(&self, second: u64, tally: &Tally) {
+        let mut seconds = self.seconds.lock().unwrap_or_else(|p| p.into_inner());
+        seconds
+            .entry(second)
+            .or_insert_with(Tally::coarse)
+            .merge(tally);
+    }
+
+    /// The seconds recorded so far.
+    pub fn snapshot(&self) -> BTreeMap<u64, Tally> {
+        self.seconds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// What one connection measures: its whole-run tally, and the second in progress.
+#[derive(Debug)]
 pub struct ConnectionStats {
+    /// Everything this connection counted.
+    pub total: Tally,
+    second: u64,
+    current: Tally,
+}
+
+impl Default for ConnectionStats {
+    fn default() -> Self {
+        Self {
+            total: Tally::default(),
+            second: 0,
+            current: Tally::coarse(),
+        }
+    }
+}
+
+impl ConnectionStats {
+    /// Counts a request that ended `second` seconds after the start; a new second first hands
+    /// the finished one to `timeline`.
+    pub fn record(
+        &mut self,
+        timeline: &Timeline,
+        second: u64,
+        outcome: Outcome,
+        latency_us: u64,
+        records: u64,
+    ) {
+        if second != self.second {
+            self.flush(timeline);
+            self.second = second;
+        }
+        self.total.record(outcome, latency_us, records);
+        self.current.record(outcome, latency_us, records);
+    }
+
+    /// Hands the second in progress to `timeline`.
+    pub fn flush(&mut self, timeline: &Timeline) {
+        if self.current.requests() > 0 {
+            timeline.add(self.second, &self.current);
+            self.current.reset();
+        }
+    }
+}
+
+/// A whole run: every connection's tally merged, and the timeline.
+#[derive(Debug, Default)]
+pub struct RunStats {
     /// Everything.
     pub total: Tally,
     /// By second since the start (the second in which each request ended).
     pub seconds: BTreeMap<u64, Tally>,
 }
 
-impl ConnectionStats {
-    /// Counts a request that ended `second` seconds after the start.
+impl RunStats {
+    /// Counts one request directly (for runs assembled without connections, as in tests).
     pub fn record(&mut self, second: u64, outcome: Outcome, latency_us: u64, records: u64) {
         self.total.record(outcome, latency_us, records);
         self.seconds
             .entry(second)
-            .or_default()
+            .or_insert_with(Tally::coarse)
             .record(outcome, latency_us, records);
-    }
-
-    /// Adds `other` into these stats, second by second.
-    pub fn merge(&mut self, other: &ConnectionStats) {
-        self.total.merge(&other.total);
-        for (second, tally) in &other.seconds {
-            self.seconds.entry(*second).or_default().merge(tally);
-        }
     }
 }
 
@@ -180,32 +266,54 @@ mod tests {
 
     #[test]
     fn merged_histograms_equal_one_histogram_of_all_values() {
+        let timeline = Timeline::default();
         let mut a = ConnectionStats::default();
         let mut b = ConnectionStats::default();
         let mut all = new_histogram();
         for i in 1..=10_000u64 {
             let latency = i * 37 % 5_000 + 1;
             let target = if i % 3 == 0 { &mut a } else { &mut b };
-            target.record(i / 2_000, Outcome::Status(200), latency, 1);
+            target.record(&timeline, i / 2_000, Outcome::Status(200), latency, 1);
             all.record(latency).unwrap();
         }
-        let mut merged = ConnectionStats::default();
-        merged.merge(&a);
-        merged.merge(&b);
-        assert_eq!(merged.total.latency, all);
-        assert_eq!(merged.total.requests(), 10_000);
-        assert_eq!(merged.total.records_ok, 10_000);
+        a.flush(&timeline);
+        b.flush(&timeline);
+        let mut merged = Tally::default();
+        merged.merge(&a.total);
+        merged.merge(&b.total);
+        assert_eq!(merged.latency, all);
+        assert_eq!(merged.requests(), 10_000);
+        assert_eq!(merged.records_ok, 10_000);
         for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
             assert_eq!(
-                merged.total.latency.value_at_quantile(q),
+                merged.latency.value_at_quantile(q),
                 all.value_at_quantile(q)
             );
         }
         // Seconds merge separately: 0..=5, and each holds what ended in it.
-        assert_eq!(merged.seconds.len(), 6);
-        let per_second: u64 = merged.seconds.values().map(Tally::requests).sum();
+        let seconds = timeline.snapshot();
+        assert_eq!(seconds.len(), 6);
+        let per_second: u64 = seconds.values().map(Tally::requests).sum();
         assert_eq!(per_second, 10_000);
-        assert_eq!(merged.seconds[&1].requests(), 2_000);
+        assert_eq!(seconds[&1].requests(), 2_000);
+        // The coarse per-second histograms agree with the exact one to 2 digits.
+        let exact_p99 = all.value_at_quantile(0.99) as f64;
+        let mut coarse = Tally::coarse();
+        for tally in seconds.values() {
+            coarse.merge(tally);
+        }
+        let coarse_p99 = coarse.latency.value_at_quantile(0.99) as f64;
+        assert!((coarse_p99 - exact_p99).abs() / exact_p99 < 0.01);
+    }
+
+    #[test]
+    fn a_reset_tally_counts_from_zero() {
+        let mut tally = Tally::coarse();
+        tally.record(Outcome::Status(200), 100, 1);
+        tally.reset();
+        assert_eq!(tally.requests(), 0);
+        assert!(tally.latency.is_empty());
+        assert_eq!(tally.records_ok, 0);
     }
 
     #[test]
