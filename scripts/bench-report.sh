@@ -49,7 +49,9 @@ cargo "${criterion_args[@]}" 2>&1 | grep -E '^[a-z].*time:|^[a-z_/0-9]+$|time:' 
 python3 - "$out/meta.json" "$rounds" "$overload_secs" "${compare_args[*]}" "${batch_args[*]}" "${overload_args[*]}" "${criterion_args[*]}" <<'PY'
 import json, sys, datetime
 path, rounds, overload, cmp, batch, over, crit = sys.argv[1:]
-clean = lambda c: "apex-loadtest " + c.replace("--keys-file bench-results/", "--keys-file ").split(" --no-progress")[0]
+import re
+# KEYS is the key file of the 20 customers the script creates; SERVER_PID the server's pid.
+clean = lambda c: "apex-loadtest " + re.sub(r"--keys-file \S+", "--keys-file KEYS", c).split(" --no-progress")[0]
 json.dump({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "rounds": int(rounds),
            "overload_secs": int(overload), "compare_command": clean(cmp), "batch_command": clean(batch),
            "overload_command": clean(over) + " --watch-pid SERVER_PID", "criterion_command": "cargo " + crit},

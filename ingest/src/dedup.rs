@@ -2,8 +2,9 @@
 //! accepted within the window is answered as a duplicate and counted once.
 //!
 //! Window and memory bound (defaults, both configurable): 24 hours (Stripe's idempotency
-//! anchor) and 8,000,000 ids. An id costs about 30 bytes (a 128-bit hash and a 4-byte stamp in
-//! a hash table at 7/8 load), so the bound is about 240 MB. The window holds in full up to
+//! anchor) and 8,000,000 ids. An entry is 24 bytes (a 128-bit hash and a 4-byte stamp, padded)
+//! plus a control byte, in tables whose bucket counts are powers of two: at the cap each of the
+//! 64 shards has 262,144 buckets, so the bound is about 420 MB. The window holds in full up to
 //! 92 new ids a second sustained (8,000,000 / 86,400); above that, the oldest ids are evicted
 //! first, so the effective window shrinks to capacity ÷ rate (at 10,000 ids/s: 13 minutes,
 //! which still covers every SDK retry schedule). Evictions are counted in a metric.

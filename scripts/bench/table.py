@@ -30,8 +30,14 @@ def main():
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
     rows = []
 
+    commands = {}
+
+    def key(command):
+        # Each command once, under the table; rows refer to it by letter.
+        return commands.setdefault(command, "ABCDEFGH"[len(commands)])
+
     def row(figure, values, fmt, command):
-        rows.append((figure, fmt(median(values)), ", ".join(fmt(v) for v in values), command))
+        rows.append((figure, fmt(median(values)), ", ".join(fmt(v) for v in values), key(command)))
 
     runs = compare["runs"]
     null = [r["request_rate"] for r in runs if r["server"] == "null-server"]
@@ -43,7 +49,7 @@ def main():
     row("`track` req/s, null-server (closed loop)", null, n, cmp_cmd)
     row("`track` req/s, apex-server, 2xx (closed loop)", apex, n, cmp_cmd)
     rows.append(("ratio apex / null (of the medians)", f"{compare['ratio']:.2f}",
-                 "per round: " + ", ".join(f"{r:.2f}" for r in ratios), cmp_cmd))
+                 "per round: " + ", ".join(f"{r:.2f}" for r in ratios), key(cmp_cmd)))
     if half:
         row(f"p99 at half load, ms (open loop, {compare['half_load_rate']:,.0f} req/s, from intended send time)",
             half, lambda v: f"{v:.2f}", cmp_cmd)
@@ -71,14 +77,17 @@ def main():
         bench = os.path.relpath(os.path.dirname(os.path.dirname(path)), criterion_dir)
         estimate = json.load(open(path))["median"]["point_estimate"]
         unit = f"{estimate:.1f} ns" if estimate < 1e3 else f"{estimate / 1e3:.1f} µs" if estimate < 1e6 else f"{estimate / 1e6:.2f} ms"
-        rows.append((f"criterion `{bench}` (median)", unit, "", meta["criterion_command"]))
+        rows.append((f"criterion `{bench}` (median)", unit, "", key(meta["criterion_command"])))
 
     print(f"Measured {meta['date']} on {os.cpu_count()} cores ({cpu}), load generator on the same machine; "
           f"median of {meta['rounds']} runs unless the row says otherwise.\n")
     print("| figure | median | runs | command |")
     print("|---|---|---|---|")
     for figure, value, values, command in rows:
-        print(f"| {figure} | {value} | {values} | `{command}` |")
+        print(f"| {figure} | {value} | {values} | {command} |")
+    print()
+    for command, letter in commands.items():
+        print(f"- {letter}: `{command}`")
 
 
 main()
