@@ -6,6 +6,7 @@
 //! - [`keys`]: API key issue, hashing, lookup and revocation; only SHA-256 hashes are stored.
 //! - [`customers`]: customer sign-up (customer, subscription, first key, welcome email event).
 //! - [`plans`]: the plan catalogue with per-metric limits and platform-fee bands.
+//! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
 pub mod config;
@@ -14,5 +15,6 @@ pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod plans;
+pub mod pricing;
 
 pub use error::BillingError;
