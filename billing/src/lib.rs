@@ -7,6 +7,7 @@
 //! - [`customers`]: customer sign-up (customer, subscription, first key, welcome email event).
 //! - [`plans`]: the plan catalogue with per-metric limits and platform-fee bands.
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
+//! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
 pub mod config;
@@ -16,5 +17,6 @@ pub mod ids;
 pub mod keys;
 pub mod plans;
 pub mod pricing;
+pub mod statement;
 
 pub use error::BillingError;

@@ -26,6 +26,8 @@ pub struct Plan {
     pub id: String,
     /// Display name.
     pub name: String,
+    /// Fixed monthly price, cents (0 for every seeded plan).
+    pub monthly_base_cents: i64,
     /// Default platform fee in basis points (250 = 2.5 %).
     pub platform_fee_bps: i32,
     /// Lowest negotiable platform fee.
@@ -46,6 +48,7 @@ pub struct Plan {
 struct PlanRow {
     id: String,
     name: String,
+    monthly_base_cents: i64,
     platform_fee_bps: i32,
     platform_fee_bps_min: i32,
     platform_fee_bps_max: i32,
@@ -67,7 +70,7 @@ where
     E: PgExecutor<'c> + Copy,
 {
     let plans: Vec<PlanRow> = sqlx::query_as(
-        "SELECT id, name, platform_fee_bps, platform_fee_bps_min, platform_fee_bps_max, \
+        "SELECT id, name, monthly_base_cents, platform_fee_bps, platform_fee_bps_min, platform_fee_bps_max, \
          revenue_band_min_cents, revenue_band_max_cents, trial_days \
          FROM plans ORDER BY revenue_band_min_cents, id",
     )
@@ -89,6 +92,7 @@ where
                 .collect(),
             id: p.id,
             name: p.name,
+            monthly_base_cents: p.monthly_base_cents,
             platform_fee_bps: p.platform_fee_bps,
             platform_fee_bps_min: p.platform_fee_bps_min,
             platform_fee_bps_max: p.platform_fee_bps_max,

@@ -70,6 +70,19 @@ pub enum ApiError {
     NotFound,
     /// The endpoint exists but not for this method.
     MethodNotAllowed,
+    /// A dashboard token was missing or refused.
+    Unauthorized(crate::auth::AuthError),
+    /// The admin token is missing or wrong.
+    AdminUnauthorized,
+    /// A query parameter or field has a bad value.
+    InvalidParameter {
+        /// Stable code, e.g. `invalid_days`.
+        code: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A named thing (a customer) does not exist.
+    UnknownResource(String),
 }
 
 impl ApiError {
@@ -158,6 +171,21 @@ impl ApiError {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 "this endpoint does not answer this method".into(),
+            ),
+            Unauthorized(e) => {
+                let (code, message) = e.describe();
+                (StatusCode::UNAUTHORIZED, code, message.into())
+            }
+            AdminUnauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_admin_token",
+                "send Authorization: Bearer <APEX_ADMIN_TOKEN>".into(),
+            ),
+            InvalidParameter { code, message } => (StatusCode::BAD_REQUEST, code, message.clone()),
+            UnknownResource(what) => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{what} not found"),
             ),
         }
     }

@@ -1,8 +1,11 @@
 //! The HTTP edge of the system, served by `apex-server`: a bare hyper 1.x server for SDK
-//! telemetry (and, as later work lands, the usage API and Stripe webhooks), with health,
+//! telemetry, the dashboard's usage API (and, as later work lands, Stripe webhooks), with health,
 //! readiness and Prometheus endpoints.
 //!
 //! - [`config`]: the server's typed environment configuration.
+//! - [`auth`]: dashboard JWTs (HS256, pinned) and the admin token.
+//! - [`dashboard`]: the usage API (current period, analytics, limits), the invoice preview and
+//!   the admin revenue endpoint.
 //! - [`usage`]: the ingest endpoints (track, batch), reading decode → key → validate → send.
 //! - [`records`]: parsing and validating records: exact quantities, timestamps, limits.
 //! - [`body`]: reading bodies within size and time limits, gzip and zstd.
@@ -14,8 +17,10 @@
 //! - [`response`]: JSON bodies, including the one error shape of the API.
 //! - [`telemetry`]: the Prometheus recorder and metric names.
 
+pub mod auth;
 pub mod body;
 pub mod config;
+pub mod dashboard;
 pub mod dedup;
 pub mod error;
 pub mod keycache;

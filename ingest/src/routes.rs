@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::server::AppState;
-use crate::{telemetry, usage};
+use crate::{dashboard, telemetry, usage};
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
@@ -30,6 +30,41 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
             "/api/usage/batch",
             only(&method, &Method::POST, async {
                 usage::batch(&state, request).await
+            })
+            .await,
+        ),
+        "/api/usage/current" => (
+            "/api/usage/current",
+            only(&method, &Method::GET, async {
+                dashboard::current(&state, request).await
+            })
+            .await,
+        ),
+        "/api/usage/analytics" => (
+            "/api/usage/analytics",
+            only(&method, &Method::GET, async {
+                dashboard::analytics(&state, request).await
+            })
+            .await,
+        ),
+        "/api/usage/limits" => (
+            "/api/usage/limits",
+            only(&method, &Method::GET, async {
+                dashboard::limits(&state, request).await
+            })
+            .await,
+        ),
+        "/api/billing/preview" => (
+            "/api/billing/preview",
+            only(&method, &Method::GET, async {
+                dashboard::preview(&state, request).await
+            })
+            .await,
+        ),
+        "/api/admin/revenue" => (
+            "/api/admin/revenue",
+            only(&method, &Method::POST, async {
+                dashboard::set_revenue(&state, request).await
             })
             .await,
         ),

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use apex_pipeline::durable::{DurableConfig, DurableSink};
 use apex_pipeline::sink::RecordSink;
 
-use crate::config::{IngestLimits, ServerConfig};
+use crate::config::{IngestLimits, Secret, ServerConfig};
 use crate::dedup::Dedup;
 use crate::keycache::KeyCache;
 use crate::{routes, telemetry};
@@ -56,6 +56,12 @@ pub struct AppState {
     pub sink: Arc<dyn RecordSink>,
     /// Request limits.
     pub limits: IngestLimits,
+    /// ClickHouse, for the dashboard's analytics.
+    pub clickhouse: clickhouse::Client,
+    /// Secret of dashboard JWTs.
+    pub jwt_secret: Secret,
+    /// Token of the admin endpoints; `None` turns them off.
+    pub admin_token: Option<Secret>,
 }
 
 /// Runs the server with the production pipeline on `listener` until `shutdown` resolves,
@@ -131,6 +137,9 @@ pub async fn run_with_sink(
         dedup,
         sink: sink.clone(),
         limits: config.limits.clone(),
+        clickhouse: config.stores.clickhouse(),
+        jwt_secret: config.jwt_secret.clone(),
+        admin_token: config.admin_token.clone(),
     });
     let local_addr = listener.local_addr().ok();
     tracing::info!(addr = ?local_addr, "apex-server listening");

@@ -1,4 +1,4 @@
-//! `apexctl`: the admin CLI (migrations, customers, keys, plans). Later work adds the cron
+//! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue). Later work adds the cron
 //! process and the manual operations of the operations guide here.
 
 use std::process::ExitCode;
@@ -39,6 +39,25 @@ enum Command {
     /// Show the plan catalogue.
     #[command(subcommand)]
     Plans(PlansCommand),
+    /// Record mediated revenue (the platform fee is charged on it).
+    #[command(subcommand)]
+    Revenue(RevenueCommand),
+}
+
+#[derive(Subcommand)]
+enum RevenueCommand {
+    /// Set a customer's mediated revenue for a month (replaces an earlier figure).
+    Set {
+        /// Customer id (`cus_...`).
+        #[arg(long)]
+        customer: String,
+        /// Calendar month, `YYYY-MM` (UTC).
+        #[arg(long)]
+        month: String,
+        /// Revenue in cents.
+        #[arg(long)]
+        cents: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +281,16 @@ async fn run(command: Command, stores: StoreConfig) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Revenue(RevenueCommand::Set {
+            customer,
+            month,
+            cents,
+        }) => {
+            let period = apex_billing::pricing::parse_month(&month)
+                .with_context(|| format!("--month {month:?}: expected YYYY-MM"))?;
+            apex_billing::statement::set_revenue(&pool, &customer, &period, cents).await?;
+            println!("{customer} {month}: mediated revenue {cents} cents");
         }
         Command::Plans(PlansCommand::List { json }) => {
             let all = plans::list_plans(&pool).await?;

@@ -1,0 +1,327 @@
+//! The dashboard API: usage in the current period with overages, daily analytics from
+//! ClickHouse's rollup, usage against plan limits, the invoice preview of a month (all with a
+//! customer's JWT), and the admin endpoint that records mediated revenue.
+
+use std::collections::BTreeMap;
+
+use apex_billing::BillingError;
+use apex_billing::pricing::parse_month;
+use apex_billing::statement::{self, api_quantity, gb_number};
+use apex_pipeline::model::Metric;
+use chrono::{Duration, NaiveDate, Utc};
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::auth::{self, Claims};
+use crate::body::read_body;
+use crate::error::ApiError;
+use crate::response::{self, Body};
+use crate::server::AppState;
+
+/// Most days `?days=` may ask for.
+pub const MAX_DAYS: u32 = 365;
+
+/// The customer a dashboard request is for: its token's `sub`, which must exist.
+async fn customer(state: &AppState, request: &Request<Incoming>) -> Result<Claims, ApiError> {
+    let token =
+        auth::bearer(request.headers()).ok_or(ApiError::Unauthorized(auth::AuthError::Missing))?;
+    let claims = auth::verify(
+        token,
+        state.jwt_secret.expose().as_bytes(),
+        Utc::now().timestamp(),
+    )
+    .map_err(ApiError::Unauthorized)?;
+    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
+        .bind(&claims.customer_id)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|_| ApiError::Unavailable("the account store is unavailable"))?;
+    if exists.is_none() {
+        return Err(ApiError::Unauthorized(auth::AuthError::InvalidSubject));
+    }
+    Ok(claims)
+}
+
+fn billing_error(e: BillingError) -> ApiError {
+    match e {
+        BillingError::NotFound { what } => ApiError::UnknownResource(what),
+        BillingError::Invalid(message) => {
+            tracing::error!(%message, "an account cannot be priced");
+            ApiError::Unavailable("the account cannot be priced; the operators are alerted")
+        }
+        BillingError::Database(e) => {
+            tracing::warn!(error = %e, "dashboard query failed");
+            ApiError::Unavailable("the account store is unavailable")
+        }
+    }
+}
+
+/// The value of query parameter `name`, if present (first occurrence, not percent-decoded:
+/// every parameter of this API is plain digits or `YYYY-MM`).
+fn query_param<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+/// `GET /api/usage/current`.
+pub async fn current(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let claims = customer(state, &request).await?;
+    let usage = statement::current_usage(&state.pool, &claims.customer_id, Utc::now())
+        .await
+        .map_err(billing_error)?;
+    Ok(response::json(StatusCode::OK, &usage))
+}
+
+/// `GET /api/usage/limits`.
+pub async fn limits(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let claims = customer(state, &request).await?;
+    let limits = statement::limits(&state.pool, &claims.customer_id, Utc::now())
+        .await
+        .map_err(billing_error)?;
+    Ok(response::json(StatusCode::OK, &limits))
+}
+
+/// `GET /api/billing/preview?month=YYYY-MM`.
+pub async fn preview(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let claims = customer(state, &request).await?;
+    let month = query_param(&request, "month").ok_or_else(|| ApiError::InvalidParameter {
+        code: "invalid_month",
+        message: "give ?month=YYYY-MM".into(),
+    })?;
+    let period = parse_month(month).ok_or_else(|| ApiError::InvalidParameter {
+        code: "invalid_month",
+        message: format!("month {month:?} is not YYYY-MM"),
+    })?;
+    let preview = statement::invoice_preview(&state.pool, &claims.customer_id, month, &period)
+        .await
+        .map_err(billing_error)?;
+    Ok(response::json(StatusCode::OK, &preview))
+}
+
+/// Parses `?days=`: 1 to [`MAX_DAYS`], default 30.
+pub fn parse_days(value: Option<&str>) -> Result<u32, ApiError> {
+    let Some(text) = value else {
+        return Ok(30);
+    };
+    let invalid = || ApiError::InvalidParameter {
+        code: "invalid_days",
+        message: format!("days must be a whole number from 1 to {MAX_DAYS}"),
+    };
+    if text.is_empty() || text.len() > 3 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    match text.parse::<u32>() {
+        Ok(days) if (1..=MAX_DAYS).contains(&days) => Ok(days),
+        _ => Err(invalid()),
+    }
+}
+
+#[derive(Serialize)]
+struct DailyUsage {
+    date: String,
+    impressions: u64,
+    api_calls: u64,
+    data_transfer_gb: Box<RawValue>,
+}
+
+#[derive(Serialize)]
+struct Analytics {
+    daily_usage: Vec<DailyUsage>,
+    total_impressions: u64,
+    total_api_calls: u64,
+    total_data_transfer_gb: Box<RawValue>,
+    /// Total impressions ÷ days, rounded down.
+    avg_daily_impressions: u64,
+    days: u32,
+    start_date: String,
+    end_date: String,
+}
+
+/// `GET /api/usage/analytics?days=N`: the last N UTC days, today included, from ClickHouse's
+/// `usage_daily`; days without usage are zero rows.
+pub async fn analytics(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let days = parse_days(query_param(&request, "days"))?;
+    let claims = customer(state, &request).await?;
+    let end: NaiveDate = Utc::now().date_naive();
+    let start = end - Duration::days(i64::from(days) - 1);
+    let rows: Vec<(String, String, u64)> = state
+        .clickhouse
+        .query(
+            "SELECT toString(day), toString(metric_type), sum(quantity) FROM usage_daily \
+             WHERE customer_id = ? AND day >= toDate(?) AND day <= toDate(?) \
+             GROUP BY day, metric_type",
+        )
+        .bind(claims.customer_id.as_str())
+        .bind(start.to_string())
+        .bind(end.to_string())
+        .fetch_all()
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "analytics query failed");
+            ApiError::Unavailable("the analytics store is unavailable")
+        })?;
+    let mut by_day: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    for (day, metric, quantity) in rows {
+        let Ok(metric) = metric.parse::<Metric>() else {
+            continue;
+        };
+        let slot = Metric::ALL.iter().position(|m| *m == metric).unwrap_or(0);
+        by_day.entry(day).or_default()[slot] += quantity;
+    }
+    let mut totals = [0u64; 3];
+    let mut daily_usage = Vec::with_capacity(days as usize);
+    let mut day = start;
+    while day <= end {
+        let date = day.to_string();
+        let q = by_day.get(&date).copied().unwrap_or_default();
+        for (total, value) in totals.iter_mut().zip(q) {
+            *total = total.saturating_add(value);
+        }
+        daily_usage.push(DailyUsage {
+            date,
+            impressions: q[0],
+            api_calls: q[1],
+            data_transfer_gb: gb_number(q[2]),
+        });
+        day += Duration::days(1);
+    }
+    Ok(response::json(
+        StatusCode::OK,
+        &Analytics {
+            daily_usage,
+            total_impressions: totals[0],
+            total_api_calls: totals[1],
+            total_data_transfer_gb: api_quantity(Metric::DataTransfer, totals[2]),
+            avg_daily_impressions: totals[0] / u64::from(days),
+            days,
+            start_date: start.to_string(),
+            end_date: end.to_string(),
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevenueBody {
+    customer_id: String,
+    month: String,
+    cents: u64,
+}
+
+/// `POST /api/admin/revenue` with `Authorization: Bearer <APEX_ADMIN_TOKEN>`:
+/// `{"customer_id","month":"YYYY-MM","cents"}`.
+pub async fn set_revenue(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    // With no admin token configured the endpoint does not exist.
+    let Some(expected) = &state.admin_token else {
+        return Err(ApiError::NotFound);
+    };
+    let given = auth::bearer(request.headers()).ok_or(ApiError::AdminUnauthorized)?;
+    if !auth::secrets_equal(given, expected.expose()) {
+        return Err(ApiError::AdminUnauthorized);
+    }
+    let is_json = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedContentType);
+    }
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        state.limits.track_max_body_bytes,
+        state.limits.body_read_timeout,
+    )
+    .await?;
+    let body: RevenueBody = serde_json::from_slice(&bytes).map_err(|e| {
+        if e.is_data() {
+            ApiError::InvalidField(format!(
+                "expected {{\"customer_id\",\"month\",\"cents\"}}: {e}"
+            ))
+        } else {
+            ApiError::InvalidJson(format!("the body is not JSON: {e}"))
+        }
+    })?;
+    if !auth::is_customer_id(&body.customer_id) {
+        return Err(ApiError::InvalidParameter {
+            code: "invalid_customer_id",
+            message: "customer_id must be cus_...".into(),
+        });
+    }
+    let period = parse_month(&body.month).ok_or_else(|| ApiError::InvalidParameter {
+        code: "invalid_month",
+        message: format!("month {:?} is not YYYY-MM", body.month),
+    })?;
+    if body.cents > i64::MAX as u64 {
+        return Err(ApiError::InvalidParameter {
+            code: "invalid_cents",
+            message: "cents is too large".into(),
+        });
+    }
+    statement::set_revenue(&state.pool, &body.customer_id, &period, body.cents)
+        .await
+        .map_err(billing_error)?;
+    Ok(response::json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "success": true,
+            "customer_id": body.customer_id,
+            "month": body.month,
+            "revenue_cents": body.cents,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_1_to_365_with_30_by_default() {
+        assert_eq!(parse_days(None).unwrap(), 30);
+        assert_eq!(parse_days(Some("1")).unwrap(), 1);
+        assert_eq!(parse_days(Some("365")).unwrap(), 365);
+        assert_eq!(parse_days(Some("007")).unwrap(), 7);
+        for bad in [
+            "0",
+            "366",
+            "1000",
+            "-1",
+            "abc",
+            "",
+            "3.5",
+            "1e2",
+            " 5",
+            "+5",
+            "99999999999",
+        ] {
+            assert!(parse_days(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+}
