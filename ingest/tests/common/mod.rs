@@ -235,6 +235,17 @@ pub async fn get(addr: SocketAddr, path: &str) -> Answer {
     .await
 }
 
+/// GETs `path` with the given extra header lines (each `Name: value`).
+pub async fn get_with(addr: SocketAddr, path: &str, headers: &[&str]) -> Answer {
+    let mut raw = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+    for header in headers {
+        raw.push_str(header);
+        raw.push_str("\r\n");
+    }
+    raw.push_str("\r\n");
+    exchange(addr, raw.as_bytes()).await
+}
+
 /// POSTs `body` with the given extra header lines (each `Name: value`).
 pub async fn post(addr: SocketAddr, path: &str, headers: &[&str], body: &[u8]) -> Answer {
     exchange(addr, &post_request(path, headers, body)).await
