@@ -360,3 +360,78 @@ fn missing_configuration_is_one_clear_line() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn apexctl_sets_mediated_revenue_per_month() {
+    let stores = TestStores::migrated().await;
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(&apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Rev",
+            "--email",
+            "rev@example.com",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let customer = created["customer_id"].as_str().unwrap();
+    let stored = || async {
+        sqlx::query_as::<_, (chrono::NaiveDate, i64)>(
+            "SELECT month, revenue_cents FROM mediated_revenue WHERE customer_id = $1 ORDER BY month",
+        )
+        .bind(customer)
+        .fetch_all(&stores.pool)
+        .await
+        .unwrap()
+    };
+    let set = |month: &str, cents: &str| {
+        apexctl(
+            &stores,
+            &[
+                "revenue",
+                "set",
+                "--customer",
+                customer,
+                "--month",
+                month,
+                "--cents",
+                cents,
+            ],
+        )
+    };
+    stdout_of(&set("2025-11", "5000000"));
+    stdout_of(&set("2025-12", "1"));
+    // A second figure for a month replaces the first.
+    stdout_of(&set("2025-11", "4000000"));
+    let nov = chrono::NaiveDate::from_ymd_opt(2025, 11, 1).unwrap();
+    let dec = chrono::NaiveDate::from_ymd_opt(2025, 12, 1).unwrap();
+    assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
+    // Refusals change nothing.
+    for (month, cents) in [
+        ("2025-13", "1"),
+        ("2025/11", "1"),
+        ("2025-11", "-5"),
+        ("2025-11", "1.5"),
+    ] {
+        assert!(!set(month, cents).status.success(), "{month} {cents}");
+    }
+    let unknown = apexctl(
+        &stores,
+        &[
+            "revenue",
+            "set",
+            "--customer",
+            "cus_nobody",
+            "--month",
+            "2025-11",
+            "--cents",
+            "1",
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not found"));
+    assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
+}
