@@ -32,7 +32,7 @@ use serde::Serialize;
 use apex_pipeline::model::Metric;
 
 /// A pricing input that cannot be billed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PricingError {
     /// A price needs a positive unit.
     #[error("the overage unit quantity of {0} must be above zero")]

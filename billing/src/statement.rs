@@ -379,7 +379,7 @@ fn dollars(cents: u64) -> String {
     let mut grouped = String::new();
     let digits = whole.to_string();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(c);

@@ -192,11 +192,11 @@ mod tests {
     const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
     const NOW: i64 = 1_790_000_000;
 
-    fn token(claims: serde_json::Value) -> String {
-        sign(&claims, SECRET)
+    fn token(claims: &serde_json::Value) -> String {
+        sign(claims, SECRET)
     }
 
-    fn with_header(header: &str, claims: serde_json::Value, secret: &[u8]) -> String {
+    fn with_header(header: &str, claims: &serde_json::Value, secret: &[u8]) -> String {
         let h = URL_SAFE_NO_PAD.encode(header);
         let p = URL_SAFE_NO_PAD.encode(claims.to_string());
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_good_token_names_its_customer() {
-        let t = token(json!({"sub": "cus_abc123", "exp": NOW + 60}));
+        let t = token(&json!({"sub": "cus_abc123", "exp": NOW + 60}));
         assert_eq!(
             verify(&t, SECRET, NOW),
             Ok(Claims {
@@ -218,31 +218,31 @@ mod tests {
             })
         );
         // Fractional NumericDates count by the whole second.
-        let t = token(json!({"sub": "cus_abc123", "exp": (NOW + 60) as f64 + 0.5}));
+        let t = token(&json!({"sub": "cus_abc123", "exp": (NOW + 60) as f64 + 0.5}));
         assert!(verify(&t, SECRET, NOW).is_ok());
     }
 
     #[test]
     fn expiry_and_not_before_are_enforced() {
         assert_eq!(
-            verify(&token(json!({"sub": "cus_a", "exp": NOW})), SECRET, NOW),
+            verify(&token(&json!({"sub": "cus_a", "exp": NOW})), SECRET, NOW),
             Err(AuthError::Expired)
         );
         assert_eq!(
             verify(
-                &token(json!({"sub": "cus_a", "exp": NOW - 1000})),
+                &token(&json!({"sub": "cus_a", "exp": NOW - 1000})),
                 SECRET,
                 NOW
             ),
             Err(AuthError::Expired)
         );
         assert_eq!(
-            verify(&token(json!({"sub": "cus_a"})), SECRET, NOW),
+            verify(&token(&json!({"sub": "cus_a"})), SECRET, NOW),
             Err(AuthError::MissingExpiry)
         );
         assert_eq!(
             verify(
-                &token(json!({"sub": "cus_a", "exp": "tomorrow"})),
+                &token(&json!({"sub": "cus_a", "exp": "tomorrow"})),
                 SECRET,
                 NOW
             ),
@@ -250,7 +250,7 @@ mod tests {
         );
         assert_eq!(
             verify(
-                &token(json!({"sub": "cus_a", "exp": NOW + 60, "nbf": NOW + 10})),
+                &token(&json!({"sub": "cus_a", "exp": NOW + 60, "nbf": NOW + 10})),
                 SECRET,
                 NOW
             ),
@@ -258,7 +258,7 @@ mod tests {
         );
         assert!(
             verify(
-                &token(json!({"sub": "cus_a", "exp": NOW + 60, "nbf": NOW})),
+                &token(&json!({"sub": "cus_a", "exp": NOW + 60, "nbf": NOW})),
                 SECRET,
                 NOW
             )
@@ -282,16 +282,16 @@ mod tests {
         for alg in [
             "none", "None", "HS512", "HS384", "RS256", "ES256", "hs256", "",
         ] {
-            let t = with_header(&format!(r#"{{"alg":"{alg}"}}"#), claims.clone(), SECRET);
+            let t = with_header(&format!(r#"{{"alg":"{alg}"}}"#), &claims, SECRET);
             assert_eq!(
                 verify(&t, SECRET, NOW),
                 Err(AuthError::UnsupportedAlgorithm),
                 "{alg}"
             );
         }
-        let t = with_header(r#"{"typ":"JWT"}"#, claims.clone(), SECRET);
+        let t = with_header(r#"{"typ":"JWT"}"#, &claims, SECRET);
         assert_eq!(verify(&t, SECRET, NOW), Err(AuthError::Malformed));
-        let t = with_header(r#"{"alg":"HS256","crit":["exp"]}"#, claims, SECRET);
+        let t = with_header(r#"{"alg":"HS256","crit":["exp"]}"#, &claims, SECRET);
         assert_eq!(verify(&t, SECRET, NOW), Err(AuthError::Malformed));
     }
 
@@ -300,7 +300,7 @@ mod tests {
         let claims = json!({"sub": "cus_a", "exp": NOW + 60});
         let other = sign(&claims, b"another-secret-another-secret-12345");
         assert_eq!(verify(&other, SECRET, NOW), Err(AuthError::BadSignature));
-        let good = token(claims);
+        let good = token(&claims);
         // Swap the payload for another customer's, keeping the signature.
         let forged_payload =
             URL_SAFE_NO_PAD.encode(json!({"sub": "cus_b", "exp": NOW + 60}).to_string());
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn malformed_tokens_are_refused() {
-        let good = token(json!({"sub": "cus_a", "exp": NOW + 60}));
+        let good = token(&json!({"sub": "cus_a", "exp": NOW + 60}));
         for bad in [
             "",
             "abc",
@@ -345,7 +345,7 @@ mod tests {
             json!("cus_a b"),
             json!("cus_a;drop"),
         ] {
-            let t = token(json!({"sub": sub, "exp": NOW + 60}));
+            let t = token(&json!({"sub": sub, "exp": NOW + 60}));
             assert_eq!(
                 verify(&t, SECRET, NOW),
                 Err(AuthError::InvalidSubject),
@@ -353,7 +353,7 @@ mod tests {
             );
         }
         assert_eq!(
-            verify(&token(json!({"exp": NOW + 60})), SECRET, NOW),
+            verify(&token(&json!({"exp": NOW + 60})), SECRET, NOW),
             Err(AuthError::InvalidSubject)
         );
     }

@@ -72,7 +72,7 @@ struct LoadArgs {
     #[arg(long, default_value = "impressions=80,api_calls=15,data_transfer=5")]
     mix: String,
     /// Key file: one `apexctl customers create --json` line per customer.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "customers")]
     keys_file: Option<PathBuf>,
     /// Creates this many customers with apexctl instead of reading a key file.
     #[arg(long)]
@@ -248,18 +248,23 @@ fn chrono_now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-fn customers_for(load: &LoadArgs, seed: u64) -> Result<Vec<Customer>, String> {
+async fn customers_for(load: &LoadArgs, seed: u64) -> Result<Vec<Customer>, String> {
     let apexctl = load
         .apexctl
         .clone()
         .unwrap_or_else(customers::default_apexctl);
-    customers::load_or_create(
+    let customers = customers::load_or_create(
         load.keys_file.as_deref(),
         load.customers,
         &apexctl,
         &format!("{seed:016x}"),
         load.save_keys.as_deref(),
-    )
+    )?;
+    if load.customers.is_some() {
+        // New keys reach a running server's key cache by LISTEN/NOTIFY within a second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    Ok(customers)
 }
 
 fn mode_name(mode: Mode) -> &'static str {
@@ -274,7 +279,7 @@ async fn run_command(args: RunArgs) -> Result<(), String> {
     let target = Target::parse(&args.load.target)?;
     let bounds = Bounds::new(args.duration, args.requests)?;
     let seed = args.load.seed.unwrap_or_else(new_seed);
-    let customers = customers_for(&args.load, seed)?;
+    let customers = customers_for(&args.load, seed).await?;
     let workload = Arc::new(workload(&args.load, customers, seed)?);
     let stores = if args.verify {
         Some(verify::Stores::from_env().await?)
@@ -324,7 +329,13 @@ async fn run_command(args: RunArgs) -> Result<(), String> {
         &result,
     );
     if let (Some(stores), Some(before)) = (&stores, &before) {
-        report.verify = Some(
+        let verdict = if result.records.accepted == 0 {
+            // Equal totals prove nothing when nothing was accepted (wrong keys, a server
+            // refusing everything).
+            verify::Verdict::failed(
+                "the server accepted no records, so there is nothing to verify".into(),
+            )
+        } else {
             verify::verify(
                 stores,
                 &target,
@@ -333,8 +344,10 @@ async fn run_command(args: RunArgs) -> Result<(), String> {
                 before,
                 args.verify_timeout,
             )
-            .await?,
-        );
+            .await
+            .unwrap_or_else(verify::Verdict::failed)
+        };
+        report.verify = Some(verdict);
     }
     print!("{}", report.text());
     if let Some(path) = &args.json {
@@ -425,7 +438,7 @@ async fn compare_command(args: CompareArgs) -> Result<(), String> {
     };
     let null = Target::parse(&null_url)?;
     let seed = args.load.seed.unwrap_or_else(new_seed);
-    let customers = customers_for(&args.load, seed)?;
+    let customers = customers_for(&args.load, seed).await?;
     let bounds = Bounds::new(Some(args.duration), None)?;
     let mut runs = Vec::new();
     let mut index = 0u64;

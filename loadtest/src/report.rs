@@ -13,7 +13,7 @@ use crate::verify::Verdict;
 /// One second of the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Second {
-    /// Seconds since the start.
+    /// Seconds since the start (of the bucket, when buckets are wider than a second).
     pub second: u64,
     /// Requests that ended in it.
     pub requests: u64,
@@ -71,7 +71,9 @@ pub struct Report {
     pub connect_errors: u64,
     /// Largest resident memory of the watched process, bytes.
     pub max_rss_bytes: Option<u64>,
-    /// Second by second.
+    /// Width of a timeline bucket, seconds (1 unless the run is over an hour).
+    pub bucket_seconds: u64,
+    /// Bucket by bucket.
     pub timeline: Vec<Second>,
     /// The `--verify` result.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -143,6 +145,7 @@ impl Report {
             missed: result.missed,
             connect_errors: result.connect_errors,
             max_rss_bytes: result.rss_bytes.values().copied().max(),
+            bucket_seconds: result.stats.bucket_secs.max(1),
             timeline,
             verify: None,
         }
@@ -211,9 +214,14 @@ impl Report {
             } else {
                 let _ = writeln!(
                     out,
-                    "  verify     FAILED: {} differences",
-                    verdict.differences.len()
+                    "  verify     FAILED: {} differences{}",
+                    verdict.differences.len(),
+                    verdict
+                        .error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!("; {e}"))
                 );
+                // The JSON report has every difference; the terminal gets the first 50.
                 for d in verdict.differences.iter().take(50) {
                     let _ = writeln!(
                         out,
@@ -228,15 +236,16 @@ impl Report {
 
     /// One HTML file, no external resources: the summary and two charts.
     pub fn html(&self) -> String {
+        let width = self.bucket_seconds.max(1) as f64;
         let throughput: Vec<(f64, f64)> = self
             .timeline
             .iter()
-            .map(|s| (s.second as f64, s.requests as f64))
+            .map(|s| (s.second as f64, s.requests as f64 / width))
             .collect();
         let successes: Vec<(f64, f64)> = self
             .timeline
             .iter()
-            .map(|s| (s.second as f64, s.successes as f64))
+            .map(|s| (s.second as f64, s.successes as f64 / width))
             .collect();
         let p50: Vec<(f64, f64)> = self
             .timeline

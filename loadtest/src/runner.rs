@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
 use crate::schedule::{Bounds, Pacing, Ticket, Tickets, planned_requests};
-use crate::stats::{ConnectionStats, Outcome, RunStats, Timeline};
+use crate::stats::{Outcome, Recorder, RunStats, bucket_seconds};
 use crate::workload::{PreparedRequest, Workload};
 
 /// A loopback HTTP server to load.
@@ -175,12 +175,32 @@ async fn connect(target: &Target, http2: bool) -> Result<Sender, String> {
     }
 }
 
+/// How an exchange failed.
+enum ExchangeError {
+    /// The connection was closed before the request went out (the server closes idle
+    /// keep-alive connections): nothing was sent, so it is safe to send again.
+    NotSent,
+    /// The request may have reached the server.
+    Failed,
+    /// No answer within the request timeout.
+    TimedOut,
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+}
+
 /// Sends `request` and reads the whole answer.
 async fn exchange(
     sender: &mut Sender,
     target: &Target,
     request: &PreparedRequest,
-) -> Result<(StatusCode, Bytes), hyper::Error> {
+) -> Result<(StatusCode, Bytes), ExchangeError> {
     let uri = match sender {
         Sender::Http1(_) => request.path.to_owned(),
         Sender::Http2(_) => format!("http://{}{}", target.authority, request.path),
@@ -198,18 +218,24 @@ async fn exchange(
     let http_request = builder
         .body(Full::new(request.body.clone()))
         .expect("a request of valid parts");
+    let failed = |_| ExchangeError::Failed;
     let response = match sender {
         Sender::Http1(s) => {
-            s.ready().await?;
-            s.send_request(http_request).await?
+            s.ready().await.map_err(|_| ExchangeError::NotSent)?;
+            s.send_request(http_request).await.map_err(failed)?
         }
         Sender::Http2(s) => {
-            s.ready().await?;
-            s.send_request(http_request).await?
+            s.ready().await.map_err(|_| ExchangeError::NotSent)?;
+            s.send_request(http_request).await.map_err(failed)?
         }
     };
     let status = response.status();
-    let body = response.into_body().collect().await?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(failed)?
+        .to_bytes();
     Ok((status, body))
 }
 
@@ -266,9 +292,10 @@ fn account(
                 }
             }
             let kept = (0..request.records.len()).filter(|&i| !rejected[i]);
-            if answer.duplicates > 0 {
-                // Which records were the duplicates the answer does not say; our event ids are
-                // unique, so this only happens when a key file's customers saw this seed before.
+            if answer.duplicates > 0 || kept.clone().count() as u64 != answer.accepted {
+                // Which records were the duplicates the answer does not say (our event ids are
+                // unique, so this only happens when a key file's customers saw this seed
+                // before); nor which were kept when the counts disagree.
                 book_unknown(ledger, &mut kept.clone());
                 counts.unknown += kept.count() as u64;
             } else {
@@ -304,13 +331,12 @@ struct Shared {
     workload: Arc<Workload>,
     tickets: Tickets,
     start: Instant,
-    timeline: Timeline,
+    recorder: Recorder,
     done: AtomicU64,
     failed: AtomicU64,
 }
 
 struct ConnectionResult {
-    stats: ConnectionStats,
     ledger: Ledger,
     records: RecordCounts,
     missed: u64,
@@ -318,10 +344,37 @@ struct ConnectionResult {
     last_end: Duration,
 }
 
+impl Shared {
+    fn finish(
+        &self,
+        result: &mut ConnectionResult,
+        outcome: Outcome,
+        latency_us: u64,
+        records: u64,
+    ) {
+        let end = self.start.elapsed();
+        self.recorder
+            .record(end.as_secs(), outcome, latency_us, records);
+        if !outcome.is_success() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
+        result.last_end = end;
+    }
+}
+
+/// Connects within `timeout` (a full accept backlog would otherwise hold a connect for the
+/// kernel's two minutes of SYN retries).
+async fn connect_within(target: &Target, http2: bool, timeout: Duration) -> Option<Sender> {
+    tokio::time::timeout(timeout, connect(target, http2))
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
 async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
     let config = &shared.config;
     let mut result = ConnectionResult {
-        stats: ConnectionStats::default(),
         ledger: Ledger::new(),
         records: RecordCounts::default(),
         missed: 0,
@@ -336,15 +389,8 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
             Ticket::Send { index, due } => (index, due),
             Ticket::Stop => break,
             Ticket::Missed { .. } => {
-                result.missed += 1;
-                // Count every ticket left in the schedule as missed, then stop.
-                while let Ticket::Missed { .. } =
-                    shared
-                        .tickets
-                        .take(config.pacing, &config.bounds, shared.start.elapsed())
-                {
-                    result.missed += 1;
-                }
+                // Every ticket left in the schedule is missed too: claim them all at once.
+                result.missed += shared.tickets.miss_rest(config.pacing, &config.bounds);
                 break;
             }
         };
@@ -360,45 +406,63 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
         } else {
             due
         };
-        if sender.is_none() {
-            match connect(&config.target, config.http2).await {
-                Ok(s) => sender = Some(s),
-                Err(_) => {
+        // Two tries: a keep-alive connection the server closed while idle sends nothing, and
+        // is replaced once.
+        let mut answer = Err(ExchangeError::NotSent);
+        for _ in 0..2 {
+            if sender.as_ref().is_none_or(Sender::is_closed) {
+                sender = connect_within(&config.target, config.http2, config.timeout).await;
+                if sender.is_none() {
                     result.connect_errors += 1;
-                    let end = shared.start.elapsed();
-                    result
-                        .stats
-                        .record(&shared.timeline, end.as_secs(), Outcome::Transport, 0, 0);
-                    account(
-                        &request,
-                        Outcome::Status(503),
-                        b"",
-                        &mut result.ledger,
-                        &mut result.records,
-                    );
-                    shared.failed.fetch_add(1, Ordering::Relaxed);
-                    shared.done.fetch_add(1, Ordering::Relaxed);
-                    // A refused connection sent nothing: pause instead of spinning on it.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    break;
                 }
             }
+            let Some(live) = sender.as_mut() else { break };
+            answer = match tokio::time::timeout(
+                config.timeout,
+                exchange(live, &config.target, &request),
+            )
+            .await
+            {
+                Ok(answer) => answer,
+                Err(_) => Err(ExchangeError::TimedOut),
+            };
+            match answer {
+                Err(ExchangeError::NotSent) => sender = None,
+                _ => break,
+            }
         }
-        let Some(live) = sender.as_mut() else {
-            continue;
-        };
-        let answer =
-            tokio::time::timeout(config.timeout, exchange(live, &config.target, &request)).await;
-        let end = shared.start.elapsed();
-        let latency_us = end.saturating_sub(measured_from).as_micros() as u64;
+        let latency_us = shared
+            .start
+            .elapsed()
+            .saturating_sub(measured_from)
+            .as_micros() as u64;
         let (outcome, body) = match answer {
-            Ok(Ok((status, body))) => (Outcome::Status(status.as_u16()), body),
-            Ok(Err(_)) => (Outcome::Transport, Bytes::new()),
-            Err(_) => (Outcome::Timeout, Bytes::new()),
+            Ok((status, body)) => (Outcome::Status(status.as_u16()), body),
+            Err(ExchangeError::NotSent) => {
+                // Nothing went out: book it as refused, count it as a transport failure.
+                account(
+                    &request,
+                    Outcome::Status(503),
+                    b"",
+                    &mut result.ledger,
+                    &mut result.records,
+                );
+                shared.finish(&mut result, Outcome::Transport, 0, 0);
+                // A server that refuses connections is not to be spun on.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Err(ExchangeError::Failed) => {
+                sender = None;
+                (Outcome::Transport, Bytes::new())
+            }
+            Err(ExchangeError::TimedOut) => {
+                // The connection's state is unknown after an abandoned request.
+                sender = None;
+                (Outcome::Timeout, Bytes::new())
+            }
         };
-        if !matches!(outcome, Outcome::Status(_)) {
-            sender = None;
-        }
         let accepted = account(
             &request,
             outcome,
@@ -406,20 +470,8 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
             &mut result.ledger,
             &mut result.records,
         );
-        result.stats.record(
-            &shared.timeline,
-            end.as_secs(),
-            outcome,
-            latency_us,
-            accepted,
-        );
-        if !outcome.is_success() {
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        shared.done.fetch_add(1, Ordering::Relaxed);
-        result.last_end = end;
+        shared.finish(&mut result, outcome, latency_us, accepted);
     }
-    result.stats.flush(&shared.timeline);
     result
 }
 
@@ -446,7 +498,7 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
         workload,
         tickets: Tickets::default(),
         start: Instant::now(),
-        timeline: Timeline::default(),
+        recorder: Recorder::new(bucket_seconds(config.bounds.duration.as_secs())),
         done: AtomicU64::new(0),
         failed: AtomicU64::new(0),
     });
@@ -463,7 +515,6 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
         let part = task
             .await
             .map_err(|e| format!("a connection task failed: {e}"))?;
-        result.stats.total.merge(&part.stats.total);
         for (key, entry) in part.ledger {
             let total = result.ledger.entry(key).or_default();
             total.acked += entry.acked;
@@ -481,7 +532,7 @@ pub async fn run(config: RunConfig, workload: Arc<Workload>) -> Result<RunResult
     if let Some(bar) = progress {
         bar.await.map_err(|e| e.to_string())?;
     }
-    result.stats.seconds = shared.timeline.snapshot();
+    result.stats = shared.recorder.snapshot();
     if let Some(sampler) = rss {
         result.rss_bytes = sampler.await.map_err(|e| e.to_string())?;
     }

@@ -106,6 +106,19 @@ impl Tickets {
     }
 }
 
+impl Tickets {
+    /// After a [`Ticket::Missed`]: claims every ticket left in the schedule, so that no other
+    /// connection sends them, and returns how many were missed, the missed one included.
+    pub fn miss_rest(&self, pacing: Pacing, bounds: &Bounds) -> u64 {
+        let Pacing::Open { rate } = pacing else {
+            return 1;
+        };
+        let planned = planned_requests(rate, bounds);
+        let before = self.next.fetch_max(planned, Ordering::Relaxed);
+        1 + planned.saturating_sub(before)
+    }
+}
+
 /// Requests an open-loop run should send within `bounds` at `rate`.
 pub fn planned_requests(rate: f64, bounds: &Bounds) -> u64 {
     let by_time = (bounds.duration.as_secs_f64() * rate).ceil() as u64;
@@ -208,6 +221,28 @@ mod tests {
             tickets.take(pacing, &bounds, secs(11.5)),
             Ticket::Missed { index: 1 }
         );
+    }
+
+    #[test]
+    fn the_rest_of_a_missed_schedule_is_counted_once() {
+        let bounds = Bounds::new(Some(secs(10.0)), None).unwrap();
+        let pacing = Pacing::Open { rate: 100.0 };
+        let tickets = Tickets::default();
+        for _ in 0..10 {
+            tickets.take(pacing, &bounds, Duration::ZERO);
+        }
+        // Two connections find themselves past the grace period at once.
+        let late = secs(12.0);
+        for _ in 0..2 {
+            assert!(matches!(
+                tickets.take(pacing, &bounds, late),
+                Ticket::Missed { .. }
+            ));
+        }
+        let missed = tickets.miss_rest(pacing, &bounds) + tickets.miss_rest(pacing, &bounds);
+        // 1,000 planned, 10 sent: 990 missed, whoever counts them.
+        assert_eq!(missed, 990);
+        assert_eq!(tickets.take(pacing, &bounds, late), Ticket::Stop);
     }
 
     #[test]

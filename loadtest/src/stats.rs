@@ -1,7 +1,8 @@
-//! Latency and outcome statistics: HDR histograms in microseconds. Each connection keeps its
-//! own whole-run tally (3 significant digits) and the tally of the second in progress (2
-//! digits, a tenth of the memory), which it adds to the shared timeline when the second ends
-//! and then reuses: memory stays flat however long the run, and no lock is taken per request.
+//! Latency and outcome statistics: HDR histograms in microseconds. One recorder per run holds
+//! the whole-run tally (3 significant digits) and the timeline (2 digits per bucket, a tenth
+//! of the memory); a bucket is one second, or longer for runs over an hour, so the timeline
+//! has at most about 3,600 buckets. Connections record under one uncontended lock (the
+//! default client is one thread), so memory does not grow with the connection count.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -89,7 +90,8 @@ impl Tally {
     /// they were accepted.
     pub fn record(&mut self, outcome: Outcome, latency_us: u64, records: u64) {
         *self.outcomes.entry(outcome).or_default() += 1;
-        if matches!(outcome, Outcome::Status(_)) {
+        // A timeout's latency is at least the timeout: leaving it out would flatter p99.
+        if matches!(outcome, Outcome::Status(_) | Outcome::Timeout) {
             self.latency
                 .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
         }
@@ -157,95 +159,72 @@ pub struct Percentiles {
     pub max_us: u64,
 }
 
-/// The run second by second, filled by every connection.
-#[derive(Debug, Default)]
-pub struct Timeline {
-    seconds: Mutex<BTreeMap<u64, Tally>>,
+/// Longest timeline the recorder keeps at one-second resolution.
+pub const TIMELINE_BUCKETS: u64 = 3_600;
+
+/// Timeline bucket width for a run of `duration_secs`: 1 s up to an hour, then wider so that
+/// the timeline stays near [`TIMELINE_BUCKETS`] buckets.
+pub fn bucket_seconds(duration_secs: u64) -> u64 {
+    duration_secs.div_ceil(TIMELINE_BUCKETS).max(1)
 }
 
-impl Timeline {
-    /// Adds `tally` to second `second`.
-    pub fn add(&self, second: u64, tally: &Tally) {
-        let mut seconds = self.seconds.lock().unwrap_or_else(|p| p.into_inner());
-        seconds
-            .entry(second)
-            .or_insert_with(Tally::coarse)
-            .merge(tally);
-    }
-
-    /// The seconds recorded so far.
-    pub fn snapshot(&self) -> BTreeMap<u64, Tally> {
-        self.seconds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-/// What one connection measures: its whole-run tally, and the second in progress.
-#[derive(Debug)]
-pub struct ConnectionStats {
-    /// Everything this connection counted.
-    pub total: Tally,
-    second: u64,
-    current: Tally,
-}
-
-impl Default for ConnectionStats {
-    fn default() -> Self {
-        Self {
-            total: Tally::default(),
-            second: 0,
-            current: Tally::coarse(),
-        }
-    }
-}
-
-impl ConnectionStats {
-    /// Counts a request that ended `second` seconds after the start; a new second first hands
-    /// the finished one to `timeline`.
-    pub fn record(
-        &mut self,
-        timeline: &Timeline,
-        second: u64,
-        outcome: Outcome,
-        latency_us: u64,
-        records: u64,
-    ) {
-        if second != self.second {
-            self.flush(timeline);
-            self.second = second;
-        }
-        self.total.record(outcome, latency_us, records);
-        self.current.record(outcome, latency_us, records);
-    }
-
-    /// Hands the second in progress to `timeline`.
-    pub fn flush(&mut self, timeline: &Timeline) {
-        if self.current.requests() > 0 {
-            timeline.add(self.second, &self.current);
-            self.current.reset();
-        }
-    }
-}
-
-/// A whole run: every connection's tally merged, and the timeline.
-#[derive(Debug, Default)]
+/// A whole run: the total and the timeline.
+#[derive(Debug, Default, Clone)]
 pub struct RunStats {
     /// Everything.
     pub total: Tally,
-    /// By second since the start (the second in which each request ended).
+    /// By bucket start (seconds since the start): what ended in that bucket.
     pub seconds: BTreeMap<u64, Tally>,
+    /// Width of a timeline bucket, seconds (at least 1).
+    pub bucket_secs: u64,
 }
 
 impl RunStats {
-    /// Counts one request directly (for runs assembled without connections, as in tests).
+    /// Empty stats with timeline buckets of `bucket_secs`.
+    pub fn new(bucket_secs: u64) -> Self {
+        Self {
+            bucket_secs: bucket_secs.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// Counts a request that ended `second` seconds after the start.
     pub fn record(&mut self, second: u64, outcome: Outcome, latency_us: u64, records: u64) {
         self.total.record(outcome, latency_us, records);
+        let width = self.bucket_secs.max(1);
+        let bucket = second / width * width;
         self.seconds
-            .entry(second)
+            .entry(bucket)
             .or_insert_with(Tally::coarse)
             .record(outcome, latency_us, records);
+    }
+}
+
+/// The run's stats behind a lock, shared by its connections.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    stats: Mutex<RunStats>,
+}
+
+impl Recorder {
+    /// A recorder with timeline buckets of `bucket_secs`.
+    pub fn new(bucket_secs: u64) -> Self {
+        Self {
+            stats: Mutex::new(RunStats::new(bucket_secs)),
+        }
+    }
+
+    /// Counts one request (see [`RunStats::record`]).
+    pub fn record(&self, second: u64, outcome: Outcome, latency_us: u64, records: u64) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(second, outcome, latency_us, records);
+    }
+
+    /// What was recorded.
+    pub fn snapshot(&self) -> RunStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -266,44 +245,62 @@ mod tests {
 
     #[test]
     fn merged_histograms_equal_one_histogram_of_all_values() {
-        let timeline = Timeline::default();
-        let mut a = ConnectionStats::default();
-        let mut b = ConnectionStats::default();
+        let recorder = Recorder::new(1);
+        let mut a = Tally::default();
+        let mut b = Tally::default();
         let mut all = new_histogram();
         for i in 1..=10_000u64 {
             let latency = i * 37 % 5_000 + 1;
-            let target = if i % 3 == 0 { &mut a } else { &mut b };
-            target.record(&timeline, i / 2_000, Outcome::Status(200), latency, 1);
+            recorder.record(i / 2_000, Outcome::Status(200), latency, 1);
+            let part = if i % 3 == 0 { &mut a } else { &mut b };
+            part.record(Outcome::Status(200), latency, 1);
             all.record(latency).unwrap();
         }
-        a.flush(&timeline);
-        b.flush(&timeline);
         let mut merged = Tally::default();
-        merged.merge(&a.total);
-        merged.merge(&b.total);
+        merged.merge(&a);
+        merged.merge(&b);
         assert_eq!(merged.latency, all);
         assert_eq!(merged.requests(), 10_000);
         assert_eq!(merged.records_ok, 10_000);
+        let stats = recorder.snapshot();
+        assert_eq!(stats.total.latency, all);
         for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
             assert_eq!(
                 merged.latency.value_at_quantile(q),
                 all.value_at_quantile(q)
             );
         }
-        // Seconds merge separately: 0..=5, and each holds what ended in it.
-        let seconds = timeline.snapshot();
-        assert_eq!(seconds.len(), 6);
-        let per_second: u64 = seconds.values().map(Tally::requests).sum();
+        // Seconds 0..=5, each holding what ended in it.
+        assert_eq!(stats.seconds.len(), 6);
+        let per_second: u64 = stats.seconds.values().map(Tally::requests).sum();
         assert_eq!(per_second, 10_000);
-        assert_eq!(seconds[&1].requests(), 2_000);
+        assert_eq!(stats.seconds[&1].requests(), 2_000);
         // The coarse per-second histograms agree with the exact one to 2 digits.
         let exact_p99 = all.value_at_quantile(0.99) as f64;
         let mut coarse = Tally::coarse();
-        for tally in seconds.values() {
+        for tally in stats.seconds.values() {
             coarse.merge(tally);
         }
         let coarse_p99 = coarse.latency.value_at_quantile(0.99) as f64;
         assert!((coarse_p99 - exact_p99).abs() / exact_p99 < 0.01);
+    }
+
+    #[test]
+    fn long_runs_get_wider_timeline_buckets() {
+        assert_eq!(bucket_seconds(0), 1);
+        assert_eq!(bucket_seconds(60), 1);
+        assert_eq!(bucket_seconds(3_600), 1);
+        assert_eq!(bucket_seconds(3_601), 2);
+        assert_eq!(bucket_seconds(24 * 3_600), 24);
+        let mut stats = RunStats::new(10);
+        for second in 0..95 {
+            stats.record(second, Outcome::Status(200), 100, 1);
+        }
+        assert_eq!(
+            stats.seconds.keys().copied().collect::<Vec<_>>(),
+            (0..10).map(|b| b * 10).collect::<Vec<_>>()
+        );
+        assert_eq!(stats.seconds[&90].requests(), 5);
     }
 
     #[test]
@@ -322,14 +319,15 @@ mod tests {
         tally.record(Outcome::Status(200), 100, 10);
         tally.record(Outcome::Status(503), 50, 10);
         tally.record(Outcome::Transport, 0, 10);
-        tally.record(Outcome::Timeout, 0, 10);
+        tally.record(Outcome::Timeout, 10_000, 10);
         tally.record(Outcome::Status(200), 300, 5);
         assert_eq!(tally.requests(), 5);
         assert_eq!(tally.successes(), 2);
         assert_eq!(tally.records_ok, 15);
-        assert_eq!(tally.latency.len(), 3);
+        // Answers and timeouts have a latency; a broken connection has none.
+        assert_eq!(tally.latency.len(), 4);
         assert_eq!(tally.outcomes[&Outcome::Status(503)], 1);
-        assert_eq!(tally.percentiles().max_us, 300);
+        assert_eq!(tally.percentiles().max_us, 10_007);
         assert_eq!(Outcome::Timeout.label(), "timeout");
         assert_eq!(Outcome::Status(413).label(), "413");
     }

@@ -184,6 +184,20 @@ pub struct Verdict {
     pub compared: usize,
     /// Seconds from the end of the load until the stores held it all (or the check gave up).
     pub settled_after_s: f64,
+    /// Why the check could not be completed, or why it fails beyond the differences.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Verdict {
+    /// A check that could not run to its end.
+    pub fn failed(error: String) -> Self {
+        Self {
+            passed: false,
+            error: Some(error),
+            ..Self::default()
+        }
+    }
 }
 
 /// Compares the growth of each store (`after` minus `before`) with `ledger`.

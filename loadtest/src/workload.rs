@@ -158,8 +158,12 @@ impl Workload {
         if self.batch_share > 100 {
             return Err("--batch-share is a percentage, 0 to 100".into());
         }
-        if self.mix.iter().all(|&w| w == 0) {
-            return Err("--mix needs at least one metric with a weight above zero".into());
+        let total: u64 = self.mix.iter().map(|&w| u64::from(w)).sum();
+        if total == 0 || total > u64::from(u32::MAX) {
+            return Err(
+                "--mix needs weights above zero on some metric, summing to at most 4294967295"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -468,6 +472,8 @@ mod tests {
         assert!(parse_key_lines("rsk_plain_key").is_err());
         let mut bad = workload(Mode::Track);
         bad.mix = [0, 0, 0];
+        assert!(bad.validate().is_err());
+        bad.mix = [u32::MAX, 1, 0];
         assert!(bad.validate().is_err());
         bad.mix = [1, 0, 0];
         bad.batch_size = 0;

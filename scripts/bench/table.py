@@ -54,7 +54,7 @@ def main():
         row(f"p99 at half load, ms (open loop, {compare['half_load_rate']:,.0f} req/s, from intended send time)",
             half, lambda v: f"{v:.2f}", cmp_cmd)
     if batches:
-        passed = all(b.get("verify", {}).get("passed") for b in batches)
+        passed = all((b.get("verify") or {}).get("passed") for b in batches)
         e2e = [b["records"]["accepted"] / (b["elapsed_s"] + b["verify"]["settled_after_s"]) for b in batches]
         acked = [b["record_rate"] for b in batches]
         settle = [b["verify"]["settled_after_s"] for b in batches]
@@ -67,10 +67,16 @@ def main():
         refused = [o["outcomes"].get("503", 0) / max(o["requests"], 1) * 100 for o in overloads]
         ok = [o["success_rate"] for o in overloads]
         rate = overloads[0]["target_rate"]
+        sent = [o["request_rate"] for o in overloads]
+        missed = [o["missed"] / max(o["missed"] + o["requests"], 1) * 100 for o in overloads]
+        p99 = [o["latency"]["p99_us"] / 1000 for o in overloads]
         row(f"apex-server RSS max, MiB, at 2x overload ({rate:,.0f} req/s offered) for {meta['overload_secs']} s",
             rss, lambda v: f"{v:.1f}", meta["overload_command"])
+        row("requests/s the client got out during that overload", sent, n, meta["overload_command"])
+        row("% of the offered requests never sent (client behind schedule)", missed, lambda v: f"{v:.1f}", meta["overload_command"])
         row("2xx req/s during that overload", ok, n, meta["overload_command"])
-        row("% of requests answered 503 during that overload", refused, lambda v: f"{v:.1f}", meta["overload_command"])
+        row("% of sent requests answered 503 during that overload", refused, lambda v: f"{v:.1f}", meta["overload_command"])
+        row("p99 latency during that overload, ms (from the intended send time)", p99, lambda v: f"{v:,.0f}", meta["overload_command"])
     for path in sorted(glob.glob(os.path.join(criterion_dir, "**", "new", "estimates.json"), recursive=True)):
         if os.path.getmtime(path) < since:
             continue
