@@ -326,6 +326,37 @@ mod tests {
     }
 
     #[test]
+    fn every_revenue_falls_in_exactly_one_band_and_pays_its_rate() {
+        let bands = bands();
+        let terms = FeeTerms::default();
+        // Every band edge and its neighbours, then a deterministic spread up to $10M.
+        let mut revenues: Vec<u64> = vec![0, 1, 99, 100];
+        for edge in [1_000_000u64, 10_000_000, 50_000_000] {
+            revenues.extend(edge - 2..=edge + 2);
+        }
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            revenues.push(x % 1_000_000_000);
+        }
+        for revenue in revenues {
+            let containing: Vec<&FeeBand> = bands
+                .iter()
+                .filter(|b| revenue >= b.min_cents && b.max_cents.is_none_or(|m| revenue <= m))
+                .collect();
+            assert_eq!(containing.len(), 1, "{revenue}");
+            let fee = platform_fee(revenue, &bands, &terms).unwrap();
+            let bps = u128::from(containing[0].bps);
+            // Half up, written independently of mul_div_round.
+            let expected = (u128::from(revenue) * bps * 2 + 10_000) / 20_000;
+            assert_eq!(u128::from(fee.amount_cents), expected, "{revenue}");
+            assert_eq!(fee.band, containing[0].plan_id);
+        }
+    }
+
+    #[test]
     fn fees_round_half_up_once() {
         let terms = FeeTerms::default();
         // 1,000,003 cents x 2.5 % = 25,000.075 -> 25,000

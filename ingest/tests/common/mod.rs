@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod openapi;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,11 +189,13 @@ pub async fn try_exchange(addr: SocketAddr, raw: &[u8]) -> Option<Answer> {
         .ok()?;
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let (head, body) = text.split_once("\r\n\r\n")?;
-    Some(Answer {
+    let answer = Answer {
         status: head.get(9..12)?.parse().ok()?,
         head: head.to_owned(),
         body: body.to_owned(),
-    })
+    };
+    openapi::check_raw(raw, answer.status, &answer.head, &answer.body);
+    Some(answer)
 }
 
 /// Like [`try_exchange`], for a server that must answer.
