@@ -7,10 +7,12 @@ use apex_pipeline::testing::TestStores;
 const POSTGRES_TABLES: &[&str] = &[
     "api_keys",
     "cron_runs",
+    "customer_addons",
     "customers",
     "dunning_attempts",
     "email_log",
     "events",
+    "mediated_revenue",
     "pipeline_batches",
     "plan_limits",
     "plans",
