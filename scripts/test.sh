@@ -44,7 +44,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo test (real PostgreSQL and ClickHouse)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace 2>&1 | tee "$log"
+# --no-fail-fast: one run shows every failing test binary, not only the first.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 # One closing line for the whole run: cargo prints a result per test binary, and the last
 # one is often a crate's empty doc-test run.
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
