@@ -128,13 +128,13 @@ pub async fn account(pool: &PgPool, customer_id: &str) -> Result<Account, Billin
     let plans = list_plans(pool).await?;
     // A customer without a live subscription is priced as Starter, the free plan.
     let plan_id = row.plan_id.unwrap_or_else(|| "starter".to_owned());
+    // A subscription naming a plan that is not in the catalogue is a data fault, not a
+    // missing customer.
     let plan = plans
         .iter()
         .find(|p| p.id == plan_id)
         .cloned()
-        .ok_or_else(|| BillingError::NotFound {
-            what: format!("plan {plan_id}"),
-        })?;
+        .ok_or_else(|| BillingError::Invalid(format!("plan {plan_id} is not in the catalogue")))?;
     let bands = plans
         .iter()
         .map(|p| FeeBand {
@@ -239,7 +239,9 @@ pub async fn current_usage(
         let name = api_name(o.metric);
         map.insert(format!("{name}_overage"), api_quantity(o.metric, o.overage));
         map.insert(format!("{name}_overage_cost_cents"), integer(o.cost_cents));
-        total = total.saturating_add(o.cost_cents);
+        total = total
+            .checked_add(o.cost_cents)
+            .ok_or_else(|| invalid(PricingError::Overflow))?;
     }
     map.insert("total_overage_cost_cents".into(), integer(total));
     Ok(CurrentUsage {
@@ -264,7 +266,8 @@ pub struct Limits {
     pub limits: BTreeMap<&'static str, Box<RawValue>>,
     /// Used this period, same metrics.
     pub current_usage: BTreeMap<&'static str, Box<RawValue>>,
-    /// The highest share of a limit used, whole percent (rounded down; above 100 when over).
+    /// The highest share of a limit used, whole percent (rounded down; above 100 when over;
+    /// 100 for a limit of 0 once anything is used).
     pub percent_used: u64,
     /// The same per metric.
     pub percent_used_by_metric: BTreeMap<&'static str, u64>,

@@ -105,6 +105,17 @@ pub fn is_customer_id(text: &str) -> bool {
     })
 }
 
+/// Parses a JOSE header or claims set, which must be a JSON object (serde would also take
+/// an array for a struct).
+fn object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, AuthError> {
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(value @ serde_json::Value::Object(_)) => {
+            serde_json::from_value(value).map_err(|_| AuthError::Malformed)
+        }
+        _ => Err(AuthError::Malformed),
+    }
+}
+
 /// Verifies `token` against `secret` at `now` (unix seconds).
 pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, AuthError> {
     let mut parts = token.split('.');
@@ -137,8 +148,7 @@ pub fn verify(token: &str, secret: &[u8], now: i64) -> Result<Claims, AuthError>
     mac.update(&token.as_bytes()[..header_part.len() + 1 + payload_part.len()]);
     mac.verify_slice(&signature)
         .map_err(|_| AuthError::BadSignature)?;
-    let claims: RawClaims =
-        serde_json::from_slice(&decode(payload_part)?).map_err(|_| AuthError::Malformed)?;
+    let claims: RawClaims = object(&decode(payload_part)?)?;
     let expires_at = numeric_date(claims.exp.as_ref().ok_or(AuthError::MissingExpiry)?)?;
     if now >= expires_at {
         return Err(AuthError::Expired);
@@ -168,10 +178,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-/// Constant-time equality of two secrets (their lengths may leak, their contents do not).
+/// Constant-time equality of two secrets: their SHA-256 digests are compared with no early
+/// exit, so neither the contents nor the length of the expected one leak.
 pub fn secrets_equal(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::Digest;
+    let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Signs `claims` (a JSON object) as an HS256 JWT: for tests and the dashboard's own tooling.
@@ -327,6 +339,9 @@ mod tests {
         ] {
             assert!(verify(bad, SECRET, NOW).is_err(), "{bad:?}");
         }
+        // A header or claims set that is a JSON array, not an object.
+        let array = with_header(r#"["HS256"]"#, &json!({"sub": "cus_a", "exp": NOW + 60}), SECRET);
+        assert_eq!(verify(&array, SECRET, NOW), Err(AuthError::Malformed));
         let not_json = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode("not json"),

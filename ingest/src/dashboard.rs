@@ -45,12 +45,15 @@ async fn customer(state: &AppState, request: &Request<Incoming>) -> Result<Claim
     Ok(claims)
 }
 
+/// A billing failure as the dashboard answers it. A customer that vanished after its token
+/// was checked is an invalid subject; a price that cannot be computed is our fault (500,
+/// logged), never a reason for the client to retry.
 fn billing_error(e: BillingError) -> ApiError {
     match e {
-        BillingError::NotFound { what } => ApiError::UnknownResource(what),
+        BillingError::NotFound { .. } => ApiError::Unauthorized(auth::AuthError::InvalidSubject),
         BillingError::Invalid(message) => {
             tracing::error!(%message, "an account cannot be priced");
-            ApiError::Unavailable("the account cannot be priced; the operators are alerted")
+            ApiError::Internal("the account cannot be priced; the operators are alerted")
         }
         BillingError::Database(e) => {
             tracing::warn!(error = %e, "dashboard query failed");
@@ -157,8 +160,8 @@ pub async fn analytics(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let days = parse_days(query_param(&request, "days"))?;
     let claims = customer(state, &request).await?;
+    let days = parse_days(query_param(&request, "days"))?;
     let end: NaiveDate = Utc::now().date_naive();
     let start = end - Duration::days(i64::from(days) - 1);
     let rows: Vec<(String, String, u64)> = state
@@ -286,7 +289,10 @@ pub async fn set_revenue(
     }
     statement::set_revenue(&state.pool, &body.customer_id, &period, body.cents)
         .await
-        .map_err(billing_error)?;
+        .map_err(|e| match e {
+            BillingError::NotFound { what } => ApiError::UnknownResource(what),
+            other => billing_error(other),
+        })?;
     Ok(response::json(
         StatusCode::OK,
         &serde_json::json!({

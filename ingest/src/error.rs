@@ -83,6 +83,8 @@ pub enum ApiError {
     },
     /// A named thing (a customer) does not exist.
     UnknownResource(String),
+    /// A fault of ours that retrying will not fix (a misconfigured price); logged.
+    Internal(&'static str),
 }
 
 impl ApiError {

@@ -151,6 +151,9 @@ async fn analytics_come_from_the_daily_rollup_with_empty_days_as_zero() {
     assert_eq!(week["avg_daily_impressions"], 1_500_000 / 7);
     let year = dashboard(&server, "/api/usage/analytics?days=365", &token).await;
     assert_eq!(year.json()["daily_usage"].as_array().unwrap().len(), 365);
+    // The token is checked before the parameters.
+    let anonymous = common::get(server.addr, "/api/usage/analytics?days=0").await;
+    assert_eq!(anonymous.status, 401);
     for bad in ["0", "366", "abc", "-5", "1.5", ""] {
         let answer = dashboard(&server, &format!("/api/usage/analytics?days={bad}"), &token).await;
         assert_eq!(answer.status, 400, "days={bad}: {}", answer.body);
