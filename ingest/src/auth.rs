@@ -183,7 +183,10 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 pub fn secrets_equal(given: &str, expected: &str) -> bool {
     use sha2::Digest;
     let (a, b) = (Sha256::digest(given), Sha256::digest(expected));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Signs `claims` (a JSON object) as an HS256 JWT: for tests and the dashboard's own tooling.
@@ -340,7 +343,11 @@ mod tests {
             assert!(verify(bad, SECRET, NOW).is_err(), "{bad:?}");
         }
         // A header or claims set that is a JSON array, not an object.
-        let array = with_header(r#"["HS256"]"#, &json!({"sub": "cus_a", "exp": NOW + 60}), SECRET);
+        let array = with_header(
+            r#"["HS256"]"#,
+            &json!({"sub": "cus_a", "exp": NOW + 60}),
+            SECRET,
+        );
         assert_eq!(verify(&array, SECRET, NOW), Err(AuthError::Malformed));
         let not_json = format!(
             "{}.{}.",

@@ -189,6 +189,11 @@ impl ApiError {
                 "not_found",
                 format!("{what} not found"),
             ),
+            Internal(message) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                (*message).into(),
+            ),
         }
     }
 }
