@@ -10,7 +10,6 @@ use apex_billing::statement::{self, api_quantity, gb_number};
 use apex_pipeline::model::Metric;
 use chrono::{Duration, NaiveDate, Utc};
 use hyper::body::Incoming;
-use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -20,6 +19,7 @@ use crate::body::read_body;
 use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::server::AppState;
+use crate::usage::{BodyKind, body_kind};
 
 /// Most days `?days=` may ask for.
 pub const MAX_DAYS: u32 = 365;
@@ -242,16 +242,7 @@ pub async fn set_revenue(
     if !auth::secrets_equal(given, expected.expose()) {
         return Err(ApiError::AdminUnauthorized);
     }
-    let is_json = request
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !is_json {
+    if body_kind(request.headers())? != BodyKind::Json {
         return Err(ApiError::UnsupportedContentType);
     }
     let (parts, body) = request.into_parts();

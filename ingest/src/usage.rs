@@ -29,15 +29,18 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// The body formats the API reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum BodyKind {
+pub(crate) enum BodyKind {
+    /// `application/json`.
     Json,
+    /// `application/x-ndjson` (batch only).
     NdJson,
 }
 
 /// JSON is the default (the guide's SDK sends it; a missing type is read as JSON); anything
 /// else named explicitly is refused.
-fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+pub(crate) fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     let Some(value) = headers.get(CONTENT_TYPE) else {
         return Ok(BodyKind::Json);
     };

@@ -161,6 +161,30 @@ struct CompareArgs {
     json: Option<PathBuf>,
 }
 
+impl LoadArgs {
+    /// The run settings these flags give, for one run against `target`.
+    fn run_config(
+        &self,
+        target: &Target,
+        pacing: Pacing,
+        bounds: Bounds,
+        watch_pid: Option<u32>,
+        label: String,
+    ) -> RunConfig {
+        RunConfig {
+            target: target.clone(),
+            pacing,
+            connections: self.connections,
+            bounds,
+            http2: self.http2,
+            timeout: self.timeout,
+            progress: !self.no_progress,
+            watch_pid,
+            label,
+        }
+    }
+}
+
 /// Parses `250ms`, `30s`, `2m`, `1h` or a plain number of seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -303,17 +327,9 @@ async fn run_command(args: RunArgs) -> Result<(), String> {
         .label
         .clone()
         .unwrap_or_else(|| format!("apex-loadtest {}", mode_name(args.load.mode)));
-    let config = RunConfig {
-        target: target.clone(),
-        pacing,
-        connections: args.load.connections,
-        bounds,
-        http2: args.load.http2,
-        timeout: args.load.timeout,
-        progress: !args.load.no_progress,
-        watch_pid: args.watch_pid,
-        label: label.clone(),
-    };
+    let config = args
+        .load
+        .run_config(&target, pacing, bounds, args.watch_pid, label.clone());
     let result = runner::run(config, workload.clone()).await?;
     let mut report = Report::new(
         Describe {
@@ -444,17 +460,7 @@ async fn compare_command(args: CompareArgs) -> Result<(), String> {
     let mut index = 0u64;
     let mut one_run = |target: &Target, pacing: Pacing, label: String| {
         index += 1;
-        let config = RunConfig {
-            target: target.clone(),
-            pacing,
-            connections: args.load.connections,
-            bounds,
-            http2: args.load.http2,
-            timeout: args.load.timeout,
-            progress: !args.load.no_progress,
-            watch_pid: None,
-            label,
-        };
+        let config = args.load.run_config(target, pacing, bounds, None, label);
         // Every run gets fresh event ids: apex-server would answer repeats as duplicates.
         let workload = workload(&args.load, customers.clone(), seed.wrapping_add(index));
         async move { runner::run(config, Arc::new(workload?)).await }
