@@ -1,5 +1,5 @@
 //! The HTTP edge of the system, served by `apex-server`: a bare hyper 1.x server for SDK
-//! telemetry, the dashboard's usage API (and, as later work lands, Stripe webhooks), with health,
+//! telemetry, the dashboard's usage API and Stripe webhooks, with health,
 //! readiness and Prometheus endpoints.
 //!
 //! - [`config`]: the server's typed environment configuration.
@@ -16,6 +16,7 @@
 //! - [`routes`]: the router; every response is built here or in [`response`].
 //! - [`response`]: JSON bodies, including the one error shape of the API.
 //! - [`telemetry`]: the Prometheus recorder and metric names.
+//! - [`webhook`]: `POST /webhooks/stripe`, signed Stripe events handed to billing.
 
 pub mod auth;
 pub mod body;
@@ -30,6 +31,7 @@ pub mod routes;
 pub mod server;
 pub mod telemetry;
 pub mod usage;
+pub mod webhook;
 
 pub use config::ServerConfig;
 pub use server::{AppState, ServerError, run, run_with_sink};

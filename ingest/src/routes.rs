@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::server::AppState;
-use crate::{dashboard, telemetry, usage};
+use crate::{dashboard, telemetry, usage, webhook};
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
@@ -65,6 +65,13 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
             "/api/admin/revenue",
             only(&method, &Method::POST, async {
                 dashboard::set_revenue(&state, request).await
+            })
+            .await,
+        ),
+        "/webhooks/stripe" => (
+            "/webhooks/stripe",
+            only(&method, &Method::POST, async {
+                webhook::stripe(&state, request).await
             })
             .await,
         ),

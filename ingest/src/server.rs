@@ -62,6 +62,8 @@ pub struct AppState {
     pub jwt_secret: Secret,
     /// Token of the admin endpoints; `None` turns them off.
     pub admin_token: Option<Secret>,
+    /// Stripe webhook endpoint secrets (two during a rotation); none turns webhooks off.
+    pub stripe_webhook_secrets: Vec<Secret>,
 }
 
 /// Runs the server with the production pipeline on `listener` until `shutdown` resolves,
@@ -140,6 +142,7 @@ pub async fn run_with_sink(
         clickhouse: config.stores.clickhouse(),
         jwt_secret: config.jwt_secret.clone(),
         admin_token: config.admin_token.clone(),
+        stripe_webhook_secrets: config.stripe_webhook_secrets.clone(),
     });
     let local_addr = listener.local_addr().ok();
     tracing::info!(addr = ?local_addr, "apex-server listening");

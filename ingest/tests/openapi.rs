@@ -40,9 +40,12 @@ fn every_route_of_the_server_is_documented_and_every_documented_path_is_a_route(
 
 #[tokio::test]
 async fn documented_paths_answer_with_documented_responses() {
-    // With an admin token, so the admin endpoint exists too.
+    // With an admin token and a webhook secret, so those endpoints exist too.
     let server = common::start_with(
-        &[("APEX_ADMIN_TOKEN", "admin-token-for-tests-0123456789")],
+        &[
+            ("APEX_ADMIN_TOKEN", "admin-token-for-tests-0123456789"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_test_secret_0123456789"),
+        ],
         None,
     )
     .await;

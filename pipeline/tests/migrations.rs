@@ -16,6 +16,7 @@ const POSTGRES_TABLES: &[&str] = &[
     "pipeline_batches",
     "plan_limits",
     "plans",
+    "stripe_events",
     "stripe_usage_sync",
     "subscriptions",
     "usage_alerts",

@@ -1,0 +1,232 @@
+//! `POST /webhooks/stripe` over real HTTP against the test's own Postgres: signed events are
+//! stored once and move the subscription status; a second delivery is a no-op; forged,
+//! stale, unsigned and malformed deliveries get 400 and store nothing; both secrets of a
+//! rotation work; without a secret the endpoint does not exist.
+
+mod common;
+
+use apex_billing::webhooks::sign;
+use common::{Answer, TestServer};
+use serde_json::json;
+
+const SECRET: &str = "whsec_test_secret_0123456789";
+const ROTATED: &str = "whsec_rotated_secret_abcdef";
+
+async fn server() -> TestServer {
+    common::start_with(
+        &[("STRIPE_WEBHOOK_SECRET", &format!("{SECRET},{ROTATED}"))],
+        None,
+    )
+    .await
+}
+
+async fn deliver(server: &TestServer, body: &str, signature: Option<String>) -> Answer {
+    let header = signature.map(|s| format!("Stripe-Signature: {s}"));
+    let mut headers = vec!["Content-Type: application/json"];
+    if let Some(h) = &header {
+        headers.push(h);
+    }
+    common::post(server.addr, "/webhooks/stripe", &headers, body.as_bytes()).await
+}
+
+fn signed(secret: &str, body: &str, at: i64) -> Option<String> {
+    Some(format!("t={at},v1={}", sign(secret, at, body.as_bytes())))
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A customer whose subscription Stripe knows as `sub_<customer>`.
+async fn subscribed(server: &TestServer) -> String {
+    let (customer, _) = common::customer(server).await;
+    let stripe_id = format!("sub_{}", &customer[4..]);
+    sqlx::query("UPDATE subscriptions SET stripe_subscription_id = $2, status = 'active' WHERE customer_id = $1")
+        .bind(&customer)
+        .bind(&stripe_id)
+        .execute(&server.stores.pool)
+        .await
+        .unwrap();
+    stripe_id
+}
+
+async fn status(server: &TestServer, stripe_id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM subscriptions WHERE stripe_subscription_id = $1")
+        .bind(stripe_id)
+        .fetch_one(&server.stores.pool)
+        .await
+        .unwrap()
+}
+
+async fn stored_events(server: &TestServer) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM stripe_events")
+        .fetch_one(&server.stores.pool)
+        .await
+        .unwrap()
+}
+
+fn event(id: &str, kind: &str, object: &serde_json::Value) -> String {
+    json!({"id": id, "type": kind, "created": now(), "data": {"object": object}}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_move_the_subscription_status_once() {
+    let server = server().await;
+    let sub = subscribed(&server).await;
+
+    let failed = event(
+        "evt_failed_1",
+        "invoice.payment_failed",
+        &json!({"id": "in_1", "subscription": sub}),
+    );
+    let answer = deliver(&server, &failed, signed(SECRET, &failed, now())).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.json(),
+        json!({"received": true, "event_id": "evt_failed_1", "duplicate": false})
+    );
+    assert_eq!(status(&server, &sub).await, "past_due");
+
+    // Redelivery is a no-op: set the status by hand, deliver again, nothing moves.
+    sqlx::query("UPDATE subscriptions SET status = 'active' WHERE stripe_subscription_id = $1")
+        .bind(&sub)
+        .execute(&server.stores.pool)
+        .await
+        .unwrap();
+    let again = deliver(&server, &failed, signed(SECRET, &failed, now())).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["duplicate"], true);
+    assert_eq!(status(&server, &sub).await, "active");
+    assert_eq!(stored_events(&server).await, 1);
+
+    // The rotated secret works too; a failure then a payment leaves it active.
+    let failed2 = event(
+        "evt_failed_2",
+        "invoice.payment_failed",
+        &json!({"subscription": sub}),
+    );
+    deliver(&server, &failed2, signed(ROTATED, &failed2, now())).await;
+    assert_eq!(status(&server, &sub).await, "past_due");
+    let paid = event(
+        "evt_paid_1",
+        "invoice.payment_succeeded",
+        &json!({"subscription": sub}),
+    );
+    assert_eq!(
+        deliver(&server, &paid, signed(ROTATED, &paid, now()))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(status(&server, &sub).await, "active");
+
+    let updated = event(
+        "evt_upd_1",
+        "customer.subscription.updated",
+        &json!({"id": sub, "status": "unpaid"}),
+    );
+    deliver(&server, &updated, signed(SECRET, &updated, now())).await;
+    assert_eq!(status(&server, &sub).await, "past_due");
+    let deleted = event(
+        "evt_del_1",
+        "customer.subscription.deleted",
+        &json!({"id": sub, "status": "canceled"}),
+    );
+    deliver(&server, &deleted, signed(SECRET, &deleted, now())).await;
+    assert_eq!(status(&server, &sub).await, "canceled");
+    // A canceled subscription stays canceled whatever comes later.
+    let late = event("evt_paid_2", "invoice.paid", &json!({"subscription": sub}));
+    deliver(&server, &late, signed(SECRET, &late, now())).await;
+    assert_eq!(status(&server, &sub).await, "canceled");
+
+    // Events billing does not act on yet are stored all the same.
+    let gone = event(
+        "evt_cus_del",
+        "customer.deleted",
+        &json!({"id": "cus_stripe_1"}),
+    );
+    assert_eq!(
+        deliver(&server, &gone, signed(SECRET, &gone, now()))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(stored_events(&server).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_unsigned_and_malformed_deliveries_are_refused() {
+    let server = server().await;
+    let sub = subscribed(&server).await;
+    let body = event(
+        "evt_x_1",
+        "invoice.payment_failed",
+        &json!({"subscription": sub}),
+    );
+    let other = event(
+        "evt_x_2",
+        "invoice.payment_failed",
+        &json!({"subscription": sub}),
+    );
+    let cases = [
+        (
+            "unsigned",
+            deliver(&server, &body, None).await,
+            "missing_signature",
+        ),
+        (
+            "wrong secret",
+            deliver(
+                &server,
+                &body,
+                signed("whsec_attacker_secret_000", &body, now()),
+            )
+            .await,
+            "invalid_signature",
+        ),
+        (
+            "signature of another body",
+            deliver(&server, &body, signed(SECRET, &other, now())).await,
+            "invalid_signature",
+        ),
+        (
+            "stale",
+            deliver(&server, &body, signed(SECRET, &body, now() - 301)).await,
+            "stale_signature",
+        ),
+        (
+            "from the future",
+            deliver(&server, &body, signed(SECRET, &body, now() + 400)).await,
+            "stale_signature",
+        ),
+        (
+            "malformed header",
+            deliver(&server, &body, Some("v1=abc".into())).await,
+            "invalid_signature",
+        ),
+        (
+            "not an event",
+            deliver(
+                &server,
+                r#"{"hello":"world"}"#,
+                signed(SECRET, r#"{"hello":"world"}"#, now()),
+            )
+            .await,
+            "invalid_event",
+        ),
+    ];
+    for (name, answer, code) in cases {
+        assert_eq!(answer.status, 400, "{name}: {}", answer.body);
+        assert_eq!(answer.error_code(), code, "{name}");
+    }
+    assert_eq!(stored_events(&server).await, 0);
+    assert_eq!(status(&server, &sub).await, "active");
+}
+
+#[tokio::test]
+async fn without_a_secret_the_endpoint_does_not_exist() {
+    let server = common::start().await;
+    let body = event("evt_y", "invoice.paid", &json!({}));
+    let answer = deliver(&server, &body, signed(SECRET, &body, now())).await;
+    assert_eq!(answer.status, 404, "{}", answer.body);
+}
