@@ -223,15 +223,25 @@ fn integer(value: u64) -> Box<RawValue> {
     RawValue::from_string(value.to_string()).expect("an integer is a JSON number")
 }
 
+/// A customer's account, its billing period at `now`, and its usage in that period.
+async fn current_period(
+    pool: &PgPool,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(Account, Period, BTreeMap<Metric, u64>), BillingError> {
+    let account = account(pool, customer_id).await?;
+    let period = billing_period(now, account.subscription_period);
+    let usage = usage_in(pool, customer_id, &period).await?;
+    Ok((account, period, usage))
+}
+
 /// The current billing period's usage and overages of `customer_id` at `now`.
 pub async fn current_usage(
     pool: &PgPool,
     customer_id: &str,
     now: DateTime<Utc>,
 ) -> Result<CurrentUsage, BillingError> {
-    let account = account(pool, customer_id).await?;
-    let period = billing_period(now, account.subscription_period);
-    let usage = usage_in(pool, customer_id, &period).await?;
+    let (account, period, usage) = current_period(pool, customer_id, now).await?;
     let overages = priced(&account, &usage)?;
     let mut map = BTreeMap::new();
     let mut total = 0u64;
@@ -289,9 +299,7 @@ pub async fn limits(
     customer_id: &str,
     now: DateTime<Utc>,
 ) -> Result<Limits, BillingError> {
-    let account = account(pool, customer_id).await?;
-    let period = billing_period(now, account.subscription_period);
-    let usage = usage_in(pool, customer_id, &period).await?;
+    let (account, period, usage) = current_period(pool, customer_id, now).await?;
     let mut out = Limits {
         plan_type: account.plan.id.clone(),
         limits: BTreeMap::new(),
