@@ -42,6 +42,9 @@ if [ "$demo_key_ok" != true ]; then
 fi
 
 listen="${APEX_LISTEN:-127.0.0.1:8080}"
+# A dashboard token for the demo customer (a day long), for the usage API.
+demo_token=$("$bin/apexctl" token --customer "$APEX_DEMO_CUSTOMER_ID" --ttl-secs 86400)
+
 cat >&2 <<MSG
 
 == apex is starting on http://$listen
@@ -52,6 +55,7 @@ try, from another terminal:
   curl -s http://$listen/healthz
   curl -s -X POST http://$listen/api/usage/track -H 'Content-Type: application/json' -d '{"api_key":"$APEX_DEMO_API_KEY","metric_type":"impressions","quantity":1000,"metadata":{"platform":"iOS"}}'
   curl -s http://$listen/metrics | grep apex_ingest_records_total
+  curl -s http://$listen/api/usage/current -H 'Authorization: Bearer $demo_token'
 
 stop with Ctrl-C; stop the databases with: scripts/stack.sh down
 MSG

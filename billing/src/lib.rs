@@ -9,6 +9,7 @@
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
 //! - [`stripe_sync`]: which usage days the Stripe sync reports, their identifiers, the rate limit.
+//! - [`tokens`]: dashboard JWTs (HS256) for `apexctl token`.
 //! - [`webhooks`]: Stripe webhook signatures and the events billing acts on.
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
@@ -21,6 +22,7 @@ pub mod plans;
 pub mod pricing;
 pub mod statement;
 pub mod stripe_sync;
+pub mod tokens;
 pub mod webhooks;
 
 pub use error::BillingError;

@@ -435,3 +435,81 @@ async fn apexctl_sets_mediated_revenue_per_month() {
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not found"));
     assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
 }
+
+#[tokio::test]
+async fn apexctl_mints_dashboard_tokens_for_existing_customers() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use hmac::{Hmac, Mac};
+    const SECRET: &str = "a-dashboard-secret-of-32-bytes-or-more";
+    let stores = TestStores::migrated().await;
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(&apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Tok",
+            "--email",
+            "tok@example.com",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let customer = created["customer_id"].as_str().unwrap();
+    let token_for = |args: &[&str], secret: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
+        command
+            .args(args)
+            .env("DATABASE_URL", &stores.config.database_url)
+            .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
+            .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
+            .env_remove("APEX_JWT_SECRET");
+        if let Some(secret) = secret {
+            command.env("APEX_JWT_SECRET", secret);
+        }
+        command.output().unwrap()
+    };
+    let out = token_for(
+        &["token", "--customer", customer, "--ttl-secs", "120"],
+        Some(SECRET),
+    );
+    let token = stdout_of(&out).trim().to_owned();
+    let parts: Vec<&str> = token.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(format!("{}.{}", parts[0], parts[1]).as_bytes());
+    mac.verify_slice(&URL_SAFE_NO_PAD.decode(parts[2]).unwrap())
+        .unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(claims["sub"], customer);
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        120
+    );
+    // No secret, a short one, an unknown customer, a silly lifetime: refused.
+    assert!(
+        !token_for(&["token", "--customer", customer], None)
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(&["token", "--customer", customer], Some("short"))
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(&["token", "--customer", "cus_nobody"], Some(SECRET))
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(
+            &["token", "--customer", customer, "--ttl-secs", "0"],
+            Some(SECRET)
+        )
+        .status
+        .success()
+    );
+}

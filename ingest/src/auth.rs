@@ -189,19 +189,10 @@ pub fn secrets_equal(given: &str, expected: &str) -> bool {
         == 0
 }
 
-/// Signs `claims` (a JSON object) as an HS256 JWT: for tests and the dashboard's own tooling.
-pub fn sign(claims: &serde_json::Value, secret: &[u8]) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
-    mac.update(format!("{header}.{payload}").as_bytes());
-    let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-    format!("{header}.{payload}.{signature}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use apex_billing::tokens::sign;
     use serde_json::json;
 
     const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";

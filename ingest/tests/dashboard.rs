@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use apex_ingest::auth::sign;
+use apex_billing::tokens::sign;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{Datelike, Utc};

@@ -1,4 +1,4 @@
-//! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue). Later work adds the cron
+//! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens). Later work adds the cron
 //! process and the manual operations of the operations guide here.
 
 use std::process::ExitCode;
@@ -39,6 +39,15 @@ enum Command {
     /// Show the plan catalogue.
     #[command(subcommand)]
     Plans(PlansCommand),
+    /// Print a dashboard token (HS256 JWT, signed with APEX_JWT_SECRET) for a customer.
+    Token {
+        /// Customer id (`cus_...`).
+        #[arg(long)]
+        customer: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: i64,
+    },
     /// Record mediated revenue (the platform fee is charged on it).
     #[command(subcommand)]
     Revenue(RevenueCommand),
@@ -281,6 +290,30 @@ async fn run(command: Command, stores: StoreConfig) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        Command::Token { customer, ttl_secs } => {
+            let secret = std::env::var("APEX_JWT_SECRET")
+                .ok()
+                .filter(|s| s.len() >= 32)
+                .context("APEX_JWT_SECRET (at least 32 bytes) is needed to sign a token")?;
+            anyhow::ensure!(
+                (1..=31 * 86_400).contains(&ttl_secs),
+                "--ttl-secs must be 1 to 2678400 (31 days)"
+            );
+            let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
+                .bind(&customer)
+                .fetch_optional(&pool)
+                .await?;
+            anyhow::ensure!(exists.is_some(), "customer {customer} not found");
+            println!(
+                "{}",
+                apex_billing::tokens::dashboard_token(
+                    &customer,
+                    secret.as_bytes(),
+                    chrono::Utc::now().timestamp(),
+                    ttl_secs
+                )
+            );
         }
         Command::Revenue(RevenueCommand::Set {
             customer,
