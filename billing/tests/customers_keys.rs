@@ -208,13 +208,22 @@ async fn plans_are_seeded_from_the_guide() {
 }
 
 fn apexctl(stores: &TestStores, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_apexctl"))
+    apexctl_with_jwt_secret(stores, args, None)
+}
+
+/// `apexctl` with `APEX_JWT_SECRET` set to `secret`, or removed.
+fn apexctl_with_jwt_secret(stores: &TestStores, args: &[&str], secret: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
+    command
         .args(args)
         .env("DATABASE_URL", &stores.config.database_url)
         .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
         .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
-        .output()
-        .expect("apexctl runs")
+        .env_remove("APEX_JWT_SECRET");
+    if let Some(secret) = secret {
+        command.env("APEX_JWT_SECRET", secret);
+    }
+    command.output().expect("apexctl runs")
 }
 
 fn stdout_of(output: &Output) -> String {
@@ -457,19 +466,8 @@ async fn apexctl_mints_dashboard_tokens_for_existing_customers() {
     )))
     .unwrap();
     let customer = created["customer_id"].as_str().unwrap();
-    let token_for = |args: &[&str], secret: Option<&str>| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
-        command
-            .args(args)
-            .env("DATABASE_URL", &stores.config.database_url)
-            .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
-            .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
-            .env_remove("APEX_JWT_SECRET");
-        if let Some(secret) = secret {
-            command.env("APEX_JWT_SECRET", secret);
-        }
-        command.output().unwrap()
-    };
+    let token_for =
+        |args: &[&str], secret: Option<&str>| apexctl_with_jwt_secret(&stores, args, secret);
     let out = token_for(
         &["token", "--customer", customer, "--ttl-secs", "120"],
         Some(SECRET),

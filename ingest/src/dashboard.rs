@@ -24,16 +24,25 @@ use crate::usage::{BodyKind, body_kind};
 /// Most days `?days=` may ask for.
 pub const MAX_DAYS: u32 = 365;
 
-/// The customer a dashboard request is for: its token's `sub`, which must exist.
-async fn customer(state: &AppState, request: &Request<Incoming>) -> Result<Claims, ApiError> {
+/// The verified claims of a dashboard request's token. Whether its customer exists is
+/// checked by the query that loads the account (its `NotFound` is an invalid subject).
+fn claims(state: &AppState, request: &Request<Incoming>) -> Result<Claims, ApiError> {
     let token =
         auth::bearer(request.headers()).ok_or(ApiError::Unauthorized(auth::AuthError::Missing))?;
-    let claims = auth::verify(
+    auth::verify(
         token,
         state.jwt_secret.expose().as_bytes(),
         Utc::now().timestamp(),
     )
-    .map_err(ApiError::Unauthorized)?;
+    .map_err(ApiError::Unauthorized)
+}
+
+/// Like [`claims`], for an endpoint that loads no account: the customer must exist.
+async fn existing_customer(
+    state: &AppState,
+    request: &Request<Incoming>,
+) -> Result<Claims, ApiError> {
+    let claims = claims(state, request)?;
     let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
         .bind(&claims.customer_id)
         .fetch_optional(&state.pool)
@@ -76,7 +85,7 @@ pub async fn current(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = customer(state, &request).await?;
+    let claims = claims(state, &request)?;
     let usage = statement::current_usage(&state.pool, &claims.customer_id, Utc::now())
         .await
         .map_err(billing_error)?;
@@ -88,7 +97,7 @@ pub async fn limits(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = customer(state, &request).await?;
+    let claims = claims(state, &request)?;
     let limits = statement::limits(&state.pool, &claims.customer_id, Utc::now())
         .await
         .map_err(billing_error)?;
@@ -100,7 +109,7 @@ pub async fn preview(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = customer(state, &request).await?;
+    let claims = claims(state, &request)?;
     let month = query_param(&request, "month").ok_or_else(|| ApiError::InvalidParameter {
         code: "invalid_month",
         message: "give ?month=YYYY-MM".into(),
@@ -160,7 +169,7 @@ pub async fn analytics(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let claims = customer(state, &request).await?;
+    let claims = existing_customer(state, &request).await?;
     let days = parse_days(query_param(&request, "days"))?;
     let end: NaiveDate = Utc::now().date_naive();
     let start = end - Duration::days(i64::from(days) - 1);

@@ -440,14 +440,9 @@ async fn connection_loop(shared: Arc<Shared>) -> ConnectionResult {
         let (outcome, body) = match answer {
             Ok((status, body)) => (Outcome::Status(status.as_u16()), body),
             Err(ExchangeError::NotSent) => {
-                // Nothing went out: book it as refused, count it as a transport failure.
-                account(
-                    &request,
-                    Outcome::Status(503),
-                    b"",
-                    &mut result.ledger,
-                    &mut result.records,
-                );
+                // Nothing went out, so nothing can be stored: its records are refused, and the
+                // request counts as a transport failure.
+                result.records.refused += request.records.len() as u64;
                 shared.finish(&mut result, Outcome::Transport, 0, 0);
                 // A server that refuses connections is not to be spun on.
                 tokio::time::sleep(Duration::from_millis(50)).await;
