@@ -14,6 +14,9 @@
 # user cannot reach the repository (a clone under /root, say), the cluster lives under
 # /var/lib/apex-stack/<hash of the repo path>/ and .stack/pg points there.
 # APEX_STACK_FAST=1 turns off fsync in PostgreSQL (throwaway test data only).
+# `up` also installs the Stripe stand-in's Python (localstripe, pinned) in a virtualenv under
+# APEX_TOOLS_DIR (/var/cache/apex/tools), outside the clone so CI reuses it; tests start
+# scripts/stripe-standin.py with it, one process per test.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,6 +26,8 @@ ch_http="${APEX_STACK_CH_HTTP_PORT:-18123}"
 ch_tcp="${APEX_STACK_CH_TCP_PORT:-19000}"
 pg_bin=/usr/lib/postgresql/15/bin
 ch_dir="$stack/ch"
+localstripe_version=1.15.10
+standin_venv="${APEX_TOOLS_DIR:-/var/cache/apex/tools}/localstripe-$localstripe_version"
 
 log() { echo "stack: $*" >&2; }
 die() { echo "stack: $*" >&2; exit 1; }
@@ -35,6 +40,23 @@ print_env() {
   echo "${prefix}DATABASE_URL=$database_url"
   echo "${prefix}CLICKHOUSE_URL=$clickhouse_url"
   echo "${prefix}CLICKHOUSE_DATABASE=apex"
+  echo "${prefix}APEX_STRIPE_STANDIN_PYTHON=$standin_venv/bin/python"
+}
+
+# The stand-in's Python: a virtualenv with localstripe, made once (a marker file says done).
+standin_up() {
+  [ -f "$standin_venv/.ready" ] && return 0
+  command -v python3 >/dev/null || die "python3 is missing"
+  if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+    [ "$(id -u)" = 0 ] || die "python3-venv is missing: run as root to install it"
+    log "installing python3-venv"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
+  fi
+  log "installing localstripe $localstripe_version into $standin_venv"
+  rm -rf "$standin_venv"
+  python3 -m venv "$standin_venv" >&2
+  "$standin_venv/bin/pip" install -q --disable-pip-version-check "localstripe==$localstripe_version" >&2
+  touch "$standin_venv/.ready"
 }
 
 # ---------- install ----------
@@ -254,6 +276,7 @@ case "${1:-}" in
     install_missing
     pg_up
     ch_up
+    standin_up
     if [ "${2:-}" = --export ]; then print_env "export "; else print_env; fi
     ;;
   env) print_env "export " ;;
