@@ -8,7 +8,7 @@
 //! - [`plans`]: the plan catalogue with per-metric limits and platform-fee bands.
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
-//! - [`stripe_sync`]: which usage days the Stripe sync reports, their identifiers, the rate limit.
+//! - [`stripe`]: the Stripe client, catalogue mapping (`apexctl stripe ...`) and the usage sync.
 //! - [`tokens`]: dashboard JWTs (HS256) for `apexctl token`.
 //! - [`webhooks`]: Stripe webhook signatures and the events billing acts on.
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
@@ -21,7 +21,7 @@ pub mod keys;
 pub mod plans;
 pub mod pricing;
 pub mod statement;
-pub mod stripe_sync;
+pub mod stripe;
 pub mod tokens;
 pub mod webhooks;
 

@@ -17,6 +17,8 @@ const POSTGRES_TABLES: &[&str] = &[
     "plan_limits",
     "plans",
     "stripe_events",
+    "stripe_meters",
+    "stripe_plans",
     "stripe_usage_sync",
     "subscriptions",
     "usage_alerts",

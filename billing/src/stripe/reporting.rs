@@ -1,7 +1,7 @@
 //! The pure parts of the nightly Stripe usage sync (the guide's 02:00 job): which customer
 //! days are due, what each reports, the deterministic meter-event identifier that makes a
 //! re-run count nothing twice, and the token bucket that keeps requests under Stripe's rate
-//! limit. The HTTP client that sends the events comes with the rest of the Stripe work.
+//! limit. [`super::sync`] runs them against Postgres and Stripe.
 //!
 //! Rules:
 //!
@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use apex_pipeline::model::Metric;
 use chrono::{DateTime, Duration as Days, NaiveDate, Utc};
+use sha2::{Digest, Sha256};
 
 /// Stripe accepts meter events up to this many days old.
 pub const MAX_AGE_DAYS: i64 = 35;
@@ -69,13 +70,30 @@ pub enum DayReport {
     },
 }
 
-/// The meter event identifier of a customer, metric, day and revision.
+/// Stripe's longest meter event identifier.
+pub const MAX_IDENTIFIER_LEN: usize = 100;
+
+/// The meter event identifier of a customer, metric, day and revision. Our customer ids keep
+/// it well under Stripe's 100 characters; a longer one (an imported id) is replaced by a
+/// digest of the same parts, still deterministic.
 pub fn identifier(customer_id: &str, metric: Metric, day: NaiveDate, revision: u32) -> String {
-    format!(
+    let readable = format!(
         "apex_{customer_id}_{}_{}_r{revision}",
         metric.as_str(),
         day.format("%Y%m%d")
-    )
+    );
+    if readable.len() <= MAX_IDENTIFIER_LEN {
+        return readable;
+    }
+    let digest = Sha256::digest(readable.as_bytes());
+    format!("apex_{}_r{revision}", hex::encode(&digest[..20]))
+}
+
+/// The timestamp of a day's meter events: its last second, so the day's usage falls in the
+/// billing period that contains the day, and the window check of [`reportable_days`] (the
+/// day's end) is the one Stripe applies.
+pub fn event_timestamp(day: NaiveDate) -> i64 {
+    day_end(day).timestamp() - 1
 }
 
 /// What to report for a day whose total is `total`, when `reported` was sent in `revisions`
@@ -224,6 +242,19 @@ mod tests {
         let distinct: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(distinct.len(), ids.len());
         assert!(identifier("cus_0123456789abcdef", Metric::DataTransfer, day, 999).len() <= 100);
+        // A long imported id still gives a deterministic identifier within the limit.
+        let long = format!("cus_{}", "x".repeat(120));
+        let hashed = identifier(&long, Metric::DataTransfer, day, 3);
+        assert!(hashed.len() <= MAX_IDENTIFIER_LEN, "{hashed}");
+        assert!(
+            hashed.starts_with("apex_") && hashed.ends_with("_r3"),
+            "{hashed}"
+        );
+        assert_eq!(hashed, identifier(&long, Metric::DataTransfer, day, 3));
+        assert_ne!(hashed, identifier(&long, Metric::DataTransfer, day, 4));
+        assert_ne!(hashed, identifier(&long, Metric::ApiCalls, day, 3));
+        // The day's last second.
+        assert_eq!(event_timestamp(day), at("2025-12-09T23:59:59Z").timestamp());
     }
 
     #[test]

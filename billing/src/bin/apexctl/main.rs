@@ -1,5 +1,8 @@
-//! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens). Later work adds the cron
-//! process and the manual operations of the operations guide here.
+//! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
+//! Stripe mapping and usage sync). Later work adds the cron process and the manual operations
+//! of the operations guide here.
+
+mod stripe_commands;
 
 use std::process::ExitCode;
 
@@ -51,6 +54,9 @@ enum Command {
     /// Record mediated revenue (the platform fee is charged on it).
     #[command(subcommand)]
     Revenue(RevenueCommand),
+    /// Stripe: map meters, plans and customers; sync usage as meter events.
+    #[command(subcommand)]
+    Stripe(stripe_commands::StripeCommand),
 }
 
 #[derive(Subcommand)]
@@ -146,8 +152,10 @@ fn main() -> ExitCode {
     let env = EnvSource::process();
     // Billing settings are checked even by commands that do not use them yet, so a typo
     // shows up at the first command an operator runs, not in a nightly job.
-    let stores = match BillingConfig::from_env(&env).and_then(|_| StoreConfig::from_env(&env)) {
-        Ok(stores) => stores,
+    let settings = BillingConfig::from_env(&env)
+        .and_then(|billing| Ok((billing, StoreConfig::from_env(&env)?)));
+    let (billing, stores) = match settings {
+        Ok(settings) => settings,
         Err(e) => {
             eprintln!("apexctl: {e}");
             return ExitCode::from(2);
@@ -157,8 +165,8 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    match runtime.block_on(run(cli.command, stores)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(run(cli.command, stores, billing)) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("apexctl: {e:#}");
             ExitCode::FAILURE
@@ -166,7 +174,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, stores: StoreConfig) -> anyhow::Result<()> {
+async fn run(
+    command: Command,
+    stores: StoreConfig,
+    billing: BillingConfig,
+) -> anyhow::Result<ExitCode> {
     let pool = stores
         .connect_postgres()
         .await
@@ -325,6 +337,9 @@ async fn run(command: Command, stores: StoreConfig) -> anyhow::Result<()> {
             apex_billing::statement::set_revenue(&pool, &customer, &period, cents).await?;
             println!("{customer} {month}: mediated revenue {cents} cents");
         }
+        Command::Stripe(command) => {
+            return stripe_commands::run(command, &pool, &billing).await;
+        }
         Command::Plans(PlansCommand::List { json }) => {
             let all = plans::list_plans(&pool).await?;
             if json {
@@ -359,5 +374,5 @@ async fn run(command: Command, stores: StoreConfig) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

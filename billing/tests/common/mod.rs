@@ -1,0 +1,3 @@
+//! Support shared by the billing integration tests.
+
+pub(crate) mod stripe_standin;

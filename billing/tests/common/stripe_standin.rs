@@ -1,0 +1,115 @@
+//! Starts `scripts/stripe-standin.py` (localstripe plus the marked test double for billing
+//! meters, meter events, idempotency keys and fault injection) on a free loopback port, one
+//! process per test, and reads what it recorded.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+/// A running stand-in; killed on drop.
+pub(crate) struct StripeStandIn {
+    child: Child,
+    port: u16,
+}
+
+/// The secret key tests use; the stand-in accepts any key.
+pub(crate) const TEST_KEY: &str = "sk_test_apex_standin";
+
+impl StripeStandIn {
+    /// Starts a stand-in. Panics (never skips) when its Python is missing: run
+    /// `scripts/stack.sh up` (or `scripts/test.sh`), which installs it.
+    pub(crate) fn start() -> Self {
+        let python = std::env::var("APEX_STRIPE_STANDIN_PYTHON")
+            .unwrap_or_else(|_| "/var/cache/apex/tools/localstripe-1.15.10/bin/python".to_owned());
+        assert!(
+            std::path::Path::new(&python).exists(),
+            "{python} is missing: run scripts/stack.sh up, which installs the Stripe stand-in"
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/stripe-standin.py");
+        let mut child = Command::new(python)
+            .arg(script)
+            .args(["--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot start the Stripe stand-in");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("cannot read the stand-in's address");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the stand-in did not print its port: {line:?}"));
+        Self { child, port }
+    }
+
+    /// The base URL to give the client (`STRIPE_API_BASE`).
+    pub(crate) fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Answers the next `count` requests to `path` with `status` (and `Retry-After`); with
+    /// `after`, the request is carried out first and its answer lost.
+    pub(crate) fn inject_fault(
+        &self,
+        path: &str,
+        status: u16,
+        count: u32,
+        retry_after: Option<u32>,
+        after: bool,
+    ) {
+        let fault = serde_json::json!({
+            "path": path, "status": status, "count": count,
+            "retry_after": retry_after, "after": after,
+        });
+        self.call("POST", "/_config/test/faults", Some(&fault.to_string()));
+    }
+
+    /// Meter events the stand-in accepted, in order.
+    pub(crate) fn meter_events(&self) -> Vec<serde_json::Value> {
+        self.list("/_config/test/meter_events")
+    }
+
+    /// Every API request it received: method, path, idempotency_key, status, at.
+    pub(crate) fn requests(&self) -> Vec<serde_json::Value> {
+        self.list("/_config/test/requests")
+    }
+
+    /// `GET /v1/<object>s` through localstripe, as a list of objects.
+    pub(crate) fn objects(&self, plural: &str) -> Vec<serde_json::Value> {
+        self.list(&format!("/v1/{plural}?limit=100"))
+    }
+
+    fn list(&self, path: &str) -> Vec<serde_json::Value> {
+        let body = self.call("GET", path, None);
+        let value: serde_json::Value = serde_json::from_str(&body).expect("stand-in JSON");
+        value["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    fn call(&self, method: &str, path: &str, json: Option<&str>) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("stand-in down");
+        let body = json.unwrap_or("");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        assert!(head.starts_with("HTTP/1.1 2"), "{method} {path}: {head}");
+        body.to_owned()
+    }
+}
+
+impl Drop for StripeStandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,602 @@
+//! Stripe mapping and the usage sync against localstripe plus the marked meter-events test
+//! double (`scripts/stripe-standin.py`), with the real Postgres of the stack. Each test has
+//! its own databases and its own stand-in process.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use apex_billing::customers::{NewCustomer, create_customer};
+use apex_billing::stripe::catalog::{sync_catalog, sync_customers};
+use apex_billing::stripe::client::{ClientSettings, RetryPolicy, StripeClient};
+use apex_billing::stripe::sync::{SyncRequest, SyncSummary, sync_usage};
+use apex_pipeline::testing::TestStores;
+use chrono::{DateTime, Duration as Days, NaiveDate, Utc};
+use common::stripe_standin::{StripeStandIn, TEST_KEY};
+
+const METER_EVENTS: &str = "/v1/billing/meter_events";
+
+/// Fast retries, so fault tests take milliseconds per attempt.
+fn settings() -> ClientSettings {
+    ClientSettings {
+        requests_per_second: 100.0,
+        burst: 20,
+        timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            max_attempts: 4,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(40),
+        },
+    }
+}
+
+fn client(standin: &StripeStandIn) -> StripeClient {
+    StripeClient::new(&standin.base_url(), TEST_KEY, settings()).unwrap()
+}
+
+async fn signup(stores: &TestStores, name: &str) -> String {
+    let new = NewCustomer {
+        name: name.into(),
+        email: "billing@studio.example".into(),
+        plan_id: "starter".into(),
+        trial_days: None,
+    };
+    create_customer(&stores.pool, &new, Utc::now())
+        .await
+        .unwrap()
+        .customer
+        .id
+}
+
+fn day_ago(now: DateTime<Utc>, days: i64) -> NaiveDate {
+    now.date_naive() - Days::days(days)
+}
+
+/// Adds `quantity` to a customer's hourly rollup at `day` 10:00 UTC, as the pipeline does.
+async fn add_usage(
+    stores: &TestStores,
+    customer: &str,
+    metric: &str,
+    day: NaiveDate,
+    quantity: i64,
+) {
+    let hour = day.and_hms_opt(10, 0, 0).unwrap().and_utc();
+    sqlx::query(
+        "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity)
+         VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer_id, metric_type, recorded_at)
+         DO UPDATE SET quantity = usage_records.quantity + EXCLUDED.quantity",
+    )
+    .bind(customer)
+    .bind(metric)
+    .bind(hour)
+    .bind(quantity)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+}
+
+/// A migrated store and a stand-in with the catalogue and `names` customers mapped.
+async fn mapped(names: &[&str]) -> (TestStores, StripeStandIn, Vec<String>) {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    let mut ids = Vec::new();
+    for name in names {
+        ids.push(signup(&stores, name).await);
+    }
+    let stripe = client(&standin);
+    sync_catalog(&stores.pool, &stripe).await.unwrap();
+    let report = sync_customers(&stores.pool, &stripe, None).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    (stores, standin, ids)
+}
+
+async fn run_sync(
+    stores: &TestStores,
+    standin: &StripeStandIn,
+    customer: Option<&str>,
+) -> SyncSummary {
+    let request = SyncRequest {
+        customer: customer.map(str::to_owned),
+        day: None,
+        now: Utc::now(),
+    };
+    sync_usage(&stores.pool, &client(standin), &request)
+        .await
+        .unwrap()
+}
+
+/// Meter events in the stand-in as (identifier, event name, value).
+fn events(standin: &StripeStandIn) -> Vec<(String, String, u64)> {
+    standin
+        .meter_events()
+        .iter()
+        .map(|e| {
+            (
+                e["identifier"].as_str().unwrap().to_owned(),
+                e["event_name"].as_str().unwrap().to_owned(),
+                e["payload"]["value"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn ymd(day: NaiveDate) -> String {
+    day.format("%Y%m%d").to_string()
+}
+
+#[tokio::test]
+async fn catalog_and_customers_are_created_once_with_idempotency_keys() {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    let first = signup(&stores, "Lumen Games").await;
+    let second = signup(&stores, "Pixel Forge").await;
+    let stripe = client(&standin);
+
+    let catalog = sync_catalog(&stores.pool, &stripe).await.unwrap();
+    assert_eq!(
+        catalog.meters_mapped,
+        ["impressions", "api_calls", "data_transfer"]
+    );
+    let plan_count: i64 = sqlx::query_scalar("SELECT count(*) FROM plans")
+        .fetch_one(&stores.pool)
+        .await
+        .unwrap();
+    assert_eq!(catalog.plans_mapped.len() as i64, plan_count);
+    let again = sync_catalog(&stores.pool, &stripe).await.unwrap();
+    assert!(again.meters_mapped.is_empty() && again.plans_mapped.is_empty());
+    assert_eq!(again.unchanged as i64, 3 + plan_count);
+
+    let customers = sync_customers(&stores.pool, &stripe, None).await.unwrap();
+    assert_eq!(
+        (customers.customers_created, customers.subscriptions_created),
+        (2, 2)
+    );
+    let again = sync_customers(&stores.pool, &stripe, None).await.unwrap();
+    assert_eq!(
+        (again.customers_created, again.subscriptions_created),
+        (0, 0)
+    );
+
+    // Stripe holds each object once, and Postgres its id.
+    assert_eq!(standin.objects("customers").len(), 2);
+    assert_eq!(standin.objects("subscriptions").len(), 2);
+    assert_eq!(standin.objects("products").len() as i64, plan_count);
+    let mapped: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT c.id, c.stripe_customer_id, s.stripe_subscription_id
+         FROM customers c JOIN subscriptions s ON s.customer_id = c.id ORDER BY c.id",
+    )
+    .fetch_all(&stores.pool)
+    .await
+    .unwrap();
+    for (id, stripe_customer, stripe_subscription) in &mapped {
+        assert!(
+            stripe_customer
+                .as_deref()
+                .is_some_and(|c| c.starts_with("cus_")),
+            "{id}"
+        );
+        assert!(
+            stripe_subscription
+                .as_deref()
+                .is_some_and(|s| s.starts_with("sub_")),
+            "{id}"
+        );
+    }
+    let metadata: Vec<String> = standin
+        .objects("customers")
+        .iter()
+        .map(|c| {
+            c["metadata"]["apex_customer_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(metadata.contains(&first) && metadata.contains(&second));
+
+    // Every POST carried an idempotency key derived from our ids.
+    let posts: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r["method"] == "POST")
+        .collect();
+    assert!(!posts.is_empty());
+    for post in &posts {
+        let key = post["idempotency_key"].as_str().unwrap_or_default();
+        assert!(key.starts_with("apex_"), "{post}");
+    }
+}
+
+#[tokio::test]
+async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    let customer = &ids[0];
+    let now = Utc::now();
+    let yesterday = day_ago(now, 1);
+    let earlier = day_ago(now, 3);
+    add_usage(&stores, customer, "impressions", yesterday, 1_500_000).await;
+    add_usage(&stores, customer, "api_calls", yesterday, 40_000).await;
+    add_usage(&stores, customer, "data_transfer", earlier, 35_200_000_000).await;
+    // Today is not complete, and 40 days ago is outside Stripe's window: neither is sent.
+    add_usage(&stores, customer, "impressions", now.date_naive(), 7).await;
+    add_usage(&stores, customer, "impressions", day_ago(now, 40), 9).await;
+
+    let first = run_sync(&stores, &standin, None).await;
+    assert_eq!(first.events_sent, 3, "{first:?}");
+    assert_eq!(first.corrections, 0);
+    assert_eq!(first.quantity_sent["impressions"], 1_500_000);
+    assert_eq!(first.quantity_sent["data_transfer"], 35_200_000_000);
+    let mut sent = events(&standin);
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            (
+                format!("apex_{customer}_api_calls_{}_r0", ymd(yesterday)),
+                "apex_api_calls".into(),
+                40_000
+            ),
+            (
+                format!("apex_{customer}_data_transfer_{}_r0", ymd(earlier)),
+                "apex_data_transfer".into(),
+                35_200_000_000
+            ),
+            (
+                format!("apex_{customer}_impressions_{}_r0", ymd(yesterday)),
+                "apex_impressions".into(),
+                1_500_000
+            ),
+        ]
+    );
+    // The event is stamped inside its day, for the customer's Stripe id.
+    let stripe_customer: String =
+        sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
+            .bind(customer)
+            .fetch_one(&stores.pool)
+            .await
+            .unwrap();
+    for event in standin.meter_events() {
+        assert_eq!(
+            event["payload"]["stripe_customer_id"],
+            stripe_customer.as_str()
+        );
+        let stamp = DateTime::from_timestamp(event["timestamp"].as_i64().unwrap(), 0).unwrap();
+        assert!(stamp.date_naive() == yesterday || stamp.date_naive() == earlier);
+    }
+
+    // A second run sends nothing.
+    let second = run_sync(&stores, &standin, None).await;
+    assert_eq!(second.events_sent, 0, "{second:?}");
+    assert_eq!(events(&standin).len(), 3);
+
+    // A record arriving late for yesterday: only the difference, as revision 1.
+    add_usage(&stores, customer, "impressions", yesterday, 2_500).await;
+    let third = run_sync(&stores, &standin, None).await;
+    assert_eq!((third.events_sent, third.corrections), (1, 1), "{third:?}");
+    let last = events(&standin).pop().unwrap();
+    assert_eq!(
+        last,
+        (
+            format!("apex_{customer}_impressions_{}_r1", ymd(yesterday)),
+            "apex_impressions".into(),
+            2_500
+        )
+    );
+    let (reported, revisions, status): (i64, i32, String) = sqlx::query_as(
+        "SELECT quantity_reported, revisions, status FROM stripe_usage_sync
+         WHERE customer_id = $1 AND metric_type = 'impressions' AND usage_date = $2",
+    )
+    .bind(customer)
+    .bind(yesterday)
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (reported, revisions, status.as_str()),
+        (1_502_500, 2, "sent")
+    );
+    // Stripe's sum per day and metric equals our rollup.
+    let stripe_total: u64 = events(&standin)
+        .iter()
+        .filter(|(id, _, _)| id.contains(&format!("impressions_{}", ymd(yesterday))))
+        .map(|(_, _, v)| v)
+        .sum();
+    assert_eq!(stripe_total, 1_502_500);
+}
+
+#[tokio::test]
+async fn a_stripe_500_then_success_gives_one_event() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    let yesterday = day_ago(Utc::now(), 1);
+    add_usage(&stores, &ids[0], "impressions", yesterday, 1_000).await;
+    // Stripe records the event but the answer is a 500 (as when a response is lost), then a
+    // plain 500 before processing: the retries carry the same key, and Stripe keeps one.
+    standin.inject_fault(METER_EVENTS, 500, 1, None, true);
+    standin.inject_fault(METER_EVENTS, 500, 1, None, false);
+    let summary = run_sync(&stores, &standin, None).await;
+    assert_eq!(summary.events_sent, 1, "{summary:?}");
+    assert_eq!(events(&standin).len(), 1);
+    let attempts: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == METER_EVENTS)
+        .collect();
+    assert_eq!(attempts.len(), 3, "{attempts:?}");
+    let key = &attempts[0]["idempotency_key"];
+    assert!(attempts.iter().all(|a| &a["idempotency_key"] == key));
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| a["status"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [500, 500, 200]
+    );
+}
+
+#[tokio::test]
+async fn a_429_waits_for_retry_after() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    add_usage(&stores, &ids[0], "api_calls", day_ago(Utc::now(), 2), 10).await;
+    standin.inject_fault(METER_EVENTS, 429, 1, Some(1), false);
+    let summary = run_sync(&stores, &standin, None).await;
+    assert_eq!(summary.events_sent, 1, "{summary:?}");
+    let attempts: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == METER_EVENTS)
+        .collect();
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0]["status"], 429);
+    let gap = attempts[1]["at"].as_f64().unwrap() - attempts[0]["at"].as_f64().unwrap();
+    // Our own backoff would have been 10 ms; the retry waited for Stripe's second.
+    assert!(
+        gap >= 0.95,
+        "retried {gap:.3} s after a 429 with Retry-After: 1"
+    );
+    assert_eq!(events(&standin).len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_customer_does_not_stop_the_others_and_is_resent_exactly_later() {
+    let (stores, standin, ids) = mapped(&["Broken Studio", "Working Studio"]).await;
+    let yesterday = day_ago(Utc::now(), 1);
+    for id in &ids {
+        add_usage(&stores, id, "impressions", yesterday, 500).await;
+    }
+    // The first customer's Stripe id is wrong: Stripe refuses its events (400).
+    let real: String = sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
+        .bind(&ids[0])
+        .fetch_one(&stores.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE customers SET stripe_customer_id = 'cus_doesnotexist' WHERE id = $1")
+        .bind(&ids[0])
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let summary = run_sync(&stores, &standin, None).await;
+    assert_eq!(summary.failed.len(), 1, "{summary:?}");
+    assert_eq!(summary.failed[0].customer_id, ids[0]);
+    assert!(
+        summary.failed[0].error.contains("400"),
+        "{}",
+        summary.failed[0].error
+    );
+    assert!(!summary.stopped_early);
+    assert_eq!(summary.events_sent, 1);
+    assert_eq!(events(&standin).len(), 1);
+    let (status, pending): (String, Option<i64>) = sqlx::query_as(
+        "SELECT status, pending_quantity FROM stripe_usage_sync WHERE customer_id = $1",
+    )
+    .bind(&ids[0])
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), pending), ("failed", Some(500)));
+
+    // Fixed, and more usage arrived meanwhile: the pending event goes first, exactly as it
+    // was, then the difference.
+    sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+        .bind(&ids[0])
+        .bind(&real)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    add_usage(&stores, &ids[0], "impressions", yesterday, 20).await;
+    let summary = run_sync(&stores, &standin, Some(&ids[0])).await;
+    assert!(summary.failed.is_empty(), "{summary:?}");
+    let mut mine: Vec<_> = events(&standin)
+        .into_iter()
+        .filter(|(id, _, _)| id.contains(&ids[0]))
+        .map(|(id, _, v)| (id, v))
+        .collect();
+    mine.sort();
+    let day = ymd(yesterday);
+    assert_eq!(
+        mine,
+        [
+            (format!("apex_{}_impressions_{day}_r0", ids[0]), 500),
+            (format!("apex_{}_impressions_{day}_r1", ids[0]), 20),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_event_stripe_took_before_the_run_died_is_not_counted_twice() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    let day = day_ago(Utc::now(), 2);
+    add_usage(&stores, &ids[0], "data_transfer", day, 1_000_000_000).await;
+    // Stripe takes the event, then every answer is lost until the client gives up.
+    standin.inject_fault(METER_EVENTS, 503, settings().retry.max_attempts, None, true);
+    let summary = run_sync(&stores, &standin, None).await;
+    assert_eq!(summary.failed.len(), 1, "{summary:?}");
+    assert_eq!(summary.events_sent, 0);
+    assert_eq!(events(&standin).len(), 1, "Stripe did take it");
+
+    // The next run resends the same event under the same key: Stripe answers with the
+    // original, and nothing is added.
+    add_usage(&stores, &ids[0], "data_transfer", day, 5).await;
+    let summary = run_sync(&stores, &standin, None).await;
+    assert!(summary.failed.is_empty(), "{summary:?}");
+    assert_eq!((summary.events_sent, summary.corrections), (2, 1));
+    let values: Vec<u64> = events(&standin).iter().map(|(_, _, v)| *v).collect();
+    assert_eq!(values, [1_000_000_000, 5]);
+}
+
+#[tokio::test]
+async fn an_unreachable_stripe_stops_the_run_early() {
+    let stores = TestStores::migrated().await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let id = signup(&stores, &format!("Studio {n}")).await;
+        sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+            .bind(&id)
+            .bind(format!("cus_fake{n}"))
+            .execute(&stores.pool)
+            .await
+            .unwrap();
+        add_usage(&stores, &id, "impressions", day_ago(Utc::now(), 1), 1).await;
+        ids.push(id);
+    }
+    for metric in ["impressions", "api_calls", "data_transfer"] {
+        sqlx::query(
+            "INSERT INTO stripe_meters (metric_type, event_name, stripe_meter_id) VALUES ($1, $2, $3)",
+        )
+        .bind(metric)
+        .bind(format!("apex_{metric}"))
+        .bind(format!("mtr_{metric}"))
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    }
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let stripe = StripeClient::new(&base, TEST_KEY, settings()).unwrap();
+    let request = SyncRequest {
+        customer: None,
+        day: None,
+        now: Utc::now(),
+    };
+    let summary = sync_usage(&stores.pool, &stripe, &request).await.unwrap();
+    assert!(summary.stopped_early, "{summary:?}");
+    assert_eq!(summary.failed.len(), 3);
+    assert!(
+        summary.failed[0].error.contains("cannot reach Stripe"),
+        "{}",
+        summary.failed[0].error
+    );
+}
+
+fn apexctl(
+    stores: &TestStores,
+    standin: Option<&StripeStandIn>,
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
+    command
+        .args(args)
+        .env("DATABASE_URL", &stores.config.database_url)
+        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
+        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
+        .env_remove("STRIPE_SECRET_KEY")
+        .env_remove("STRIPE_API_BASE");
+    if let Some(standin) = standin {
+        command
+            .env("STRIPE_SECRET_KEY", TEST_KEY)
+            .env("STRIPE_API_BASE", standin.base_url());
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn apexctl_stripe_maps_syncs_and_refuses_bad_requests() {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    let customer = signup(&stores, "Lumen Games").await;
+    let yesterday = day_ago(Utc::now(), 1);
+    add_usage(&stores, &customer, "impressions", yesterday, 42).await;
+
+    // Without a key, nothing runs.
+    let (code, _, err) = apexctl(&stores, None, &["stripe", "catalog"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("STRIPE_SECRET_KEY is not set"), "{err}");
+    // Before the catalogue, the sync says what to do.
+    let (code, _, err) = apexctl(&stores, Some(&standin), &["stripe", "sync"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("apexctl stripe catalog"), "{err}");
+
+    let (code, out, err) = apexctl(&stores, Some(&standin), &["stripe", "catalog"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("meters mapped now: impressions, api_calls, data_transfer"),
+        "{out}"
+    );
+    let (code, out, err) = apexctl(&stores, Some(&standin), &["stripe", "customers", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["customers_created"], 1);
+
+    let day = yesterday.format("%Y-%m-%d").to_string();
+    let (code, out, err) = apexctl(
+        &stores,
+        Some(&standin),
+        &[
+            "stripe",
+            "sync",
+            "--customer",
+            &customer,
+            "--date",
+            &day,
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["events_sent"], 1);
+    assert_eq!(summary["quantity_sent"]["impressions"], 42);
+    assert_eq!(summary["days"], serde_json::json!([day]));
+    let (code, out, _) = apexctl(&stores, Some(&standin), &["stripe", "sync"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("0 meter events sent"), "{out}");
+    assert_eq!(events(&standin).len(), 1);
+
+    let today = Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let old = day_ago(Utc::now(), 36).format("%Y-%m-%d").to_string();
+    for (args, expected) in [
+        (
+            vec!["stripe", "sync", "--date", today.as_str()],
+            "not reportable",
+        ),
+        (
+            vec!["stripe", "sync", "--date", old.as_str()],
+            "not reportable",
+        ),
+        (
+            vec!["stripe", "sync", "--date", "2026-13-01"],
+            "expected YYYY-MM-DD",
+        ),
+        (
+            vec!["stripe", "sync", "--customer", "cus_nobody"],
+            "customer cus_nobody not found",
+        ),
+        (vec!["stripe", "sync", "--rate", "0"], "--rate"),
+        (vec!["stripe", "sync", "--rate", "500"], "--rate"),
+        (
+            vec!["stripe", "customers", "--customer", "cus_nobody"],
+            "customer cus_nobody not found",
+        ),
+    ] {
+        let (code, _, err) = apexctl(&stores, Some(&standin), &args);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}
