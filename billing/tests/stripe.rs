@@ -569,6 +569,31 @@ async fn apexctl_stripe_maps_syncs_and_refuses_bad_requests() {
     assert!(out.contains("0 meter events sent"), "{out}");
     assert_eq!(events(&standin).len(), 1);
 
+    // Retries are logged, the key never is, even at the most verbose level.
+    add_usage(&stores, &customer, "api_calls", yesterday, 3).await;
+    standin.inject_fault(METER_EVENTS, 500, 1, None, false);
+    let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
+        .args(["stripe", "sync"])
+        .env("DATABASE_URL", &stores.config.database_url)
+        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
+        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
+        .env("STRIPE_SECRET_KEY", TEST_KEY)
+        .env("STRIPE_API_BASE", standin.base_url())
+        .env("APEX_LOG", "trace")
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{printed}");
+    assert!(
+        printed.contains("retrying with the same idempotency key"),
+        "{printed}"
+    );
+    assert!(!printed.contains(TEST_KEY), "{printed}");
+
     let today = Utc::now().date_naive().format("%Y-%m-%d").to_string();
     let old = day_ago(Utc::now(), 36).format("%Y-%m-%d").to_string();
     for (args, expected) in [

@@ -1,9 +1,15 @@
 //! `POST /webhooks/stripe` over real HTTP against the test's own Postgres: signed events are
 //! stored once and move the subscription status; a second delivery is a no-op; forged,
 //! stale, unsigned and malformed deliveries get 400 and store nothing; both secrets of a
-//! rotation work; without a secret the endpoint does not exist.
+//! rotation work; without a secret the endpoint does not exist. And end to end: localstripe,
+//! which signs its deliveries with its own code, reports the subscription our Stripe mapping
+//! created, and its cancellation reaches the subscription here.
 
 mod common;
+// Shared with billing's tests; this file uses only part of it.
+#[allow(dead_code)]
+#[path = "../../billing/tests/common/stripe_standin.rs"]
+mod stripe_standin;
 
 use apex_billing::webhooks::sign;
 use common::{Answer, TestServer};
@@ -229,4 +235,55 @@ async fn without_a_secret_the_endpoint_does_not_exist() {
     let body = event("evt_y", "invoice.paid", &json!({}));
     let answer = deliver(&server, &body, signed(SECRET, &body, now())).await;
     assert_eq!(answer.status, 404, "{}", answer.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localstripe_deliveries_reach_billing_through_the_verifier() {
+    use apex_billing::stripe::catalog::{sync_catalog, sync_customers};
+    use apex_billing::stripe::client::{ClientSettings, StripeClient};
+    use stripe_standin::{StripeStandIn, TEST_KEY};
+
+    let server = server().await;
+    let (customer, _) = common::customer(&server).await;
+    let standin = StripeStandIn::start();
+    standin.deliver_webhooks_to(&format!("http://{}/webhooks/stripe", server.addr), ROTATED);
+    let stripe =
+        StripeClient::new(&standin.base_url(), TEST_KEY, ClientSettings::default()).unwrap();
+    sync_catalog(&server.stores.pool, &stripe).await.unwrap();
+    let report = sync_customers(&server.stores.pool, &stripe, Some(&customer))
+        .await
+        .unwrap();
+    assert_eq!(report.subscriptions_created, 1, "{report:?}");
+    let sub: String = sqlx::query_scalar(
+        "SELECT stripe_subscription_id FROM subscriptions WHERE customer_id = $1",
+    )
+    .bind(&customer)
+    .fetch_one(&server.stores.pool)
+    .await
+    .unwrap();
+
+    // localstripe delivers about a second after each change; wait for them by polling the
+    // store (the deadline only bounds a failure).
+    let stored = |kind: &'static str| {
+        let pool = server.stores.pool.clone();
+        async move {
+            for _ in 0..200 {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM stripe_events WHERE event_type = $1")
+                        .bind(kind)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                if n > 0 {
+                    return n;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("no {kind} event arrived within 10 s");
+        }
+    };
+    assert_eq!(stored("customer.subscription.created").await, 1);
+    standin.delete(&format!("subscriptions/{sub}"));
+    assert_eq!(stored("customer.subscription.deleted").await, 1);
+    assert_eq!(status(&server, &sub).await, "canceled");
 }

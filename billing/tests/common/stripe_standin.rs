@@ -83,6 +83,17 @@ impl StripeStandIn {
         self.list(&format!("/v1/{plural}?limit=100"))
     }
 
+    /// Has localstripe deliver its events to `url`, signed with `secret` by its own code.
+    pub(crate) fn deliver_webhooks_to(&self, url: &str, secret: &str) {
+        let config = serde_json::json!({"url": url, "secret": secret});
+        self.call("POST", "/_config/webhooks/apex", Some(&config.to_string()));
+    }
+
+    /// `DELETE /v1/<path>` through localstripe (cancels a subscription, for one).
+    pub(crate) fn delete(&self, path: &str) {
+        self.call("DELETE", &format!("/v1/{path}"), None);
+    }
+
     fn list(&self, path: &str) -> Vec<serde_json::Value> {
         let body = self.call("GET", path, None);
         let value: serde_json::Value = serde_json::from_str(&body).expect("stand-in JSON");
