@@ -13,10 +13,11 @@ a test double and never shipped:
 - Idempotency keys on every POST, as Stripe keeps them: a repeated key with the same parameters
   replays the first successful answer; with other parameters it is a 400
   `idempotency_error`.
-- Fault injection, for tests: `POST /_config/test/faults` with JSON `{"path", "status", "count",
-  "retry_after"?, "after"?}` answers the next `count` requests to `path` with `status`
-  (and `Retry-After`); with `"after": true` the request is carried out first and its answer
-  replaced, as when a response is lost on the way back.
+- Fault injection, for tests: `POST /_config/test/faults` with JSON `{"path", "status"?,
+  "count", "retry_after"?, "delay"?, "after"?}` answers the next `count` requests to `path`
+  with `status` (and `Retry-After`), after `delay` seconds; with `"after": true` the request
+  is carried out first and its answer replaced or delayed, as when a response is lost or
+  slow on the way back.
 - Inspection: `GET /_config/test/meter_events`, `GET /_config/test/requests` (method, path, idempotency
   key, status and arrival time of every API request).
 
@@ -81,8 +82,10 @@ async def test_double_middleware(request, handler):
     if fault is not None:
         fault["count"] -= 1
     if fault is not None and not fault.get("after"):
-        entry["status"] = fault["status"]
-        return injected(fault)
+        await asyncio.sleep(fault.get("delay", 0))
+        if "status" in fault:
+            entry["status"] = fault["status"]
+            return injected(fault)
 
     if request.method == "POST" and key is not None:
         scope = (request.headers.get("Authorization"), key)
@@ -98,8 +101,10 @@ async def test_double_middleware(request, handler):
                     kind="idempotency_error",
                 )
             if fault is not None:
-                entry["status"] = fault["status"]
-                return injected(fault)
+                await asyncio.sleep(fault.get("delay", 0))
+                if "status" in fault:
+                    entry["status"] = fault["status"]
+                    return injected(fault)
             entry["status"] = status
             response = web.Response(
                 body=answer, status=status, content_type="application/json"
@@ -111,9 +116,11 @@ async def test_double_middleware(request, handler):
     status = response.status
     if request.method == "POST" and key is not None and 200 <= status < 300:
         idempotent[(request.headers.get("Authorization"), key)] = (body, status, response.body)
-    if fault is not None:
-        entry["status"] = fault["status"]
-        return injected(fault)
+    if fault is not None and fault.get("after"):
+        await asyncio.sleep(fault.get("delay", 0))
+        if "status" in fault:
+            entry["status"] = fault["status"]
+            return injected(fault)
     entry["status"] = status
     return response
 
@@ -213,8 +220,12 @@ async def create_meter_event(request):
 
 async def add_fault(request):
     fault = await request.json()
-    if not isinstance(fault.get("path"), str) or not isinstance(fault.get("status"), int):
-        return web.json_response({"error": "path and status are required"}, status=400)
+    if fault.get("status") is None:
+        fault.pop("status", None)
+    if not isinstance(fault.get("path"), str) or not (
+        isinstance(fault.get("status"), int) or isinstance(fault.get("delay"), (int, float))
+    ):
+        return web.json_response({"error": "path and status or delay are required"}, status=400)
     fault.setdefault("count", 1)
     faults.append(fault)
     return web.json_response(fault)

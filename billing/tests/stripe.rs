@@ -336,6 +336,41 @@ async fn a_stripe_500_then_success_gives_one_event() {
 }
 
 #[tokio::test]
+async fn a_timed_out_request_is_retried_with_the_same_key_and_counted_once() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    add_usage(&stores, &ids[0], "impressions", day_ago(Utc::now(), 1), 77).await;
+    // Stripe takes the event but answers after our timeout.
+    standin.delay_answer(METER_EVENTS, 1.5);
+    let stripe = StripeClient::new(
+        &standin.base_url(),
+        TEST_KEY,
+        ClientSettings {
+            timeout: Duration::from_millis(300),
+            ..settings()
+        },
+    )
+    .unwrap();
+    let request = SyncRequest {
+        customer: None,
+        day: None,
+        now: Utc::now(),
+    };
+    let summary = sync_usage(&stores.pool, &stripe, &request).await.unwrap();
+    assert_eq!(summary.events_sent, 1, "{summary:?}");
+    assert_eq!(events(&standin).len(), 1);
+    let attempts: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == METER_EVENTS)
+        .collect();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(
+        attempts[0]["idempotency_key"],
+        attempts[1]["idempotency_key"]
+    );
+}
+
+#[tokio::test]
 async fn a_429_waits_for_retry_after() {
     let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
     add_usage(&stores, &ids[0], "api_calls", day_ago(Utc::now(), 2), 10).await;

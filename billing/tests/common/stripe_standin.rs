@@ -94,6 +94,14 @@ impl StripeStandIn {
         self.call("DELETE", &format!("/v1/{path}"), None);
     }
 
+    /// Carries out the next request to `path`, then holds its answer for `seconds`.
+    pub(crate) fn delay_answer(&self, path: &str, seconds: f64) {
+        let fault = serde_json::json!({
+            "path": path, "delay": seconds, "count": 1, "after": true,
+        });
+        self.call("POST", "/_config/test/faults", Some(&fault.to_string()));
+    }
+
     fn list(&self, path: &str) -> Vec<serde_json::Value> {
         let body = self.call("GET", path, None);
         let value: serde_json::Value = serde_json::from_str(&body).expect("stand-in JSON");
