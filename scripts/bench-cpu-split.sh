@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Where the edge's CPU goes: CPU time per `track` request, user and kernel, by thread group
+# (tokio workers, log writer, store appliers), for apex-server and for the bare null-server,
+# under the same wrk load, one after the other. Reads utime/stime of every thread from
+# /proc/PID/task/*/stat before and after each run (100 Hz ticks: run long enough).
+# Usage: scripts/bench-cpu-split.sh [SECONDS=20] [CONNECTIONS=256]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-20}"; conns="${2:-256}"
+. scripts/bench/prepare.sh
+APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "Split $(date +%s)" --email bench@example.com --json |
+  sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+export APEX_BENCH_KEY
+
+APEX_LISTEN=127.0.0.1:18080 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
+  APEX_WAL_DIR="$(mktemp -d)" "$bin/apex-server" & server=$!
+"$bin/apex-loadtest" null-server --listen 127.0.0.1:18090 2>/dev/null & null=$!
+trap 'kill $server $null 2>/dev/null' EXIT
+for _ in $(seq 1 100); do curl -sf 127.0.0.1:18080/readyz >/dev/null && curl -sf -X POST 127.0.0.1:18090/ >/dev/null && break; sleep 0.1; done
+
+# "name utime stime" summed over the threads of each name (fields 14 and 15 of stat).
+ticks() { for f in /proc/"$1"/task/*/stat; do
+  sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\1 \4 \5/' "$f" 2>/dev/null
+done | awk '{u[$1]+=$2; s[$1]+=$3} END {for (g in u) print g, u[g], s[g]}'; }
+
+measure() { # name pid url
+  local before after requests
+  before=$(ticks "$2")
+  requests=$(wrk -t1 -c"$conns" -d"${secs}s" -s scripts/bench/track.lua "$3" 2>&1 |
+    awk '/requests in/ {print $1}')
+  after=$(ticks "$2")
+  echo "== $1: $requests requests in ${secs}s, $conns connections; CPU µs per request"
+  printf '%-20s %8s %8s %8s\n' threads user kernel total
+  join <(echo "$before" | sort) <(echo "$after" | sort) | awk -v n="$requests" -v hz="$(getconf CLK_TCK)" '
+    { u = ($4 - $2) / hz * 1e6 / n; s = ($5 - $3) / hz * 1e6 / n; tu += u; ts += s
+      printf "%-20s %8.2f %8.2f %8.2f\n", $1, u, s, u + s }
+    END { printf "%-20s %8.2f %8.2f %8.2f\n", "all", tu, ts, tu + ts }'
+}
+measure apex-server "$server" http://127.0.0.1:18080/api/usage/track
+measure null-server "$null" http://127.0.0.1:18090/api/usage/track
