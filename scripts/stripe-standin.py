@@ -11,8 +11,11 @@ a test double and never shipped:
   up to 5 minutes ahead, and an identifier is accepted once (a repeat gets 400
   `resource_already_exists`; the exact code real Stripe uses is our assumption).
 - Idempotency keys on every POST, as Stripe keeps them: a repeated key with the same parameters
-  replays the first successful answer; with other parameters it is a 400
-  `idempotency_error`.
+  replays the first answer, whatever its status; with other parameters it is a 400
+  `idempotency_error`. Stripe forgets keys after 24 hours; `POST /_config/test/forget_keys`
+  does that at once.
+- Meter event summaries (`/v1/billing/meters/{id}/event_summaries`): the sum of a
+  customer's accepted event values in `[start_time, end_time)`.
 - Fault injection, for tests: `POST /_config/test/faults` with JSON `{"path", "status"?,
   "count", "retry_after"?, "delay"?, "after"?}` answers the next `count` requests to `path`
   with `status` (and `Retry-After`), after `delay` seconds; with `"after": true` the request
@@ -114,7 +117,9 @@ async def test_double_middleware(request, handler):
 
     response = await handler(request)
     status = response.status
-    if request.method == "POST" and key is not None and 200 <= status < 300:
+    # Like Stripe, the first result of a key is kept whatever its status, once the request
+    # was carried out (an injected fault before it is not).
+    if request.method == "POST" and key is not None:
         idempotent[(request.headers.get("Authorization"), key)] = (body, status, response.body)
     if fault is not None and fault.get("after"):
         await asyncio.sleep(fault.get("delay", 0))
@@ -218,6 +223,36 @@ async def create_meter_event(request):
     return web.json_response(event)
 
 
+async def meter_event_summaries(request):
+    meter = meters.get(request.match_info["id"])
+    if meter is None:
+        return stripe_error(404, "resource_missing", "No such billing meter")
+    try:
+        customer = request.query["customer"]
+        start, end = int(request.query["start_time"]), int(request.query["end_time"])
+    except (KeyError, ValueError):
+        return stripe_error(400, "parameter_missing", "customer, start_time and end_time are required")
+    total = sum(
+        int(e["payload"]["value"])
+        for e in meter_events
+        if e["event_name"] == meter["event_name"]
+        and e["payload"].get(meter["customer_mapping"]["event_payload_key"]) == customer
+        and start <= e["timestamp"] < end
+    )
+    summary = {
+        "id": f"mtrusg_{meter['id']}_{customer}_{start}",
+        "object": "billing.meter_event_summary",
+        "aggregated_value": total,
+        "start_time": start,
+        "end_time": end,
+        "livemode": False,
+        "meter": meter["id"],
+    }
+    return web.json_response(
+        {"object": "list", "url": request.path, "has_more": False, "data": [summary]}
+    )
+
+
 async def add_fault(request):
     fault = await request.json()
     if fault.get("status") is None:
@@ -229,6 +264,11 @@ async def add_fault(request):
     fault.setdefault("count", 1)
     faults.append(fault)
     return web.json_response(fault)
+
+
+async def forget_keys(request):
+    idempotent.clear()
+    return web.json_response({"forgotten": True})
 
 
 async def list_meter_events(request):
@@ -243,8 +283,10 @@ app.middlewares.insert(0, test_double_middleware)
 app.router.add_post("/v1/billing/meters", create_meter)
 app.router.add_get("/v1/billing/meters", list_meters)
 app.router.add_post("/v1/billing/meter_events", create_meter_event)
+app.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
 app.router.add_post("/_config/test/faults", add_fault)
 app.router.add_get("/_config/test/meter_events", list_meter_events)
+app.router.add_post("/_config/test/forget_keys", forget_keys)
 app.router.add_get("/_config/test/requests", list_requests)
 
 

@@ -97,14 +97,40 @@ async fn run_sync(
     standin: &StripeStandIn,
     customer: Option<&str>,
 ) -> SyncSummary {
+    run_sync_at(stores, standin, customer, Utc::now()).await
+}
+
+/// A run that takes `now` as the time (a later night, or the instant the test's days were
+/// computed from, so midnight passing mid-test changes nothing).
+async fn run_sync_at(
+    stores: &TestStores,
+    standin: &StripeStandIn,
+    customer: Option<&str>,
+    now: DateTime<Utc>,
+) -> SyncSummary {
     let request = SyncRequest {
         customer: customer.map(str::to_owned),
         day: None,
-        now: Utc::now(),
+        now,
     };
     sync_usage(&stores.pool, &client(standin), &request)
         .await
         .unwrap()
+}
+
+/// POSTs to meter events on the stand-in, as (idempotency key, status), in order.
+fn meter_event_posts(standin: &StripeStandIn) -> Vec<(String, u64)> {
+    standin
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == METER_EVENTS)
+        .map(|r| {
+            (
+                r["idempotency_key"].as_str().unwrap_or_default().to_owned(),
+                r["status"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// Meter events in the stand-in as (identifier, event name, value).
@@ -223,7 +249,7 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
     add_usage(&stores, customer, "impressions", now.date_naive(), 7).await;
     add_usage(&stores, customer, "impressions", day_ago(now, 40), 9).await;
 
-    let first = run_sync(&stores, &standin, None).await;
+    let first = run_sync_at(&stores, &standin, None, now).await;
     assert_eq!(first.events_sent, 3, "{first:?}");
     assert_eq!(first.corrections, 0);
     assert_eq!(first.quantity_sent["impressions"], 1_500_000);
@@ -267,13 +293,13 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
     }
 
     // A second run sends nothing.
-    let second = run_sync(&stores, &standin, None).await;
+    let second = run_sync_at(&stores, &standin, None, now).await;
     assert_eq!(second.events_sent, 0, "{second:?}");
     assert_eq!(events(&standin).len(), 3);
 
     // A record arriving late for yesterday: only the difference, as revision 1.
     add_usage(&stores, customer, "impressions", yesterday, 2_500).await;
-    let third = run_sync(&stores, &standin, None).await;
+    let third = run_sync_at(&stores, &standin, None, now).await;
     assert_eq!((third.events_sent, third.corrections), (1, 1), "{third:?}");
     let last = events(&standin).pop().unwrap();
     assert_eq!(
@@ -659,4 +685,181 @@ async fn apexctl_stripe_maps_syncs_and_refuses_bad_requests() {
         assert_eq!(code, 1, "{args:?}");
         assert!(err.contains(expected), "{args:?}: {err}");
     }
+}
+
+/// A customer with `quantity` impressions two days ago whose event is left pending by a run
+/// that failed on `status` from Stripe every attempt, Stripe carrying it out first when
+/// `taken`. Returns the stores, the stand-in, the customer and the day.
+async fn left_pending(
+    taken: bool,
+    quantity: i64,
+) -> (TestStores, StripeStandIn, String, NaiveDate) {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    let day = day_ago(Utc::now(), 2);
+    add_usage(&stores, &ids[0], "impressions", day, quantity).await;
+    standin.inject_fault(
+        METER_EVENTS,
+        503,
+        settings().retry.max_attempts,
+        None,
+        taken,
+    );
+    let summary = run_sync(&stores, &standin, None).await;
+    assert_eq!(summary.failed.len(), 1, "{summary:?}");
+    assert_eq!(events(&standin).len(), usize::from(taken));
+    let customer = ids[0].clone();
+    (stores, standin, customer, day)
+}
+
+#[tokio::test]
+async fn a_day_old_pending_event_stripe_has_is_confirmed_without_sending() {
+    let (stores, standin, _, _) = left_pending(true, 300).await;
+    // The next night: Stripe has forgotten the key, so the event is not resent blindly.
+    standin.forget_idempotency_keys();
+    let posts_before = meter_event_posts(&standin).len();
+    let summary = run_sync_at(&stores, &standin, None, Utc::now() + Days::hours(21)).await;
+    assert!(summary.failed.is_empty(), "{summary:?}");
+    assert_eq!(summary.events_sent, 1, "{summary:?}");
+    assert_eq!(
+        meter_event_posts(&standin).len(),
+        posts_before,
+        "nothing was sent"
+    );
+    assert_eq!(events(&standin).len(), 1);
+    let (reported, pending): (i64, Option<i64>) =
+        sqlx::query_as("SELECT quantity_reported, pending_quantity FROM stripe_usage_sync")
+            .fetch_one(&stores.pool)
+            .await
+            .unwrap();
+    assert_eq!((reported, pending), (300, None));
+}
+
+#[tokio::test]
+async fn a_day_old_pending_event_stripe_lacks_is_sent_under_a_fresh_key() {
+    let (stores, standin, _, _) = left_pending(false, 300).await;
+    standin.forget_idempotency_keys();
+    let first_key = meter_event_posts(&standin)[0].0.clone();
+    let summary = run_sync_at(&stores, &standin, None, Utc::now() + Days::hours(21)).await;
+    assert_eq!(summary.events_sent, 1, "{summary:?}");
+    let values: Vec<u64> = events(&standin).iter().map(|(_, _, v)| *v).collect();
+    assert_eq!(values, [300]);
+    let last_key = meter_event_posts(&standin).pop().unwrap().0;
+    assert_ne!(first_key, last_key);
+    assert!(
+        first_key.ends_with("_a1") && last_key.ends_with("_a2"),
+        "{first_key} {last_key}"
+    );
+}
+
+#[tokio::test]
+async fn a_day_old_pending_event_stripe_disagrees_with_is_held_for_a_person() {
+    let (stores, standin, customer, day) = left_pending(false, 300).await;
+    // Something else put 40 on the customer's meter for that day.
+    let stripe_customer: String =
+        sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
+            .bind(&customer)
+            .fetch_one(&stores.pool)
+            .await
+            .unwrap();
+    let stamp = day.and_hms_opt(12, 0, 0).unwrap().and_utc().timestamp();
+    let stray = serde_json::json!({
+        "event_name": "apex_impressions", "identifier": "stray_1", "timestamp": stamp,
+        "payload": {"stripe_customer_id": stripe_customer, "value": "40"},
+    });
+    standin.post_json("/v1/billing/meter_events", &stray);
+    let posts_before = meter_event_posts(&standin).len();
+    let summary = run_sync_at(&stores, &standin, None, Utc::now() + Days::hours(21)).await;
+    assert_eq!(summary.events_sent, 0, "{summary:?}");
+    assert_eq!(summary.unconfirmed.len(), 1, "{summary:?}");
+    assert_eq!(
+        (
+            summary.unconfirmed[0].stripe_total,
+            summary.unconfirmed[0].pending
+        ),
+        (40, 300)
+    );
+    assert_eq!(meter_event_posts(&standin).len(), posts_before);
+    let (status, error): (String, String) =
+        sqlx::query_as("SELECT status, last_error FROM stripe_usage_sync")
+            .fetch_one(&stores.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.contains("needs a person"), "{error}");
+}
+
+#[tokio::test]
+async fn a_second_run_while_one_holds_the_lock_is_refused() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    add_usage(&stores, &ids[0], "impressions", day_ago(Utc::now(), 1), 5).await;
+    let mut other = stores.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x6170_6578_7379_6e63_i64)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let request = SyncRequest {
+        customer: None,
+        day: None,
+        now: Utc::now(),
+    };
+    let refused = sync_usage(&stores.pool, &client(&standin), &request)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("another Stripe usage sync is running"),
+        "{refused}"
+    );
+    assert!(events(&standin).is_empty());
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(0x6170_6578_7379_6e63_i64)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    // Once it is released, a run goes, and releases it in turn.
+    assert_eq!(run_sync(&stores, &standin, None).await.events_sent, 1);
+    assert_eq!(run_sync(&stores, &standin, None).await.events_sent, 0);
+}
+
+#[tokio::test]
+async fn a_mapping_whose_ids_were_lost_adopts_what_stripe_has() {
+    let (stores, standin, ids) = mapped(&["Lumen Games"]).await;
+    let before: (String, String) = sqlx::query_as(
+        "SELECT c.stripe_customer_id, s.stripe_subscription_id
+         FROM customers c JOIN subscriptions s ON s.customer_id = c.id WHERE c.id = $1",
+    )
+    .bind(&ids[0])
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap();
+    // A run died after Stripe created them and before Postgres kept the ids, and a day went
+    // by (Stripe forgot the keys).
+    sqlx::query("UPDATE customers SET stripe_customer_id = NULL WHERE id = $1")
+        .bind(&ids[0])
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE subscriptions SET stripe_subscription_id = NULL, stripe_customer_id = NULL WHERE customer_id = $1")
+        .bind(&ids[0])
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    standin.forget_idempotency_keys();
+    let report = sync_customers(&stores.pool, &client(&standin), None)
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    let after: (String, String) = sqlx::query_as(
+        "SELECT c.stripe_customer_id, s.stripe_subscription_id
+         FROM customers c JOIN subscriptions s ON s.customer_id = c.id WHERE c.id = $1",
+    )
+    .bind(&ids[0])
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap();
+    assert_eq!(after, before);
+    assert_eq!(standin.objects("customers").len(), 1);
+    assert_eq!(standin.objects("subscriptions").len(), 1);
 }

@@ -21,6 +21,11 @@ CREATE TABLE stripe_plans (
 -- accepted; `pending_quantity` (with `stripe_identifier`) is an event about to be sent, kept
 -- so that a run interrupted after Stripe accepted it resends exactly the same event (same
 -- identifier and idempotency key) instead of a recomputed one.
+-- `pending_since` dates it: Stripe keeps idempotency keys (and promises unique identifiers)
+-- for 24 hours only, so an older pending event is checked against Stripe's own total for the
+-- day before anything is sent again. `attempts` numbers the idempotency key: it moves on only
+-- when Stripe refused an event outright, so an event whose fate is unknown keeps its key.
 ALTER TABLE stripe_usage_sync
     ADD COLUMN revisions integer NOT NULL DEFAULT 0 CHECK (revisions >= 0),
-    ADD COLUMN pending_quantity bigint CHECK (pending_quantity IS NULL OR pending_quantity > 0);
+    ADD COLUMN pending_quantity bigint CHECK (pending_quantity IS NULL OR pending_quantity > 0),
+    ADD COLUMN pending_since timestamptz;

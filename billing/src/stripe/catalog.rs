@@ -4,9 +4,10 @@
 //! Every step is idempotent twice over: a mapped row in Postgres is never created again, and
 //! each POST carries an idempotency key derived from our own id, so a run that died between
 //! Stripe's answer and our commit gets the same object back from Stripe instead of a second
-//! one. Products and plans also get ids of our own (`apex_...`), and meters are looked up by
-//! event name first, so even after Stripe forgot an idempotency key (24 hours) a re-run
-//! adopts what exists.
+//! one. Stripe forgets idempotency keys after 24 hours, so a re-run also looks for what an
+//! earlier run may have created before it creates anything: products and plans have ids of
+//! our own (`apex_...`), meters are found by event name, customers by email and our id in
+//! their metadata, subscriptions by our id in their metadata.
 //!
 //! What is mapped:
 //! - one billing meter per metric, event name `apex_<metric>`, summing the payload's `value`
@@ -28,9 +29,9 @@ use stripe_billing::billing_meter::{
 };
 use stripe_billing::plan::{CreatePlan, CreatePlanProduct};
 use stripe_billing::subscription::{
-    CreateSubscription, CreateSubscriptionItems, CreateSubscriptionTrialEnd,
+    CreateSubscription, CreateSubscriptionItems, CreateSubscriptionTrialEnd, ListSubscription,
 };
-use stripe_core::customer::CreateCustomer;
+use stripe_core::customer::{CreateCustomer, ListCustomer};
 use stripe_product::product::CreateProduct;
 
 use super::StripeWorkError;
@@ -277,6 +278,13 @@ async fn map_customer(
     let stripe_customer_id = match stripe_customer_id {
         Some(id) => id,
         None => {
+            let adopted = find_by_metadata(
+                stripe,
+                &ListCustomer::new().email(email).limit(100),
+                "apex_customer_id",
+                customer_id,
+            )
+            .await?;
             let create = CreateCustomer::new()
                 .name(name)
                 .email(email)
@@ -284,9 +292,14 @@ async fn map_customer(
                     "apex_customer_id".to_owned(),
                     customer_id.to_owned(),
                 )]));
-            let created: StripeObject = stripe
-                .send(&create, Some(&format!("apex_customer_{customer_id}")))
-                .await?;
+            let created = match adopted {
+                Some(id) => StripeObject { id },
+                None => {
+                    stripe
+                        .send(&create, Some(&format!("apex_customer_{customer_id}")))
+                        .await?
+                }
+            };
             sqlx::query(
                 "UPDATE customers SET stripe_customer_id = $2, updated_at = now() WHERE id = $1",
             )
@@ -335,12 +348,26 @@ async fn map_customer(
         if let Some(end) = trial_end.filter(|end| status == "trialing" && *end > Utc::now()) {
             create = create.trial_end(CreateSubscriptionTrialEnd::Timestamp(end.timestamp()));
         }
-        let created: StripeObject = stripe
-            .send(
-                &create,
-                Some(&format!("apex_subscription_{subscription_id}")),
-            )
-            .await?;
+        let adopted = find_by_metadata(
+            stripe,
+            &ListSubscription::new()
+                .customer(stripe_customer_id.clone())
+                .limit(100),
+            "apex_subscription_id",
+            &subscription_id.to_string(),
+        )
+        .await?;
+        let created = match adopted {
+            Some(id) => StripeObject { id },
+            None => {
+                stripe
+                    .send(
+                        &create,
+                        Some(&format!("apex_subscription_{subscription_id}")),
+                    )
+                    .await?
+            }
+        };
         sqlx::query(
             "UPDATE subscriptions SET stripe_subscription_id = $2, stripe_customer_id = $3,
                  updated_at = now()
@@ -363,4 +390,35 @@ struct OpenSubscription {
     status: String,
     trial_end: Option<DateTime<Utc>>,
     stripe_plan_id: Option<String>,
+}
+
+/// The id of the object in `list` whose metadata `key` is `value`: what an earlier run created
+/// and could not record.
+async fn find_by_metadata(
+    stripe: &StripeClient,
+    list: &impl stripe_client_core::StripeRequest,
+    key: &str,
+    value: &str,
+) -> Result<Option<String>, StripeError> {
+    #[derive(serde::Deserialize)]
+    struct Listed {
+        data: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        id: String,
+        #[serde(default)]
+        metadata: Option<HashMap<String, String>>,
+    }
+    let listed: Listed = stripe.send(list, None).await?;
+    Ok(listed
+        .data
+        .into_iter()
+        .find(|item| {
+            item.metadata
+                .as_ref()
+                .and_then(|m| m.get(key))
+                .is_some_and(|v| v == value)
+        })
+        .map(|item| item.id))
 }

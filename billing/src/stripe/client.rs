@@ -43,6 +43,9 @@ pub enum StripeError {
         message: String,
         /// The `Retry-After` header (seconds), when given.
         retry_after: Option<Duration>,
+        /// Stripe's `Stripe-Should-Retry` header, when given: its word on whether the same
+        /// request can succeed (it replays a saved result for a reused idempotency key).
+        should_retry: Option<bool>,
     },
     /// No answer: connection refused or reset, DNS, TLS.
     #[error("cannot reach Stripe: {0}")]
@@ -60,11 +63,15 @@ pub enum StripeError {
 
 impl StripeError {
     /// True when the same request (with the same idempotency key) may succeed later: no
-    /// answer, a timeout, 429, 409 (Stripe's idempotency lock: the first attempt is still
-    /// running) or a 5xx.
+    /// answer, a timeout, or what `Stripe-Should-Retry` says; without that header, 429, 409
+    /// (Stripe's idempotency lock: the first attempt is still running) and 5xx.
     pub fn is_retryable(&self) -> bool {
         match self {
             StripeError::Transport(_) | StripeError::Timeout(_) => true,
+            StripeError::Api {
+                should_retry: Some(retry),
+                ..
+            } => *retry,
             StripeError::Api { status, .. } => *status == 429 || *status == 409 || *status >= 500,
             StripeError::Decode(_) | StripeError::Config(_) => false,
         }
@@ -264,9 +271,9 @@ impl StripeClient {
                 return Err(error);
             }
             let wait = match &error {
-                // Stripe said when: every request of this client waits, not only this one.
+                // Stripe said when (a 429, or a 503 during maintenance): every request of
+                // this client waits, not only this one.
                 StripeError::Api {
-                    status: 429,
                     retry_after: Some(after),
                     ..
                 } => {
@@ -338,15 +345,20 @@ impl StripeClient {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
+            let should_retry = response
+                .headers()
+                .get("stripe-should-retry")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<bool>().ok());
             let bytes = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| StripeError::Transport(e.to_string()))?
                 .to_bytes();
-            Ok((status, retry_after, bytes))
+            Ok((status, retry_after, should_retry, bytes))
         };
-        let (status, retry_after, bytes) =
+        let (status, retry_after, should_retry, bytes) =
             match tokio::time::timeout(self.settings.timeout, exchange).await {
                 Ok(result) => result?,
                 Err(_) => return Err(StripeError::Timeout(self.settings.timeout)),
@@ -362,6 +374,7 @@ impl StripeClient {
             code,
             message,
             retry_after,
+            should_retry,
         })
     }
 }
@@ -420,6 +433,7 @@ mod tests {
             code: None,
             message: String::new(),
             retry_after: None,
+            should_retry: None,
         };
         assert!(api(429).is_retryable());
         assert!(api(409).is_retryable());
@@ -428,6 +442,16 @@ mod tests {
         assert!(!api(400).is_retryable());
         assert!(!api(401).is_retryable());
         assert!(!api(404).is_retryable());
+        // Stripe's own word wins over the status.
+        let with_header = |status, retry| StripeError::Api {
+            status,
+            code: None,
+            message: String::new(),
+            retry_after: None,
+            should_retry: Some(retry),
+        };
+        assert!(!with_header(500, false).is_retryable());
+        assert!(with_header(400, true).is_retryable());
         assert!(StripeError::Transport("refused".into()).is_retryable());
         assert!(StripeError::Timeout(Duration::from_secs(1)).is_retryable());
         assert!(!StripeError::Decode("x".into()).is_retryable());

@@ -25,18 +25,19 @@ use sha2::{Digest, Sha256};
 /// Stripe accepts meter events up to this many days old.
 pub const MAX_AGE_DAYS: i64 = 35;
 
-/// The UTC days to report at `now`: complete, and no older than [`MAX_AGE_DAYS`], oldest
-/// first.
+/// A day this close to leaving Stripe's window is no longer sent: a run takes a while, and
+/// an event stamped just inside the window at the start may be outside it when it goes.
+pub const WINDOW_MARGIN_HOURS: i64 = 1;
+
+/// The UTC days to report at `now`: complete, and ending more than [`WINDOW_MARGIN_HOURS`]
+/// inside Stripe's [`MAX_AGE_DAYS`] window; oldest first.
 pub fn reportable_days(now: DateTime<Utc>) -> Vec<NaiveDate> {
     let today = now.date_naive();
+    let limit = Days::days(MAX_AGE_DAYS) - Days::hours(WINDOW_MARGIN_HOURS);
     (1..=MAX_AGE_DAYS)
         .rev()
         .map(|back| today - Days::days(back))
-        .filter(|day| {
-            // A day as old as the window allows is reportable only while its end is still
-            // inside the window.
-            now - day_end(*day) < Days::days(MAX_AGE_DAYS)
-        })
+        .filter(|day| now - day_end(*day) < limit)
         .collect()
 }
 
@@ -192,6 +193,14 @@ mod tests {
         let days = reportable_days(at("2025-12-10T00:00:00Z"));
         assert_eq!(days[0], date("2025-11-05"));
         assert!(!days.contains(&date("2025-11-04")));
+        // So is one within the last hour of its window (it could cross it mid-run).
+        let days = reportable_days(at("2025-12-10T23:30:00Z"));
+        assert_eq!(days[0], date("2025-11-06"));
+        assert_eq!(days.len(), 34);
+        assert_eq!(
+            reportable_days(at("2025-12-10T22:59:59Z"))[0],
+            date("2025-11-05")
+        );
     }
 
     #[test]

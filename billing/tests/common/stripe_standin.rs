@@ -94,6 +94,16 @@ impl StripeStandIn {
         self.call("DELETE", &format!("/v1/{path}"), None);
     }
 
+    /// POSTs a JSON body to `path` (localstripe reads JSON as well as forms).
+    pub(crate) fn post_json(&self, path: &str, body: &serde_json::Value) {
+        self.call("POST", path, Some(&body.to_string()));
+    }
+
+    /// Forgets every idempotency key, as Stripe does after 24 hours.
+    pub(crate) fn forget_idempotency_keys(&self) {
+        self.call("POST", "/_config/test/forget_keys", Some("{}"));
+    }
+
     /// Carries out the next request to `path`, then holds its answer for `seconds`.
     pub(crate) fn delay_answer(&self, path: &str, seconds: f64) {
         let fault = serde_json::json!({

@@ -28,7 +28,8 @@ pub(crate) enum StripeCommand {
         json: bool,
     },
     /// Report usage of complete UTC days to Stripe as meter events (the 02:00 job; safe to
-    /// run again: nothing is counted twice). Exits 1 when a customer failed.
+    /// run again: nothing is counted twice; one run at a time). Exits 1 when a customer
+    /// failed or something needs a person.
     Sync {
         /// Only this customer (`cus_...`).
         #[arg(long)]
@@ -117,8 +118,12 @@ pub(crate) async fn run(
             } else {
                 print_summary(&summary);
             }
+            // Anything that needs a person fails the run, so the cron job's alert fires.
             Ok(exit_code(
-                summary.failed.is_empty() && !summary.stopped_early,
+                summary.failed.is_empty()
+                    && !summary.stopped_early
+                    && summary.shrunk.is_empty()
+                    && summary.unconfirmed.is_empty(),
             ))
         }
     }
@@ -147,6 +152,18 @@ fn print_summary(summary: &sync::SyncSummary) {
         println!(
             "  to check: {} {} {} total {} is below the {} reported",
             day.customer_id, day.metric_type, day.usage_date, day.total, day.reported
+        );
+    }
+    for event in &summary.unconfirmed {
+        println!(
+            "  to check: {} {} {} pending event {} of {}: Stripe holds {}, we had {} accepted",
+            event.customer_id,
+            event.metric_type,
+            event.usage_date,
+            event.identifier,
+            event.pending,
+            event.stripe_total,
+            event.reported
         );
     }
     for failure in &summary.failed {
