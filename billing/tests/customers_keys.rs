@@ -1,6 +1,8 @@
 //! Customers and API keys against the real Postgres: only key hashes are stored, lookups find
 //! active keys and refuse revoked ones, and the `apexctl` commands do the same end to end.
 
+mod common;
+
 use std::process::{Command, Output};
 
 use apex_billing::customers::{CustomerStatus, NewCustomer, create_customer};
@@ -213,13 +215,8 @@ fn apexctl(stores: &TestStores, args: &[&str]) -> Output {
 
 /// `apexctl` with `APEX_JWT_SECRET` set to `secret`, or removed.
 fn apexctl_with_jwt_secret(stores: &TestStores, args: &[&str], secret: Option<&str>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &stores.config.database_url)
-        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
-        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
-        .env_remove("APEX_JWT_SECRET");
+    let mut command = common::apexctl_command(stores);
+    command.args(args);
     if let Some(secret) = secret {
         command.env("APEX_JWT_SECRET", secret);
     }

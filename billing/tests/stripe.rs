@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use apex_billing::customers::{NewCustomer, create_customer};
@@ -110,12 +109,39 @@ async fn run_sync_at(
 ) -> SyncSummary {
     let request = SyncRequest {
         customer: customer.map(str::to_owned),
-        day: None,
-        now,
+        ..every_day(now)
     };
     sync_usage(&stores.pool, &client(standin), &request)
         .await
         .unwrap()
+}
+
+/// A sync of every customer and reportable day at `now`.
+fn every_day(now: DateTime<Utc>) -> SyncRequest {
+    SyncRequest {
+        customer: None,
+        day: None,
+        now,
+    }
+}
+
+/// A customer's Stripe id as Postgres has it.
+async fn stripe_customer_of(stores: &TestStores, customer: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
+        .bind(customer)
+        .fetch_one(&stores.pool)
+        .await
+        .unwrap()
+}
+
+/// Sets (or clears) a customer's Stripe id in Postgres, behind the mapping's back.
+async fn set_stripe_customer(stores: &TestStores, customer: &str, stripe_id: Option<&str>) {
+    sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
+        .bind(customer)
+        .bind(stripe_id)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
 }
 
 /// POSTs to meter events on the stand-in, as (idempotency key, status), in order.
@@ -277,12 +303,7 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
         ]
     );
     // The event is stamped inside its day, for the customer's Stripe id.
-    let stripe_customer: String =
-        sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
-            .bind(customer)
-            .fetch_one(&stores.pool)
-            .await
-            .unwrap();
+    let stripe_customer = stripe_customer_of(&stores, customer).await.unwrap();
     for event in standin.meter_events() {
         assert_eq!(
             event["payload"]["stripe_customer_id"],
@@ -344,21 +365,11 @@ async fn a_stripe_500_then_success_gives_one_event() {
     let summary = run_sync(&stores, &standin, None).await;
     assert_eq!(summary.events_sent, 1, "{summary:?}");
     assert_eq!(events(&standin).len(), 1);
-    let attempts: Vec<_> = standin
-        .requests()
-        .into_iter()
-        .filter(|r| r["path"] == METER_EVENTS)
-        .collect();
+    let attempts = meter_event_posts(&standin);
     assert_eq!(attempts.len(), 3, "{attempts:?}");
-    let key = &attempts[0]["idempotency_key"];
-    assert!(attempts.iter().all(|a| &a["idempotency_key"] == key));
-    assert_eq!(
-        attempts
-            .iter()
-            .map(|a| a["status"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
-        [500, 500, 200]
-    );
+    assert!(attempts.iter().all(|(key, _)| *key == attempts[0].0));
+    let statuses: Vec<u64> = attempts.iter().map(|(_, status)| *status).collect();
+    assert_eq!(statuses, [500, 500, 200]);
 }
 
 #[tokio::test]
@@ -376,24 +387,13 @@ async fn a_timed_out_request_is_retried_with_the_same_key_and_counted_once() {
         },
     )
     .unwrap();
-    let request = SyncRequest {
-        customer: None,
-        day: None,
-        now: Utc::now(),
-    };
+    let request = every_day(Utc::now());
     let summary = sync_usage(&stores.pool, &stripe, &request).await.unwrap();
     assert_eq!(summary.events_sent, 1, "{summary:?}");
     assert_eq!(events(&standin).len(), 1);
-    let attempts: Vec<_> = standin
-        .requests()
-        .into_iter()
-        .filter(|r| r["path"] == METER_EVENTS)
-        .collect();
+    let attempts = meter_event_posts(&standin);
     assert_eq!(attempts.len(), 2, "{attempts:?}");
-    assert_eq!(
-        attempts[0]["idempotency_key"],
-        attempts[1]["idempotency_key"]
-    );
+    assert_eq!(attempts[0].0, attempts[1].0);
 }
 
 #[tokio::test]
@@ -427,16 +427,8 @@ async fn a_failing_customer_does_not_stop_the_others_and_is_resent_exactly_later
         add_usage(&stores, id, "impressions", yesterday, 500).await;
     }
     // The first customer's Stripe id is wrong: Stripe refuses its events (400).
-    let real: String = sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
-        .bind(&ids[0])
-        .fetch_one(&stores.pool)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE customers SET stripe_customer_id = 'cus_doesnotexist' WHERE id = $1")
-        .bind(&ids[0])
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    let real = stripe_customer_of(&stores, &ids[0]).await;
+    set_stripe_customer(&stores, &ids[0], Some("cus_doesnotexist")).await;
     let summary = run_sync(&stores, &standin, None).await;
     assert_eq!(summary.failed.len(), 1, "{summary:?}");
     assert_eq!(summary.failed[0].customer_id, ids[0]);
@@ -459,12 +451,7 @@ async fn a_failing_customer_does_not_stop_the_others_and_is_resent_exactly_later
 
     // Fixed, and more usage arrived meanwhile: the pending event goes first, exactly as it
     // was, then the difference.
-    sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
-        .bind(&ids[0])
-        .bind(&real)
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    set_stripe_customer(&stores, &ids[0], real.as_deref()).await;
     add_usage(&stores, &ids[0], "impressions", yesterday, 20).await;
     let summary = run_sync(&stores, &standin, Some(&ids[0])).await;
     assert!(summary.failed.is_empty(), "{summary:?}");
@@ -512,12 +499,7 @@ async fn an_unreachable_stripe_stops_the_run_early() {
     let mut ids = Vec::new();
     for n in 0..5 {
         let id = signup(&stores, &format!("Studio {n}")).await;
-        sqlx::query("UPDATE customers SET stripe_customer_id = $2 WHERE id = $1")
-            .bind(&id)
-            .bind(format!("cus_fake{n}"))
-            .execute(&stores.pool)
-            .await
-            .unwrap();
+        set_stripe_customer(&stores, &id, Some(&format!("cus_fake{n}"))).await;
         add_usage(&stores, &id, "impressions", day_ago(Utc::now(), 1), 1).await;
         ids.push(id);
     }
@@ -537,11 +519,7 @@ async fn an_unreachable_stripe_stops_the_run_early() {
     let base = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
     let stripe = StripeClient::new(&base, TEST_KEY, settings()).unwrap();
-    let request = SyncRequest {
-        customer: None,
-        day: None,
-        now: Utc::now(),
-    };
+    let request = every_day(Utc::now());
     let summary = sync_usage(&stores.pool, &stripe, &request).await.unwrap();
     assert!(summary.stopped_early, "{summary:?}");
     assert_eq!(summary.failed.len(), 3);
@@ -557,14 +535,18 @@ fn apexctl(
     standin: Option<&StripeStandIn>,
     args: &[&str],
 ) -> (i32, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
-    command
-        .args(args)
-        .env("DATABASE_URL", &stores.config.database_url)
-        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
-        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
-        .env_remove("STRIPE_SECRET_KEY")
-        .env_remove("STRIPE_API_BASE");
+    apexctl_with(stores, standin, args, &[])
+}
+
+/// `apexctl` on the test's databases, with the stand-in's key and URL when given, and `env`.
+fn apexctl_with(
+    stores: &TestStores,
+    standin: Option<&StripeStandIn>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut command = common::apexctl_command(stores);
+    command.args(args).envs(env.iter().copied());
     if let Some(standin) = standin {
         command
             .env("STRIPE_SECRET_KEY", TEST_KEY)
@@ -633,22 +615,14 @@ async fn apexctl_stripe_maps_syncs_and_refuses_bad_requests() {
     // Retries are logged, the key never is, even at the most verbose level.
     add_usage(&stores, &customer, "api_calls", yesterday, 3).await;
     standin.inject_fault(METER_EVENTS, 500, 1, None, false);
-    let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
-        .args(["stripe", "sync"])
-        .env("DATABASE_URL", &stores.config.database_url)
-        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
-        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
-        .env("STRIPE_SECRET_KEY", TEST_KEY)
-        .env("STRIPE_API_BASE", standin.base_url())
-        .env("APEX_LOG", "trace")
-        .output()
-        .unwrap();
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = apexctl_with(
+        &stores,
+        Some(&standin),
+        &["stripe", "sync"],
+        &[("APEX_LOG", "trace")],
     );
-    assert!(out.status.success(), "{printed}");
+    let printed = format!("{out}{err}");
+    assert_eq!(code, 0, "{printed}");
     assert!(
         printed.contains("retrying with the same idempotency key"),
         "{printed}"
@@ -755,12 +729,7 @@ async fn a_day_old_pending_event_stripe_lacks_is_sent_under_a_fresh_key() {
 async fn a_day_old_pending_event_stripe_disagrees_with_is_held_for_a_person() {
     let (stores, standin, customer, day) = left_pending(false, 300).await;
     // Something else put 40 on the customer's meter for that day.
-    let stripe_customer: String =
-        sqlx::query_scalar("SELECT stripe_customer_id FROM customers WHERE id = $1")
-            .bind(&customer)
-            .fetch_one(&stores.pool)
-            .await
-            .unwrap();
+    let stripe_customer = stripe_customer_of(&stores, &customer).await.unwrap();
     let stamp = day.and_hms_opt(12, 0, 0).unwrap().and_utc().timestamp();
     let stray = serde_json::json!({
         "event_name": "apex_impressions", "identifier": "stray_1", "timestamp": stamp,
@@ -798,11 +767,7 @@ async fn a_second_run_while_one_holds_the_lock_is_refused() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let request = SyncRequest {
-        customer: None,
-        day: None,
-        now: Utc::now(),
-    };
+    let request = every_day(Utc::now());
     let refused = sync_usage(&stores.pool, &client(&standin), &request)
         .await
         .unwrap_err();
@@ -836,11 +801,7 @@ async fn a_mapping_whose_ids_were_lost_adopts_what_stripe_has() {
     .unwrap();
     // A run died after Stripe created them and before Postgres kept the ids, and a day went
     // by (Stripe forgot the keys).
-    sqlx::query("UPDATE customers SET stripe_customer_id = NULL WHERE id = $1")
-        .bind(&ids[0])
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    set_stripe_customer(&stores, &ids[0], None).await;
     sqlx::query("UPDATE subscriptions SET stripe_subscription_id = NULL, stripe_customer_id = NULL WHERE customer_id = $1")
         .bind(&ids[0])
         .execute(&stores.pool)

@@ -1,5 +1,23 @@
 //! Support shared by the billing integration tests.
 
+use std::process::Command;
+
+use apex_pipeline::testing::TestStores;
+
 // Also compiled into ingest's webhook tests, which use other parts of it.
 #[allow(dead_code)]
 pub(crate) mod stripe_standin;
+
+/// The `apexctl` binary pointed at the test's own databases, with no other settings from
+/// the environment that could change what it does.
+pub(crate) fn apexctl_command(stores: &TestStores) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_apexctl"));
+    command
+        .env("DATABASE_URL", &stores.config.database_url)
+        .env("CLICKHOUSE_URL", &stores.config.clickhouse_url)
+        .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
+        .env_remove("APEX_JWT_SECRET")
+        .env_remove("STRIPE_SECRET_KEY")
+        .env_remove("STRIPE_API_BASE");
+    command
+}
