@@ -16,7 +16,8 @@
 # APEX_STACK_FAST=1 turns off fsync in PostgreSQL (throwaway test data only).
 # `up` also installs the Stripe stand-in's Python (localstripe, pinned) in a virtualenv under
 # APEX_TOOLS_DIR (/var/cache/apex/tools), outside the clone so CI reuses it; tests start
-# scripts/stripe-standin.py with it, one process per test.
+# scripts/stripe-standin.py with it, one process per test. And promtool (Debian's prometheus
+# package, unpacked there, no daemon), which the tests run on every process's /metrics.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +28,11 @@ ch_tcp="${APEX_STACK_CH_TCP_PORT:-19000}"
 pg_bin=/usr/lib/postgresql/15/bin
 ch_dir="$stack/ch"
 localstripe_version=1.15.10
-standin_venv="${APEX_TOOLS_DIR:-/var/cache/apex/tools}/localstripe-$localstripe_version"
+tools_dir="${APEX_TOOLS_DIR:-/var/cache/apex/tools}"
+standin_venv="$tools_dir/localstripe-$localstripe_version"
+# promtool, from Debian's prometheus package unpacked (no daemon, no service): the tests run
+# `promtool check metrics` on every process's /metrics.
+promtool_dir="$tools_dir/prometheus"
 
 log() { echo "stack: $*" >&2; }
 die() { echo "stack: $*" >&2; exit 1; }
@@ -41,6 +46,24 @@ print_env() {
   echo "${prefix}CLICKHOUSE_URL=$clickhouse_url"
   echo "${prefix}CLICKHOUSE_DATABASE=apex"
   echo "${prefix}APEX_STRIPE_STANDIN_PYTHON=$standin_venv/bin/python"
+  echo "${prefix}APEX_PROMTOOL=$promtool_dir/usr/bin/promtool"
+}
+
+# promtool: Debian's prometheus package, downloaded and unpacked once (a marker says done).
+promtool_up() {
+  [ -f "$promtool_dir/.ready" ] && return 0
+  [ "$(id -u)" = 0 ] || die "promtool is missing: run as root to install it"
+  log "installing promtool (Debian prometheus) into $promtool_dir"
+  local work; work=$(mktemp -d)
+  (cd "$work" && apt-get download -qq prometheus >&2) || {
+    apt-get update -qq >&2
+    (cd "$work" && apt-get download -qq prometheus >&2)
+  } || die "cannot download Debian's prometheus package"
+  rm -rf "$promtool_dir"
+  dpkg -x "$work"/prometheus_*.deb "$promtool_dir"
+  rm -rf "$work"
+  "$promtool_dir/usr/bin/promtool" --version >/dev/null 2>&1 || die "promtool does not run"
+  touch "$promtool_dir/.ready"
 }
 
 # The stand-in's Python: a virtualenv with localstripe, made once (a marker file says done).
@@ -277,6 +300,7 @@ case "${1:-}" in
     pg_up
     ch_up
     standin_up
+    promtool_up
     if [ "${2:-}" = --export ]; then print_env "export "; else print_env; fi
     ;;
   env) print_env "export " ;;

@@ -5,11 +5,11 @@
 use std::hint::black_box;
 use std::sync::Arc;
 
-use apex_billing::customers::CustomerStatus;
 use apex_billing::keys::generate_key;
+use apex_billing::status::CustomerStatus;
+use apex_core::model::{Metric, UsageRecord};
 use apex_ingest::keycache::{KeyCache, KeyVerdict};
 use apex_ingest::records::{WireBatch, WireRecord, parse_track, validate};
-use apex_pipeline::model::{Metric, UsageRecord};
 use apex_pipeline::sink::Submission;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 

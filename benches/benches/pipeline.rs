@@ -6,9 +6,10 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use apex_pipeline::clickhouse_sink::{Batch, encode_row};
-use apex_pipeline::model::{Metric, UsageRecord};
+use apex_core::model::{Metric, UsageRecord};
+use apex_pipeline::clickhouse_sink::encode_row;
 use apex_pipeline::postgres_sink::aggregate_hourly;
+use apex_pipeline::store::Batch;
 use apex_pipeline::wal::{self, WalWriter};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 

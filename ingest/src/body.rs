@@ -1,6 +1,12 @@
 //! Reading request bodies within limits: a size cap on what arrives, a deadline for it to
 //! arrive, and decompression (gzip, zstd) with its own cap on the decompressed size, so a
 //! compression bomb costs at most the cap in memory and gets 413.
+//!
+//! A compressed body is read to its end, whatever it is made of: every gzip member (RFC 1952
+//! allows concatenated members, which clients that compress a stream piece by piece send)
+//! and every zstd frame. Bytes after the last member or frame are decoded as one more and
+//! refused when they are not one (400 `invalid_encoding`), never ignored: no body is answered
+//! 2xx for fewer records than it carried.
 
 use std::future::{Future, poll_fn};
 use std::io::Read;
@@ -57,9 +63,16 @@ pub async fn read_body(
             }
         })?
         .to_bytes();
+    decode(encoding, collected, max_bytes)
+}
+
+/// The body as sent, decompressed (every gzip member, every zstd frame) within `max_bytes`.
+fn decode(encoding: Encoding, collected: Bytes, max_bytes: usize) -> Result<Bytes, ApiError> {
     match encoding {
         Encoding::Identity => Ok(collected),
-        Encoding::Gzip => decompress(flate2::read::GzDecoder::new(&collected[..]), max_bytes),
+        // MultiGzDecoder: GzDecoder stops after the first member and leaves the rest unread.
+        Encoding::Gzip => decompress(flate2::read::MultiGzDecoder::new(&collected[..]), max_bytes),
+        // zstd's reader goes on across concatenated frames until the input ends.
         Encoding::Zstd => {
             let decoder = zstd::stream::read::Decoder::new(&collected[..])
                 .map_err(|e| ApiError::InvalidEncoding(format!("zstd: {e}")))?;
@@ -68,6 +81,7 @@ pub async fn read_body(
     }
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Encoding {
     Identity,
     Gzip,
@@ -107,4 +121,75 @@ fn decompress(reader: impl Read, max_bytes: usize) -> Result<Bytes, ApiError> {
         });
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn zstd(bytes: &[u8]) -> Vec<u8> {
+        zstd::stream::encode_all(bytes, 1).unwrap()
+    }
+
+    const LINES: [&str; 3] = [
+        "{\"metric_type\":\"impressions\",\"quantity\":1}\n",
+        "{\"metric_type\":\"api_calls\",\"quantity\":2}\n",
+        "{\"metric_type\":\"impressions\",\"quantity\":3}\n",
+    ];
+
+    #[test]
+    fn every_gzip_member_and_zstd_frame_is_read() {
+        let whole = LINES.concat();
+        for (encoding, compress) in [
+            (Encoding::Gzip, gzip as fn(&[u8]) -> Vec<u8>),
+            (Encoding::Zstd, zstd),
+        ] {
+            let members: Vec<u8> = LINES.iter().flat_map(|l| compress(l.as_bytes())).collect();
+            let decoded = decode(encoding, Bytes::from(members), 1 << 20).unwrap();
+            assert_eq!(decoded, whole.as_bytes(), "{encoding:?}");
+            // A JSON body cut in two members is one body.
+            let body = br#"{"metric_type":"impressions","quantity":7}"#;
+            let split: Vec<u8> = [compress(&body[..10]), compress(&body[10..])].concat();
+            assert_eq!(
+                decode(encoding, Bytes::from(split), 1 << 20).unwrap(),
+                &body[..]
+            );
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_last_member_are_refused_not_ignored() {
+        for (encoding, compress) in [
+            (Encoding::Gzip, gzip as fn(&[u8]) -> Vec<u8>),
+            (Encoding::Zstd, zstd),
+        ] {
+            for tail in [&b"garbage"[..], b"\0\0\0\0", b"{\"x\":1}"] {
+                let mut body = compress(LINES[0].as_bytes());
+                body.extend_from_slice(tail);
+                let result = decode(encoding, Bytes::from(body), 1 << 20);
+                assert!(
+                    matches!(result, Err(ApiError::InvalidEncoding(_))),
+                    "{encoding:?} {tail:?}: {result:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_cap_counts_every_member() {
+        let members: Vec<u8> = (0..4).flat_map(|_| gzip(&[b'x'; 100])).collect();
+        assert!(decode(Encoding::Gzip, Bytes::from(members.clone()), 400).is_ok());
+        assert!(matches!(
+            decode(Encoding::Gzip, Bytes::from(members), 399),
+            Err(ApiError::TooLarge { .. })
+        ));
+    }
 }

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use apex_pipeline::env::{ConfigError, EnvSource};
-use apex_pipeline::stores::StoreConfig;
+use apex_core::env::{ConfigError, EnvSource};
+use apex_core::stores::StoreConfig;
+use apex_pipeline::durable::DurableConfig;
 
 /// A secret value whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -170,6 +171,18 @@ impl ServerConfig {
             wal_max_bytes,
             wal_group_commit_window: Duration::from_micros(group_commit_us),
         })
+    }
+}
+
+impl ServerConfig {
+    /// The durable sink's settings: the log in `APEX_WAL_DIR` applied to the stores, with the
+    /// queue, log cap and group-commit window of this configuration.
+    pub fn durable_config(&self) -> DurableConfig {
+        let mut sink = DurableConfig::new(&self.wal_dir, &self.stores);
+        sink.queue_capacity = self.queue_capacity;
+        sink.max_log_bytes = self.wal_max_bytes;
+        sink.group_commit_window = self.wal_group_commit_window;
+        sink
     }
 }
 

@@ -5,20 +5,25 @@
 use std::collections::BTreeMap;
 
 use apex_billing::BillingError;
+use apex_billing::customers;
+use apex_billing::ids::is_customer_id;
 use apex_billing::pricing::parse_month;
 use apex_billing::statement::{self, api_quantity, gb_number};
-use apex_pipeline::model::Metric;
+use apex_billing::tokens::{self, Claims};
+use apex_core::model::Metric;
 use chrono::{Duration, NaiveDate, Utc};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 
-use crate::auth::{self, Claims};
+use crate::auth::{self, AuthError};
 use crate::body::read_body;
 use crate::error::ApiError;
 use crate::response::{self, Body};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::usage::{BodyKind, body_kind};
 
 /// Most days `?days=` may ask for.
@@ -27,14 +32,16 @@ pub const MAX_DAYS: u32 = 365;
 /// The verified claims of a dashboard request's token. Whether its customer exists is
 /// checked by the query that loads the account (its `NotFound` is an invalid subject).
 fn claims(state: &AppState, request: &Request<Incoming>) -> Result<Claims, ApiError> {
-    let token =
-        auth::bearer(request.headers()).ok_or(ApiError::Unauthorized(auth::AuthError::Missing))?;
-    auth::verify(
+    let token = auth::bearer(request.headers())
+        .ok()
+        .flatten()
+        .ok_or(ApiError::Unauthorized(AuthError::Missing))?;
+    tokens::verify(
         token,
         state.jwt_secret.expose().as_bytes(),
         Utc::now().timestamp(),
     )
-    .map_err(ApiError::Unauthorized)
+    .map_err(|e| ApiError::Unauthorized(AuthError::Token(e)))
 }
 
 /// Like [`claims`], for an endpoint that loads no account: the customer must exist.
@@ -43,15 +50,25 @@ async fn existing_customer(
     request: &Request<Incoming>,
 ) -> Result<Claims, ApiError> {
     let claims = claims(state, request)?;
-    let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM customers WHERE id = $1")
-        .bind(&claims.customer_id)
-        .fetch_optional(&state.pool)
+    let exists = customers::exists(&state.pool, &claims.customer_id)
         .await
         .map_err(|_| ApiError::Unavailable("the account store is unavailable"))?;
-    if exists.is_none() {
-        return Err(ApiError::Unauthorized(auth::AuthError::InvalidSubject));
+    if !exists {
+        return Err(invalid_subject());
     }
     Ok(claims)
+}
+
+/// A pooled Postgres connection for a handler's reads.
+async fn connection(state: &AppState) -> Result<PoolConnection<Postgres>, ApiError> {
+    state.pool.acquire().await.map_err(|e| {
+        tracing::warn!(error = %e, "no Postgres connection for a dashboard request");
+        ApiError::Unavailable("the account store is unavailable")
+    })
+}
+
+fn invalid_subject() -> ApiError {
+    ApiError::Unauthorized(AuthError::Token(tokens::TokenError::InvalidSubject))
 }
 
 /// A billing failure as the dashboard answers it. A customer that vanished after its token
@@ -59,7 +76,7 @@ async fn existing_customer(
 /// logged), never a reason for the client to retry.
 fn billing_error(e: BillingError) -> ApiError {
     match e {
-        BillingError::NotFound { .. } => ApiError::Unauthorized(auth::AuthError::InvalidSubject),
+        BillingError::NotFound { .. } => invalid_subject(),
         BillingError::Invalid(message) => {
             tracing::error!(%message, "an account cannot be priced");
             ApiError::Internal("the account cannot be priced; the operators are alerted")
@@ -71,13 +88,16 @@ fn billing_error(e: BillingError) -> ApiError {
     }
 }
 
-/// The value of query parameter `name`, if present (first occurrence, not percent-decoded:
-/// every parameter of this API is plain digits or `YYYY-MM`).
-fn query_param<'a>(request: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
-    request.uri().query()?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then_some(value)
-    })
+/// The value of query parameter `name`, percent-decoded (`form_urlencoded`, so `%30` is `0`
+/// and `+` a space), if present; the first occurrence wins.
+fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
+    query_value(request.uri().query(), name)
+}
+
+fn query_value(query: Option<&str>, name: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
 }
 
 /// `GET /api/usage/current`.
@@ -86,7 +106,8 @@ pub async fn current(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let claims = claims(state, &request)?;
-    let usage = statement::current_usage(&state.pool, &claims.customer_id, Utc::now())
+    let mut conn = connection(state).await?;
+    let usage = statement::current_usage(&mut conn, &claims.customer_id, Utc::now())
         .await
         .map_err(billing_error)?;
     Ok(response::json(StatusCode::OK, &usage))
@@ -98,7 +119,8 @@ pub async fn limits(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let claims = claims(state, &request)?;
-    let limits = statement::limits(&state.pool, &claims.customer_id, Utc::now())
+    let mut conn = connection(state).await?;
+    let limits = statement::limits(&mut conn, &claims.customer_id, Utc::now())
         .await
         .map_err(billing_error)?;
     Ok(response::json(StatusCode::OK, &limits))
@@ -114,14 +136,25 @@ pub async fn preview(
         code: "invalid_month",
         message: "give ?month=YYYY-MM".into(),
     })?;
-    let period = parse_month(month).ok_or_else(|| ApiError::InvalidParameter {
-        code: "invalid_month",
-        message: format!("month {month:?} is not YYYY-MM"),
-    })?;
-    let preview = statement::invoice_preview(&state.pool, &claims.customer_id, month, &period)
+    let period = parse_month(&month).ok_or_else(|| invalid_month(&month))?;
+    let mut conn = connection(state).await?;
+    let preview = statement::invoice_preview(&mut conn, &claims.customer_id, &month, &period)
         .await
         .map_err(billing_error)?;
     Ok(response::json(StatusCode::OK, &preview))
+}
+
+/// The 400 of a month that is not `YYYY-MM` in the years the API serves.
+fn invalid_month(month: &str) -> ApiError {
+    let years = apex_billing::pricing::MONTH_YEARS;
+    ApiError::InvalidParameter {
+        code: "invalid_month",
+        message: format!(
+            "month {month:?} is not YYYY-MM from {}-01 to {}-12",
+            years.start(),
+            years.end()
+        ),
+    }
 }
 
 /// Parses `?days=`: 1 to [`MAX_DAYS`], default 30.
@@ -170,7 +203,7 @@ pub async fn analytics(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let claims = existing_customer(state, &request).await?;
-    let days = parse_days(query_param(&request, "days"))?;
+    let days = parse_days(query_param(&request, "days").as_deref())?;
     let end: NaiveDate = Utc::now().date_naive();
     let start = end - Duration::days(i64::from(days) - 1);
     let rows: Vec<(String, String, u64)> = state
@@ -247,7 +280,10 @@ pub async fn set_revenue(
     let Some(expected) = &state.admin_token else {
         return Err(ApiError::NotFound);
     };
-    let given = auth::bearer(request.headers()).ok_or(ApiError::AdminUnauthorized)?;
+    let given = auth::bearer(request.headers())
+        .ok()
+        .flatten()
+        .ok_or(ApiError::AdminUnauthorized)?;
     if !auth::secrets_equal(given, expected.expose()) {
         return Err(ApiError::AdminUnauthorized);
     }
@@ -271,16 +307,13 @@ pub async fn set_revenue(
             ApiError::InvalidJson(format!("the body is not JSON: {e}"))
         }
     })?;
-    if !auth::is_customer_id(&body.customer_id) {
+    if !is_customer_id(&body.customer_id) {
         return Err(ApiError::InvalidParameter {
             code: "invalid_customer_id",
             message: "customer_id must be cus_...".into(),
         });
     }
-    let period = parse_month(&body.month).ok_or_else(|| ApiError::InvalidParameter {
-        code: "invalid_month",
-        message: format!("month {:?} is not YYYY-MM", body.month),
-    })?;
+    let period = parse_month(&body.month).ok_or_else(|| invalid_month(&body.month))?;
     if body.cents > i64::MAX as u64 {
         return Err(ApiError::InvalidParameter {
             code: "invalid_cents",
@@ -307,6 +340,28 @@ pub async fn set_revenue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            query_value(Some("days=3%30"), "days").as_deref(),
+            Some("30")
+        );
+        assert_eq!(
+            query_value(Some("x=1&month=2025%2D11&month=2024-01"), "month").as_deref(),
+            Some("2025-11")
+        );
+        assert_eq!(query_value(Some("da%79s=7"), "days").as_deref(), Some("7"));
+        assert_eq!(query_value(Some("days"), "days").as_deref(), Some(""));
+        assert_eq!(query_value(Some("other=1"), "days"), None);
+        assert_eq!(query_value(None, "days"), None);
+        // Decoded text still goes through the strict parsers.
+        assert!(parse_days(query_value(Some("days=%2B5"), "days").as_deref()).is_err());
+        assert_eq!(
+            parse_days(query_value(Some("days=3%30"), "days").as_deref()).unwrap(),
+            30
+        );
+    }
 
     #[test]
     fn days_are_1_to_365_with_30_by_default() {

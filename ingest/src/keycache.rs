@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use apex_billing::customers::CustomerStatus;
-use apex_billing::keys::{has_key_shape, hash_key};
+use apex_billing::BillingError;
+use apex_billing::keys::{self, KeyOwner, has_key_shape, hash_key};
+use apex_billing::status::CustomerStatus;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use dashmap::DashMap;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -30,6 +32,12 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
 pub const MISS_LOOKUP_PERMITS: usize = 4;
 /// How long a miss waits for a lookup permit before it is answered 503.
 pub const MISS_LOOKUP_WAIT: Duration = Duration::from_millis(500);
+/// Waits between attempts to reconnect the listener: 0.5 s doubling to 10 s.
+const RECONNECT: ExponentialBuilder = ExponentialBuilder::new()
+    .with_min_delay(Duration::from_millis(500))
+    .with_max_delay(Duration::from_secs(10))
+    .with_factor(2.0)
+    .without_max_times();
 
 type KeyHash = [u8; 32];
 
@@ -38,6 +46,15 @@ type KeyHash = [u8; 32];
 struct CachedKey {
     customer_id: Arc<str>,
     status: CustomerStatus,
+}
+
+impl From<KeyOwner> for CachedKey {
+    fn from(owner: KeyOwner) -> Self {
+        Self {
+            customer_id: owner.customer_id.into(),
+            status: owner.customer_status,
+        }
+    }
 }
 
 /// The verdict on a presented key.
@@ -146,20 +163,10 @@ impl KeyCache {
         })
     }
 
-    async fn lookup(&self, hash: &KeyHash) -> Result<Option<CachedKey>, sqlx::Error> {
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT k.customer_id, c.status FROM api_keys k JOIN customers c ON c.id = k.customer_id \
-             WHERE k.key_hash = $1 AND k.status = 'active'",
-        )
-        .bind(hash.as_slice())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.and_then(|(customer_id, status)| {
-            Some(CachedKey {
-                customer_id: customer_id.into(),
-                status: status.parse().ok()?,
-            })
-        }))
+    async fn lookup(&self, hash: &KeyHash) -> Result<Option<CachedKey>, BillingError> {
+        Ok(keys::active_key_by_hash(&self.pool, hash)
+            .await?
+            .map(CachedKey::from))
     }
 
     /// Puts a key into the cache directly, as a load would (benchmarks use it to fill the
@@ -190,26 +197,11 @@ impl KeyCache {
     }
 
     /// Replaces the cache's view of one customer with what Postgres holds now.
-    pub async fn refresh_customer(&self, customer_id: &str) -> Result<(), sqlx::Error> {
-        let rows: Vec<(Vec<u8>, String)> = sqlx::query_as(
-            "SELECT k.key_hash, c.status FROM api_keys k JOIN customers c ON c.id = k.customer_id \
-             WHERE k.customer_id = $1 AND k.status = 'active'",
-        )
-        .bind(customer_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let customer: Arc<str> = customer_id.into();
-        let fresh: Vec<(KeyHash, CachedKey)> = rows
+    pub async fn refresh_customer(&self, customer_id: &str) -> Result<(), BillingError> {
+        let fresh: Vec<(KeyHash, CachedKey)> = keys::active_keys_of(&self.pool, customer_id)
+            .await?
             .into_iter()
-            .filter_map(|(hash, status)| {
-                Some((
-                    hash.try_into().ok()?,
-                    CachedKey {
-                        customer_id: customer.clone(),
-                        status: status.parse().ok()?,
-                    },
-                ))
-            })
+            .map(|owner| (owner.key_hash, CachedKey::from(owner)))
             .collect();
         if let Some((_, old)) = self.by_customer.remove(customer_id) {
             for hash in old {
@@ -227,29 +219,22 @@ impl KeyCache {
     }
 
     /// Reloads every active key and drops what is gone.
-    pub async fn refresh_all(&self) -> Result<(), sqlx::Error> {
-        let rows: Vec<(Vec<u8>, String, String)> = sqlx::query_as(
-            "SELECT k.key_hash, k.customer_id, c.status FROM api_keys k \
-             JOIN customers c ON c.id = k.customer_id WHERE k.status = 'active'",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+    pub async fn refresh_all(&self) -> Result<(), BillingError> {
+        let owners = keys::all_active_keys(&self.pool).await?;
         let mut fresh: std::collections::HashMap<KeyHash, CachedKey> =
-            std::collections::HashMap::with_capacity(rows.len());
+            std::collections::HashMap::with_capacity(owners.len());
+        // Keys of one customer share one allocation of its id.
         let mut customers: std::collections::HashMap<String, Arc<str>> = Default::default();
-        for (hash, customer_id, status) in rows {
-            let (Ok(hash), Ok(status)) = (KeyHash::try_from(hash), status.parse()) else {
-                continue;
-            };
+        for owner in owners {
             let customer_id = customers
-                .entry(customer_id)
+                .entry(owner.customer_id)
                 .or_insert_with_key(|id| Arc::from(id.as_str()))
                 .clone();
             fresh.insert(
-                hash,
+                owner.key_hash,
                 CachedKey {
                     customer_id,
-                    status,
+                    status: owner.customer_status,
                 },
             );
         }
@@ -275,6 +260,9 @@ impl KeyCache {
         tokio::pin!(shutdown);
         let mut full = tokio::time::interval(full_every);
         full.tick().await;
+        // Reconnection waits grow from 0.5 s to 10 s while Postgres stays away, and start
+        // over once a connection listens.
+        let mut reconnect = RECONNECT.build();
         'connect: loop {
             let connected = match PgListener::connect_with(&self.pool).await {
                 Ok(mut listener) => listener.listen(KEY_CHANGE_CHANNEL).await.map(|()| listener),
@@ -284,12 +272,14 @@ impl KeyCache {
                 Ok(listener) => listener,
                 Err(e) => {
                     tracing::warn!(error = %e, "key cache: cannot connect the listener; retrying");
+                    let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
                     tokio::select! {
                         () = &mut shutdown => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue 'connect,
+                        () = tokio::time::sleep(wait) => continue 'connect,
                     }
                 }
             };
+            reconnect = RECONNECT.build();
             // Anything may have changed while we were not listening.
             if let Err(e) = self.refresh_all().await {
                 tracing::warn!(error = %e, "key cache: full refresh failed");
@@ -318,9 +308,10 @@ impl KeyCache {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "key cache: listener failed; reconnecting");
+                            let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
                             tokio::select! {
                                 () = &mut shutdown => return,
-                                () = tokio::time::sleep(Duration::from_secs(1)) => continue 'connect,
+                                () = tokio::time::sleep(wait) => continue 'connect,
                             }
                         }
                     }

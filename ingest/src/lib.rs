@@ -1,9 +1,11 @@
 //! The HTTP edge of the system, served by `apex-server`: a bare hyper 1.x server for SDK
 //! telemetry, the dashboard's usage API and Stripe webhooks, with health,
-//! readiness and Prometheus endpoints.
+//! readiness and Prometheus endpoints. It links the pipeline and the billing domain only:
+//! no Stripe SDK, email, template or scheduler crate (a test checks its dependency tree).
 //!
 //! - [`config`]: the server's typed environment configuration.
-//! - [`auth`]: dashboard JWTs (HS256, pinned) and the admin token.
+//! - [`auth`]: the bearer credential of `Authorization`, dashboard JWTs (checked by
+//!   `apex_billing::tokens`) and the admin token.
 //! - [`dashboard`]: the usage API (current period, analytics, limits), the invoice preview and
 //!   the admin revenue endpoint.
 //! - [`usage`]: the ingest endpoints (track, batch), reading decode → key → validate → send.
@@ -12,10 +14,12 @@
 //! - [`keycache`]: API keys in memory, kept current by LISTEN/NOTIFY.
 //! - [`dedup`]: duplicate event ids within a bounded window.
 //! - [`error`]: every refusal and its one status mapping.
-//! - [`server`]: `run(config, listener, shutdown)`, the accept loop, limits and graceful shutdown.
+//! - [`server`]: `run_with_sink(config, listener, sink, shutdown)`, the accept loop, limits
+//!   and graceful shutdown (`main` starts the durable sink and passes it in).
+//! - [`state`]: what every handler can reach.
 //! - [`routes`]: the router; every response is built here or in [`response`].
 //! - [`response`]: JSON bodies, including the one error shape of the API.
-//! - [`telemetry`]: the Prometheus recorder and metric names.
+//! - [`telemetry`]: the Prometheus recorder and the edge's metric names.
 //! - [`webhook`]: `POST /webhooks/stripe`, signed Stripe events handed to billing.
 
 pub mod auth;
@@ -29,9 +33,11 @@ pub mod records;
 pub mod response;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub mod telemetry;
 pub mod usage;
 pub mod webhook;
 
 pub use config::ServerConfig;
-pub use server::{AppState, ServerError, run, run_with_sink};
+pub use server::{ServerError, run_with_sink};
+pub use state::AppState;

@@ -1,10 +1,11 @@
-//! `apex-server`: reads its configuration, sets up logging, binds, and runs the server until
-//! SIGTERM or SIGINT.
+//! `apex-server`: reads its configuration, sets up logging, starts the durable pipeline (the
+//! write-ahead log and its appliers), binds, and runs the server until SIGTERM or SIGINT.
 
 use std::process::ExitCode;
 
-use apex_ingest::{ServerConfig, run};
-use apex_pipeline::env::EnvSource;
+use apex_core::env::EnvSource;
+use apex_ingest::{ServerConfig, run_with_sink};
+use apex_pipeline::durable::DurableSink;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -44,7 +45,16 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match run(config, listener, shutdown_signal()).await {
+        // The production sink: the write-ahead log and one applier per store. Tests pass
+        // their own sink to the same `run_with_sink`, which shuts it down at the end.
+        let sink = match DurableSink::start(&config.durable_config()) {
+            Ok(sink) => sink,
+            Err(e) => {
+                eprintln!("apex-server: cannot start the pipeline: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match run_with_sink(config, listener, sink, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("apex-server: {e}");

@@ -7,7 +7,7 @@
 
 use std::borrow::Cow;
 
-use apex_pipeline::model::{BYTES_PER_GB, Metric};
+use apex_core::model::{BYTES_PER_GB, Metric};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -230,7 +230,8 @@ pub fn parse_quantity(text: &str, metric: Metric) -> Result<u64, RecordError> {
             ),
         )
     };
-    if digits.len() as i64 + shift > 20 {
+    // Saturating: an exponent of i64::MAX must be "too large", never an overflow.
+    if (digits.len() as i64).saturating_add(shift) > 20 {
         return Err(too_large());
     }
     let mut value: u64 = digits.parse().map_err(|_| too_large())?;
@@ -259,7 +260,8 @@ pub fn parse_timestamp(text: &str, now_ms: i64) -> Result<i64, RecordError> {
             .timestamp_millis()
     } else {
         let n: i64 = text.parse().map_err(|_| invalid())?;
-        if n.abs() >= 100_000_000_000 {
+        // unsigned_abs: i64::MIN has no positive i64 (abs() would overflow).
+        if n.unsigned_abs() >= 100_000_000_000 {
             n
         } else {
             n.checked_mul(1_000).ok_or_else(invalid)?
@@ -345,6 +347,32 @@ mod tests {
                 Metric::Impressions,
                 "invalid_quantity",
             ),
+            // Hostile exponents at the ends of i64: refused, never an overflow.
+            (
+                "1e9223372036854775807",
+                Metric::Impressions,
+                "quantity_too_large",
+            ),
+            (
+                "1e9223372036854775807",
+                Metric::DataTransfer,
+                "quantity_too_large",
+            ),
+            (
+                "1e-9223372036854775808",
+                Metric::Impressions,
+                "invalid_quantity",
+            ),
+            (
+                "1.5e-9223372036854775808",
+                Metric::DataTransfer,
+                "invalid_quantity",
+            ),
+            (
+                "0e9223372036854775807",
+                Metric::Impressions,
+                "invalid_quantity",
+            ),
         ] {
             assert_eq!(
                 parse_quantity(text, metric).map_err(|e| e.code),
@@ -382,7 +410,25 @@ mod tests {
             "timestamp_out_of_range"
         );
         assert!(parse_timestamp(&(NOW - 34 * day).to_string(), NOW).is_ok());
-        for bad in ["\"yesterday\"", "\"2025-11-24\"", "1.5", "{}", "true"] {
+        for hostile in [
+            "-9223372036854775808",
+            "9223372036854775807",
+            "-99999999999",
+        ] {
+            assert_eq!(
+                parse_timestamp(hostile, NOW).unwrap_err().code,
+                "timestamp_out_of_range",
+                "{hostile}"
+            );
+        }
+        for bad in [
+            "\"yesterday\"",
+            "\"2025-11-24\"",
+            "1.5",
+            "{}",
+            "true",
+            "-9223372036854775809",
+        ] {
             assert_eq!(
                 parse_timestamp(bad, NOW).unwrap_err().code,
                 "invalid_timestamp",

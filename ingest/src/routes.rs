@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::error::ApiError;
 use crate::response::{self, Body};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::{dashboard, telemetry, usage, webhook};
 
 /// Handles one request. Never fails: every outcome is a response.
@@ -169,18 +169,27 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
-/// Ready when the key cache has loaded and the pipeline takes records.
+/// Ready when the key cache has loaded. A store stuck on a permanent error does not make the
+/// edge unready (the log still takes and keeps every record until its cap, so taking this
+/// instance out of rotation would only turn a store fault into an ingest outage); the answer
+/// says `degraded` and names the store, its parked batch and the error, and
+/// `apex_pipeline_parked_batches` alerts on it.
 fn readiness(state: &AppState) -> Response<Body> {
-    if state.keys.is_loaded() {
-        response::json(
-            StatusCode::OK,
-            &json!({"status": "ready", "keys": state.keys.len()}),
-        )
-    } else {
-        response::error(
+    if !state.keys.is_loaded() {
+        return response::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "the API key cache is not loaded",
-        )
+        );
     }
+    let stuck = state.sink.stuck_stores();
+    let status = if stuck.is_empty() {
+        "ready"
+    } else {
+        "degraded"
+    };
+    response::json(
+        StatusCode::OK,
+        &json!({"status": status, "keys": state.keys.len(), "stuck_stores": stuck}),
+    )
 }

@@ -1,6 +1,7 @@
 //! The server's life: connect the stores, migrate, then accept connections until `shutdown`
-//! resolves; then stop accepting, let in-flight requests finish (up to the grace period) and
-//! return. `main` and the tests call the same [`run`].
+//! resolves; then stop accepting, let in-flight requests finish (up to the grace period), shut
+//! the sink down (everything acknowledged is durable) and return. `main` starts the durable
+//! sink and calls [`run_with_sink`]; the tests call the same function with the sink they want.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -10,16 +11,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use apex_pipeline::durable::{DurableConfig, DurableSink};
 use apex_pipeline::sink::RecordSink;
 
-use crate::config::{IngestLimits, Secret, ServerConfig};
+use crate::config::ServerConfig;
 use crate::dedup::Dedup;
 use crate::keycache::KeyCache;
+use crate::state::AppState;
 use crate::{routes, telemetry};
 
 /// Why the server could not start or run.
@@ -28,12 +28,12 @@ pub enum ServerError {
     /// Postgres could not be reached at start-up.
     #[error("cannot connect to Postgres (DATABASE_URL): {0}")]
     Postgres(#[from] sqlx::Error),
+    /// The API keys could not be loaded at start-up.
+    #[error("cannot load the API keys: {0}")]
+    Keys(#[from] apex_billing::BillingError),
     /// A migration failed at start-up.
     #[error(transparent)]
-    Migrate(#[from] apex_pipeline::migrate::MigrateError),
-    /// The pipeline could not be started.
-    #[error("cannot start the pipeline: {0}")]
-    Pipeline(String),
+    Migrate(#[from] apex_core::migrate::MigrateError),
     /// The write-ahead log folder cannot be created.
     #[error("APEX_WAL_DIR {path} cannot be created: {source}")]
     WalDir {
@@ -42,43 +42,6 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
-}
-
-/// What every request handler can reach.
-pub struct AppState {
-    /// Postgres pool.
-    pub pool: PgPool,
-    /// API key cache.
-    pub keys: Arc<KeyCache>,
-    /// Event ids seen recently.
-    pub dedup: Arc<Dedup>,
-    /// Where accepted records go.
-    pub sink: Arc<dyn RecordSink>,
-    /// Request limits.
-    pub limits: IngestLimits,
-    /// ClickHouse, for the dashboard's analytics.
-    pub clickhouse: clickhouse::Client,
-    /// Secret of dashboard JWTs.
-    pub jwt_secret: Secret,
-    /// Token of the admin endpoints; `None` turns them off.
-    pub admin_token: Option<Secret>,
-    /// Stripe webhook endpoint secrets (two during a rotation); none turns webhooks off.
-    pub stripe_webhook_secrets: Vec<Secret>,
-}
-
-/// Runs the server with the production pipeline on `listener` until `shutdown` resolves,
-/// then drains and returns.
-pub async fn run(
-    config: ServerConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), ServerError> {
-    let mut sink_config = DurableConfig::new(&config.wal_dir, &config.stores);
-    sink_config.queue_capacity = config.queue_capacity;
-    sink_config.max_log_bytes = config.wal_max_bytes;
-    sink_config.group_commit_window = config.wal_group_commit_window;
-    let sink = DurableSink::start(&sink_config).map_err(ServerError::Pipeline)?;
-    run_with_sink(config, listener, sink, shutdown).await
 }
 
 /// Runs the server with the given sink (tests pass their own) until `shutdown` resolves;
@@ -97,7 +60,7 @@ pub async fn run_with_sink(
     })?;
     let pool = config.stores.connect_postgres().await?;
     if config.migrate_on_start {
-        apex_pipeline::migrate::migrate_all(&pool, &config.stores).await?;
+        apex_core::migrate::migrate_all(&pool, &config.stores).await?;
     }
     let keys = KeyCache::new(pool.clone());
     keys.refresh_all().await?;

@@ -6,21 +6,22 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use apex_pipeline::model::UsageRecord;
+use apex_core::model::UsageRecord;
 use apex_pipeline::sink::{Ack, SinkError};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
+use hyper::header::{CONTENT_TYPE, HeaderMap};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::auth;
 use crate::body::read_body;
 use crate::dedup::{Claim, Dedup, IdKey};
 use crate::error::{ApiError, RecordError};
 use crate::keycache::KeyVerdict;
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
 use crate::response::{self, Body};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::telemetry;
 
 fn now_ms() -> i64 {
@@ -62,16 +63,7 @@ pub(crate) fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
 
 /// The key in `Authorization: Bearer ...`, if the header is there.
 fn bearer_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get(AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let value = value.to_str().map_err(|_| ApiError::InvalidAuthorization)?;
-    match value.split_once(' ') {
-        Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") && !key.trim().is_empty() => {
-            Ok(Some(key.trim()))
-        }
-        _ => Err(ApiError::InvalidAuthorization),
-    }
+    auth::bearer(headers).map_err(|_| ApiError::InvalidAuthorization)
 }
 
 fn choose_key<'a>(header: Option<&'a str>, body: Option<&'a str>) -> Result<&'a str, ApiError> {

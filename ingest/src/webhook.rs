@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::body::read_body;
 use crate::error::ApiError;
 use crate::response::{self, Body};
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Largest webhook body accepted (Stripe's events are a few KiB).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -72,7 +72,11 @@ pub async fn stripe(
         code: "invalid_event",
         message: "the body is not a Stripe event (id evt_..., type, data.object)".into(),
     })?;
-    let handled = webhooks::handle(&state.pool, &event, &payload)
+    let mut conn = state.pool.acquire().await.map_err(|e| {
+        tracing::warn!(error = %e, event = %event.id, "webhook not stored: no Postgres connection");
+        ApiError::Unavailable("the event could not be stored; retry")
+    })?;
+    let handled = webhooks::handle(&mut conn, &event, &payload)
         .await
         .map_err(|e| match e {
             BillingError::Invalid(message) => ApiError::InvalidJson(message),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apex_pipeline::model::UsageRecord;
+use apex_core::model::UsageRecord;
 use apex_pipeline::sink::{Ack, RecordSink, SinkError};
 use common::{customer, post_json, start_with};
 use serde_json::json;

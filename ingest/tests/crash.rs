@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use apex_pipeline::testing::TestStores;
+use apex_core::testing::TestStores;
 use common::{JWT_SECRET, customer_in, try_post};
 use tokio::sync::Mutex;
 

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use apex_billing::tokens::sign;
+use apex_billing::tokens;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{Datelike, Utc};
@@ -15,6 +15,11 @@ use common::{Answer, JWT_SECRET, TestServer};
 use serde_json::{Value, json};
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
+
+/// Signs `claims` with `secret` (never empty here).
+fn sign(claims: &Value, secret: &[u8]) -> String {
+    tokens::sign(claims, secret).unwrap()
+}
 
 fn token_for(customer: &str) -> String {
     sign(
@@ -151,6 +156,10 @@ async fn analytics_come_from_the_daily_rollup_with_empty_days_as_zero() {
     assert_eq!(week["avg_daily_impressions"], 1_500_000 / 7);
     let year = dashboard(&server, "/api/usage/analytics?days=365", &token).await;
     assert_eq!(year.json()["daily_usage"].as_array().unwrap().len(), 365);
+    // Parameters are percent-decoded: `3%30` is 30.
+    let encoded = dashboard(&server, "/api/usage/analytics?days=3%30", &token).await;
+    assert_eq!(encoded.status, 200, "{}", encoded.body);
+    assert_eq!(encoded.json()["days"], 30);
     // The token is checked before the parameters.
     let anonymous = common::get(server.addr, "/api/usage/analytics?days=0").await;
     assert_eq!(anonymous.status, 401);
@@ -234,7 +243,12 @@ async fn the_preview_charges_the_platform_fee_on_reported_revenue_and_the_overag
         .json();
     assert_eq!(empty["total_cents"], 0);
     assert_eq!(empty["lines"], json!([]));
-    for bad in ["2025-13", "2025-1", "nope", ""] {
+    // Months whose periods an RFC 3339 date-time cannot show (9999-12 would end in year
+    // 10000) or that predate any usage are refused; every answer stays valid against the
+    // spec (the test client checks each one against openapi.yaml).
+    for bad in [
+        "2025-13", "2025-1", "nope", "", "9999-12", "9999-01", "1969-12", "0000-01",
+    ] {
         let answer = dashboard(
             &server,
             &format!("/api/billing/preview?month={bad}"),
@@ -244,6 +258,9 @@ async fn the_preview_charges_the_platform_fee_on_reported_revenue_and_the_overag
         assert_eq!(answer.status, 400, "{bad}: {}", answer.body);
         assert_eq!(answer.error_code(), "invalid_month");
     }
+    let last = dashboard(&server, "/api/billing/preview?month=9998-12", &token).await;
+    assert_eq!(last.status, 200, "{}", last.body);
+    assert_eq!(last.json()["period_end"], "9999-01-01T00:00:00Z");
     let missing = dashboard(&server, "/api/billing/preview", &token).await;
     assert_eq!(missing.status, 400);
 
@@ -268,6 +285,10 @@ async fn the_preview_charges_the_platform_fee_on_reported_revenue_and_the_overag
     for (bad, code) in [
         (
             json!({"customer_id": customer, "month": "2025-13", "cents": 1}),
+            "invalid_month",
+        ),
+        (
+            json!({"customer_id": customer, "month": "9999-12", "cents": 1}),
             "invalid_month",
         ),
         (

@@ -192,6 +192,55 @@ async fn compressed_bodies_are_read_and_bombs_refused() {
     assert_eq!(answer.error_code(), "decompressed_too_large");
 }
 
+/// Bodies compressed piece by piece (several gzip members, several zstd frames) are read to
+/// their end: every record they carry is accepted and stored, none silently dropped.
+#[tokio::test]
+async fn every_gzip_member_and_zstd_frame_of_a_body_is_read() {
+    let server = start().await;
+    let (customer_id, key) = customer(&server).await;
+    let lines: Vec<String> = [1, 2, 4]
+        .iter()
+        .map(|q| json!({"metric_type": "impressions", "quantity": q}).to_string() + "\n")
+        .collect();
+    let bearer = format!("Authorization: Bearer {key}");
+    for (encoding, compress) in [
+        ("gzip", gzip as fn(&[u8]) -> Vec<u8>),
+        ("zstd", |data: &[u8]| zstd::encode_all(data, 3).unwrap()),
+    ] {
+        // An NDJSON batch of three records, each compressed on its own and concatenated.
+        let members: Vec<u8> = lines.iter().flat_map(|l| compress(l.as_bytes())).collect();
+        let answer = post(
+            server.addr,
+            "/api/usage/batch",
+            &[
+                "Content-Type: application/x-ndjson",
+                &format!("Content-Encoding: {encoding}"),
+                &bearer,
+            ],
+            &members,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{encoding}: {}", answer.body);
+        assert_eq!(answer.json()["accepted"], 3, "{encoding}: {}", answer.body);
+        // One JSON body split across two members.
+        let body = json!({"api_key": key, "metric_type": "impressions", "quantity": 8}).to_string();
+        let (head, tail) = body.as_bytes().split_at(body.len() / 2);
+        let split = [compress(head), compress(tail)].concat();
+        let answer = post(
+            server.addr,
+            "/api/usage/track",
+            &[
+                "Content-Type: application/json",
+                &format!("Content-Encoding: {encoding}"),
+            ],
+            &split,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{encoding}: {}", answer.body);
+    }
+    assert_total(&server, &customer_id, "impressions", 2 * (1 + 2 + 4 + 8)).await;
+}
+
 #[tokio::test]
 async fn a_key_revoked_elsewhere_is_refused_within_a_second() {
     let server = start().await;

@@ -6,10 +6,6 @@
 //! created, and its cancellation reaches the subscription here.
 
 mod common;
-// Shared with billing's tests; this file uses only part of it.
-#[allow(dead_code)]
-#[path = "../../billing/tests/common/stripe_standin.rs"]
-mod stripe_standin;
 
 use apex_billing::webhooks::sign;
 use common::{Answer, TestServer};
@@ -211,6 +207,17 @@ async fn forged_stale_unsigned_and_malformed_deliveries_are_refused() {
             "invalid_signature",
         ),
         (
+            // A hostile timestamp must not overflow the tolerance arithmetic.
+            "timestamp i64::MIN",
+            deliver(&server, &body, signed(SECRET, &body, i64::MIN)).await,
+            "stale_signature",
+        ),
+        (
+            "timestamp i64::MAX",
+            deliver(&server, &body, signed(SECRET, &body, i64::MAX)).await,
+            "stale_signature",
+        ),
+        (
             "not an event",
             deliver(
                 &server,
@@ -239,9 +246,9 @@ async fn without_a_secret_the_endpoint_does_not_exist() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn localstripe_deliveries_reach_billing_through_the_verifier() {
-    use apex_billing::stripe::catalog::{sync_catalog, sync_customers};
-    use apex_billing::stripe::client::{ClientSettings, StripeClient};
-    use stripe_standin::{StripeStandIn, TEST_KEY};
+    use apex_stripe::catalog::{sync_catalog, sync_customers};
+    use apex_stripe::client::{ClientSettings, StripeClient};
+    use apex_stripe::testing::{StripeStandIn, TEST_KEY};
 
     let server = server().await;
     let (customer, _) = common::customer(&server).await;

@@ -7,9 +7,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use apex_pipeline::env::EnvSource;
-use apex_pipeline::model::Metric;
-use apex_pipeline::stores::StoreConfig;
+use apex_core::env::EnvSource;
+use apex_core::model::Metric;
+use apex_core::stores::StoreConfig;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper::body::Bytes;

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use apex_pipeline::model::{BYTES_PER_GB, Metric};
+use apex_core::model::{BYTES_PER_GB, Metric};
 use bytes::Bytes;
 use serde::Deserialize;
 

@@ -40,7 +40,9 @@ use bytes::Bytes;
 use clickhouse::Client;
 use serde::Serialize;
 
-use crate::model::{Metric, UsageRecord};
+use apex_core::model::{Metric, UsageRecord};
+
+use crate::store::{Batch, Resume, StoreError, StoreWriter};
 
 /// Rows in one batch at most: ClickHouse's advice is inserts of 10,000 to 1,000,000 rows,
 /// and a replay reads the `batch_seq` of one batch into memory.
@@ -96,20 +98,6 @@ pub fn encode_row(out: &mut Vec<u8>, batch: &Batch<'_>, seq: u32, record: &Usage
 const STARTED: i8 = 1;
 const DONE: i8 = 2;
 
-/// Where the ClickHouse applier of a log resumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resume {
-    /// Every batch before this position is complete.
-    At(u64),
-    /// The batch `[start, end)` was begun and may be partly written.
-    Unfinished {
-        /// Its first log position (its `batch_id`).
-        start: u64,
-        /// Its end.
-        end: u64,
-    },
-}
-
 /// Reads the newest marker of `log_id`.
 pub async fn resume(client: &Client, log_id: &str) -> Result<Resume, ChError> {
     let newest = client
@@ -141,34 +129,21 @@ fn datetime(ms: i64) -> u32 {
     u32::try_from(ms.div_euclid(1000).max(0)).unwrap_or(u32::MAX)
 }
 
-/// One batch of the log on its way to ClickHouse.
-pub struct Batch<'a> {
-    /// The log's identity.
-    pub log_id: &'a str,
-    /// First log position of the batch: its id.
-    pub start: u64,
-    /// Log position just after it.
-    pub end: u64,
-    /// Its records, in log order.
-    pub records: &'a [UsageRecord],
-}
-
-impl Batch<'_> {
-    fn marker(&self, state: i8) -> MarkerRow<'_> {
-        let (min_ts, max_ts) = self
-            .records
-            .iter()
-            .map(|r| datetime(r.timestamp_ms))
-            .fold((u32::MAX, 0), |(lo, hi), ts| (lo.min(ts), hi.max(ts)));
-        MarkerRow {
-            log_id: self.log_id,
-            batch_id: self.start,
-            end_position: self.end,
-            rows: self.records.len() as u64,
-            state,
-            min_ts: min_ts.min(max_ts),
-            max_ts,
-        }
+/// The `pipeline_batches` marker of `batch` in `state`, with the span of its timestamps.
+fn marker<'a>(batch: &Batch<'a>, state: i8) -> MarkerRow<'a> {
+    let (min_ts, max_ts) = batch
+        .records
+        .iter()
+        .map(|r| datetime(r.timestamp_ms))
+        .fold((u32::MAX, 0), |(lo, hi), ts| (lo.min(ts), hi.max(ts)));
+    MarkerRow {
+        log_id: batch.log_id,
+        batch_id: batch.start,
+        end_position: batch.end,
+        rows: batch.records.len() as u64,
+        state,
+        min_ts: min_ts.min(max_ts),
+        max_ts,
     }
 }
 
@@ -198,7 +173,7 @@ async fn rows_present(client: &Client, batch: &Batch<'_>) -> Result<HashSet<u32>
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let marker = batch.marker(STARTED);
+    let marker = marker(batch, STARTED);
     let present = client
         .query(
             "SELECT batch_seq FROM usage_events \
@@ -241,7 +216,7 @@ pub async fn write_batch(
     progress: &mut Progress,
 ) -> Result<(), ChError> {
     if !progress.started {
-        write_marker(client, &batch.marker(STARTED)).await?;
+        write_marker(client, &marker(batch, STARTED)).await?;
         progress.started = true;
         crate::failpoint::hit("ch_after_started");
     }
@@ -278,7 +253,105 @@ pub async fn write_batch(
         insert.end().await?;
     }
     crate::failpoint::hit("ch_after_data");
-    write_marker(client, &batch.marker(DONE)).await
+    write_marker(client, &marker(batch, DONE)).await
+}
+
+/// ClickHouse exception codes that the same insert hits again however often it is retried:
+/// the table, a column, the database or a type is missing or wrong, the data does not parse,
+/// or the credentials are refused. Every other code (too many parts, memory, timeouts,
+/// network, a replica in read-only mode) may pass later.
+const PERMANENT_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    8,   // THERE_IS_NO_COLUMN
+    10,  // NOT_FOUND_COLUMN_IN_BLOCK
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    20,  // NUMBER_OF_COLUMNS_DOESNT_MATCH
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    36,  // BAD_ARGUMENTS
+    41,  // CANNOT_PARSE_DATETIME
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    44,  // ILLEGAL_COLUMN
+    47,  // UNKNOWN_IDENTIFIER
+    50,  // UNKNOWN_TYPE
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR
+    70,  // CANNOT_CONVERT_TYPE
+    81,  // UNKNOWN_DATABASE
+    115, // UNKNOWN_SETTING
+    117, // INCORRECT_DATA
+    164, // READONLY (a user setting, not a replica state)
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
+/// The exception code in a ClickHouse error text: `Code: 16, e.displayText() = ...` (18.16)
+/// or `Code: 16. DB::Exception: ...` (current releases).
+pub fn exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits: &str = &rest[..rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len())];
+    digits.parse().ok()
+}
+
+/// Whether a ClickHouse error is worth retrying.
+pub fn classify(error: &ChError) -> StoreError {
+    use clickhouse::error::Error;
+    let permanent = match error {
+        Error::BadResponse(text) => {
+            exception_code(text).is_some_and(|c| PERMANENT_CODES.contains(&c))
+        }
+        // Our rows and the table disagree: the same rows fail the same way.
+        Error::SchemaMismatch(_) | Error::InvalidParams(_) | Error::Unsupported(_) => true,
+        _ => false,
+    };
+    StoreError::new(permanent, format!("clickhouse: {error}"))
+}
+
+/// The ClickHouse [`StoreWriter`]: keeps how far the batch being written got, so a retry
+/// knows what is certain and what must be looked up.
+pub struct ClickHouseWriter {
+    // Boxed: the client is large, and the writer moves into its applier's thread.
+    client: Box<Client>,
+    /// The batch being written (its start) and how far it got.
+    current: Option<(u64, Progress)>,
+}
+
+impl ClickHouseWriter {
+    /// A writer with `client` (bound to the database holding `usage_events`).
+    pub fn new(client: Client) -> Self {
+        Self {
+            client: Box::new(client),
+            current: None,
+        }
+    }
+}
+
+impl StoreWriter for ClickHouseWriter {
+    async fn resume(&mut self, log_id: &str) -> Result<Resume, StoreError> {
+        let resume = resume(&self.client, log_id)
+            .await
+            .map_err(|e| classify(&e))?;
+        if let Resume::Unfinished { start, .. } = resume {
+            self.current = Some((start, Progress::unfinished()));
+        }
+        Ok(resume)
+    }
+
+    async fn write(&mut self, batch: &Batch<'_>, _retry: bool) -> Result<(), StoreError> {
+        // The progress of this batch (kept across retries) says whether an earlier attempt
+        // may have left rows; `retry` adds nothing to it.
+        let progress = match &mut self.current {
+            Some((at, progress)) if *at == batch.start => progress,
+            current => &mut current.insert((batch.start, Progress::default())).1,
+        };
+        write_batch(&self.client, batch, progress)
+            .await
+            .map_err(|e| classify(&e))
+    }
 }
 
 #[cfg(test)]
@@ -320,6 +393,32 @@ mod tests {
     }
 
     #[test]
+    fn exception_codes_are_read_from_both_formats() {
+        assert_eq!(
+            exception_code("Code: 16, e.displayText() = DB::Exception: No such column x"),
+            Some(16)
+        );
+        assert_eq!(
+            exception_code("Code: 252. DB::Exception: Too many parts (300)."),
+            Some(252)
+        );
+        assert_eq!(exception_code("bad gateway"), None);
+        let permanent = classify(&clickhouse::error::Error::BadResponse(
+            "Code: 16, e.displayText() = DB::Exception: No such column batch_seq".into(),
+        ));
+        assert!(permanent.is_permanent(), "{permanent}");
+        for transient in [
+            clickhouse::error::Error::BadResponse(
+                "Code: 252, e.displayText() = too many parts".into(),
+            ),
+            clickhouse::error::Error::BadResponse("502 Bad Gateway".into()),
+            clickhouse::error::Error::TimedOut,
+        ] {
+            assert!(!classify(&transient).is_permanent(), "{transient}");
+        }
+    }
+
+    #[test]
     fn datetimes_clamp_instead_of_wrapping() {
         assert_eq!(datetime(-5_000), 0);
         assert_eq!(datetime(1_999), 1);
@@ -348,7 +447,7 @@ mod tests {
             end: 20,
             records: &records,
         };
-        let marker = batch.marker(DONE);
+        let marker = marker(&batch, DONE);
         assert_eq!(
             (marker.min_ts, marker.max_ts),
             (1_796_083_100, 1_796_083_200)

@@ -7,14 +7,22 @@
 //! `end_position` of a log in `pipeline_batches` is exactly where replay resumes after any
 //! crash. If the outcome of a commit is unknown (the connection dropped during COMMIT), the
 //! batch id is looked up before the batch is tried again.
+//!
+//! Errors are told apart by SQLSTATE ([`classify`]): a lost connection or a deadlock is
+//! retried; an undefined table or column, a type mismatch or a refused privilege is
+//! permanent, and the applier parks the batch instead of retrying it forever.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Acquire, PgExecutor, PgPool, Postgres};
 
-use crate::model::{Metric, UsageRecord};
+use apex_core::model::{Metric, UsageRecord};
+
+use crate::store::{Batch, Resume, StoreError, StoreWriter};
 
 /// One rollup row: a customer's quantity of one metric in one UTC hour.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,35 +57,38 @@ pub fn aggregate_hourly<'a>(
 }
 
 /// Where replay of `log_id` resumes: the end of its last applied batch (0 for a new log).
-pub async fn watermark(pool: &PgPool, log_id: &str) -> Result<u64, sqlx::Error> {
+pub async fn watermark(db: impl PgExecutor<'_>, log_id: &str) -> Result<u64, sqlx::Error> {
     let end: Option<i64> =
         sqlx::query_scalar("SELECT max(end_position) FROM pipeline_batches WHERE log_id = $1")
             .bind(log_id)
-            .fetch_one(pool)
+            .fetch_one(db)
             .await?;
     Ok(end.map_or(0, |e| e.max(0) as u64))
 }
 
 /// True if the batch starting at `start` of `log_id` was committed.
-pub async fn batch_applied(pool: &PgPool, log_id: &str, start: u64) -> Result<bool, sqlx::Error> {
+pub async fn batch_applied(
+    db: impl PgExecutor<'_>,
+    log_id: &str,
+    start: u64,
+) -> Result<bool, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pipeline_batches WHERE log_id = $1 AND batch_id = $2)",
     )
     .bind(log_id)
     .bind(start as i64)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
 }
 
-/// Adds the records of log range `[start, end)` to the rollups, once.
-pub async fn apply_batch(
-    pool: &PgPool,
-    log_id: &str,
-    start: u64,
-    end: u64,
-    records: &[UsageRecord],
+/// Adds the records of `batch` to the rollups, once: the rollup rows and the batch's
+/// `pipeline_batches` row are written in one transaction (a savepoint when `db` is already
+/// in one).
+pub async fn apply_batch<'c>(
+    db: impl Acquire<'c, Database = Postgres>,
+    batch: &Batch<'_>,
 ) -> Result<(), sqlx::Error> {
-    let rows = aggregate_hourly(records);
+    let rows = aggregate_hourly(batch.records);
     let mut customers = Vec::with_capacity(rows.len());
     let mut metrics = Vec::with_capacity(rows.len());
     let mut hours = Vec::with_capacity(rows.len());
@@ -88,15 +99,15 @@ pub async fn apply_batch(
         hours.push(DateTime::<Utc>::from_timestamp(key.hour_start, 0).unwrap_or_default());
         quantities.push(i64::try_from(*quantity).unwrap_or(i64::MAX));
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     // The primary key makes a second application of the same range fail instead of adding twice.
     sqlx::query(
         "INSERT INTO pipeline_batches (log_id, batch_id, end_position, record_count) VALUES ($1, $2, $3, $4)",
     )
-    .bind(log_id)
-    .bind(start as i64)
-    .bind(end as i64)
-    .bind(i32::try_from(records.len()).unwrap_or(i32::MAX))
+    .bind(batch.log_id)
+    .bind(batch.start as i64)
+    .bind(batch.end as i64)
+    .bind(i32::try_from(batch.records.len()).unwrap_or(i32::MAX))
     .execute(&mut *tx)
     .await?;
     if !rows.is_empty() {
@@ -114,6 +125,86 @@ pub async fn apply_batch(
         .await?;
     }
     tx.commit().await
+}
+
+/// SQLSTATE classes of errors that the same statement hits again however often it is
+/// retried: data exceptions (22), integrity violations (23), undefined tables, columns and
+/// types or refused privileges (42), unsupported features (0A) and program limits (54).
+/// Everything else (connection failures 08, serialization failures and deadlocks 40,
+/// resource shortages 53, a server shutting down 57, system errors 58) may pass later.
+const PERMANENT_SQLSTATE_CLASSES: &[&str] = &["22", "23", "42", "0A", "54"];
+
+/// True for a SQLSTATE in one of [`PERMANENT_SQLSTATE_CLASSES`].
+fn permanent_sqlstate(code: &str) -> bool {
+    PERMANENT_SQLSTATE_CLASSES
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
+/// Whether a Postgres error is worth retrying.
+pub fn classify(error: &sqlx::Error) -> StoreError {
+    use sqlx::Error;
+    let permanent = match error {
+        Error::Database(db) => db.code().is_some_and(|code| permanent_sqlstate(&code)),
+        // Our code and the schema disagree: the same query decodes the same way next time.
+        Error::ColumnDecode { .. }
+        | Error::Decode(_)
+        | Error::Encode(_)
+        | Error::TypeNotFound { .. }
+        | Error::ColumnNotFound(_)
+        | Error::ColumnIndexOutOfBounds { .. }
+        | Error::Configuration(_)
+        | Error::InvalidArgument(_) => true,
+        _ => false,
+    };
+    StoreError::new(permanent, format!("postgres: {error}"))
+}
+
+/// The Postgres [`StoreWriter`]: a small pool of its own, so the edge's pool never waits
+/// behind a large batch.
+pub struct PostgresWriter {
+    pool: PgPool,
+}
+
+impl PostgresWriter {
+    /// A writer on `database_url`; connects on first use (the store may be down at start).
+    /// Must be called inside the tokio runtime the writer will run on.
+    pub fn connect_lazy(database_url: &str) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(database_url)?;
+        Ok(Self { pool })
+    }
+}
+
+impl StoreWriter for PostgresWriter {
+    async fn resume(&mut self, log_id: &str) -> Result<Resume, StoreError> {
+        watermark(&self.pool, log_id)
+            .await
+            .map(Resume::At)
+            .map_err(|e| classify(&e))
+    }
+
+    async fn write(&mut self, batch: &Batch<'_>, retry: bool) -> Result<(), StoreError> {
+        // An earlier attempt may have committed with its answer lost.
+        if retry
+            && batch_applied(&self.pool, batch.log_id, batch.start)
+                .await
+                .map_err(|e| classify(&e))?
+        {
+            return Ok(());
+        }
+        apply_batch(&self.pool, batch)
+            .await
+            .map_err(|e| classify(&e))?;
+        crate::failpoint::hit("pg_after_commit");
+        Ok(())
+    }
+
+    async fn close(&mut self) {
+        self.pool.close().await;
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +247,24 @@ mod tests {
                 ("cus_b".into(), Metric::Impressions, h, 5),
             ]
         );
+    }
+
+    #[test]
+    fn schema_and_data_errors_are_permanent_and_the_rest_transient() {
+        // undefined column, undefined table, datatype mismatch, numeric out of range,
+        // unique violation, insufficient privilege
+        for code in ["42703", "42P01", "42804", "22003", "23505", "42501"] {
+            assert!(permanent_sqlstate(code), "{code}");
+        }
+        // connection failure, serialization failure, deadlock, too many connections,
+        // admin shutdown, cannot connect now, I/O error
+        for code in [
+            "08006", "40001", "40P01", "53300", "57P01", "57P03", "58030",
+        ] {
+            assert!(!permanent_sqlstate(code), "{code}");
+        }
+        assert!(!classify(&sqlx::Error::PoolTimedOut).is_permanent());
+        assert!(classify(&sqlx::Error::ColumnNotFound("quantity".into())).is_permanent());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use tokio::sync::oneshot;
 
-use crate::model::UsageRecord;
+use apex_core::model::UsageRecord;
 
 /// Why a sink did not take or did not make durable a submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +44,26 @@ pub trait RecordSink: Send + Sync + 'static {
         let _ = visit;
         0
     }
+
+    /// Stores that stopped taking the log after a permanent error (a schema or type error),
+    /// with the batch they stopped at. Records are still acknowledged (the log keeps them)
+    /// until it reaches its cap; `/readyz` names these stores.
+    fn stuck_stores(&self) -> Vec<StuckStore> {
+        Vec::new()
+    }
+}
+
+/// A store whose applier parked a batch after a permanent error: nothing more reaches that
+/// store until the cause is fixed and the process restarted, when the batch is applied from
+/// the log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StuckStore {
+    /// `postgres` or `clickhouse`.
+    pub store: &'static str,
+    /// The log position of the parked batch (its batch id in the store).
+    pub batch_id: u64,
+    /// The store's error.
+    pub error: String,
 }
 
 /// A submission travelling through a pipeline queue with its acknowledgement.

@@ -16,7 +16,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::model::{Metric, UsageRecord};
+use apex_core::model::{Metric, UsageRecord};
 
 /// Marks the start of every frame, for resynchronisation after corruption.
 pub const MAGIC: [u8; 4] = *b"APXW";

@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use apex_core::model::{Metric, UsageRecord};
+use apex_core::testing::{Proxy, TestStores, address_of, with_address};
 use apex_pipeline::durable::{DurableConfig, DurableSink};
-use apex_pipeline::model::{Metric, UsageRecord};
 use apex_pipeline::sink::{RecordSink, SinkError};
-use apex_pipeline::testing::{Proxy, TestStores, address_of, with_address};
 
 fn wal_dir(stores: &TestStores, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{}_{name}", stores.name));
@@ -254,4 +254,129 @@ async fn clickhouse_down_for_30_s_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_30_s_under_load_loses_nothing() {
     load_through_an_outage("postgres").await;
+}
+
+/// Waits until the sink reports `store` stuck, and returns what it says.
+async fn wait_stuck(sink: &DurableSink, store: &str) -> apex_pipeline::sink::StuckStore {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(stuck) = sink.stuck_stores().into_iter().find(|s| s.store == store) {
+            return stuck;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{store} was never reported stuck"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A schema fault in one store (`break_sql` run on it) is permanent: that store's batch is
+/// parked, not retried in a loop, while the other store receives every record; the log keeps
+/// the batch; after `fix_sql` and a restart, the parked batch and everything after it land
+/// exactly once.
+async fn a_permanent_error_parks_until_fixed_and_restarted(
+    store: &str,
+    break_sql: &str,
+    fix_sql: &str,
+) {
+    let stores = TestStores::migrated().await;
+    let dir = wal_dir(&stores, &format!("parked_{store}"));
+    let run = |sql: String| {
+        let stores = &stores;
+        async move {
+            if store == "postgres" {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&stores.pool)
+                    .await
+                    .unwrap();
+            } else {
+                stores
+                    .config
+                    .clickhouse()
+                    .query(&sql)
+                    .execute()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let customer = format!("cus_parked_{store}");
+    let sink = DurableSink::start(&DurableConfig::new(&dir, &stores.config)).unwrap();
+    let before = submit_all(&sink, &customer, 5, 10).await;
+    wait_applied(&sink).await;
+    run(break_sql.to_owned()).await;
+
+    let during = submit_all(&sink, &customer, 5, 10).await;
+    let stuck = wait_stuck(&sink, store).await;
+    assert!(stuck.batch_id > 0, "{stuck:?}");
+    let (stuck_position, other_position) = if store == "postgres" {
+        (sink.postgres_position(), sink.clickhouse_position())
+    } else {
+        (sink.clickhouse_position(), sink.postgres_position())
+    };
+    assert_eq!(stuck_position, stuck.batch_id, "parked where it stopped");
+    // The other store is not held back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut other = other_position;
+    while other < sink.durable_position() {
+        assert!(Instant::now() < deadline, "the other store fell behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        other = if store == "postgres" {
+            sink.clickhouse_position()
+        } else {
+            sink.postgres_position()
+        };
+    }
+    if store == "postgres" {
+        assert_eq!(
+            stores.clickhouse_events(&customer).await.1,
+            before + during,
+            "ClickHouse has everything"
+        );
+    } else {
+        assert_eq!(
+            stores.postgres_total(&customer).await,
+            before + during,
+            "Postgres has everything"
+        );
+    }
+    // Parked: it stays where it stopped, and the log keeps the batch.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        sink.stuck_stores().len(),
+        1,
+        "only {store} is stuck: {:?}",
+        sink.stuck_stores()
+    );
+    shut(sink).await;
+
+    run(fix_sql.to_owned()).await;
+    let again = DurableSink::start(&DurableConfig::new(&dir, &stores.config)).unwrap();
+    let after = submit_all(&again, &customer, 2, 10).await;
+    wait_applied(&again).await;
+    assert!(again.stuck_stores().is_empty());
+    assert_exact(&stores, &customer, before + during + after, 3).await;
+    shut(again).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_schema_fault_parks_its_batch_until_fixed_and_restarted() {
+    a_permanent_error_parks_until_fixed_and_restarted(
+        "postgres",
+        "ALTER TABLE usage_records RENAME COLUMN quantity TO quantity_moved",
+        "ALTER TABLE usage_records RENAME COLUMN quantity_moved TO quantity",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clickhouse_schema_fault_parks_its_batch_until_fixed_and_restarted() {
+    a_permanent_error_parks_until_fixed_and_restarted(
+        "clickhouse",
+        "ALTER TABLE usage_events DROP COLUMN batch_seq",
+        "ALTER TABLE usage_events ADD COLUMN batch_seq UInt32",
+    )
+    .await;
 }

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apex_billing::customers::{NewCustomer, create_customer};
-use apex_ingest::{ServerConfig, run, run_with_sink};
-use apex_pipeline::env::EnvSource;
+use apex_core::env::EnvSource;
+use apex_core::testing::TestStores;
+use apex_ingest::{ServerConfig, run_with_sink};
+use apex_pipeline::durable::DurableSink;
 use apex_pipeline::sink::RecordSink;
-use apex_pipeline::testing::TestStores;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -27,6 +28,7 @@ pub struct TestServer {
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<Result<(), apex_ingest::ServerError>>,
     wal: std::path::PathBuf,
+    extra: Vec<(String, String)>,
 }
 
 impl Drop for TestServer {
@@ -44,6 +46,31 @@ pub async fn start() -> TestServer {
 pub async fn start_with(extra: &[(&str, &str)], sink: Option<Arc<dyn RecordSink>>) -> TestServer {
     let stores = TestStores::migrated().await;
     let wal = std::env::temp_dir().join(format!("{}_wal", stores.name));
+    let extra: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let (addr, stop, task) = serve(&stores, &wal, &extra, sink).await;
+    TestServer {
+        addr,
+        stores,
+        stop: Some(stop),
+        task,
+        wal,
+        extra,
+    }
+}
+
+type ServerTask = JoinHandle<Result<(), apex_ingest::ServerError>>;
+
+/// Runs a server on port 0 over `stores` and the log in `wal` until its stop is sent, and
+/// waits until it is ready.
+async fn serve(
+    stores: &TestStores,
+    wal: &std::path::Path,
+    extra: &[(String, String)],
+    sink: Option<Arc<dyn RecordSink>>,
+) -> (SocketAddr, oneshot::Sender<()>, ServerTask) {
     let mut pairs = vec![
         ("DATABASE_URL", stores.config.database_url.clone()),
         ("CLICKHOUSE_URL", stores.config.clickhouse_url.clone()),
@@ -56,7 +83,7 @@ pub async fn start_with(extra: &[(&str, &str)], sink: Option<Arc<dyn RecordSink>
         ("APEX_SHUTDOWN_GRACE_MS", "10000".to_owned()),
     ];
     for (k, v) in extra {
-        pairs.push((k, (*v).to_owned()));
+        pairs.push((k, v.clone()));
     }
     let env = EnvSource::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())));
     let config = ServerConfig::from_env(&env).unwrap();
@@ -66,24 +93,38 @@ pub async fn start_with(extra: &[(&str, &str)], sink: Option<Arc<dyn RecordSink>
     let shutdown = async {
         let _ = stopped.await;
     };
-    let task = match sink {
-        Some(sink) => tokio::spawn(run_with_sink(config, listener, sink, shutdown)),
-        None => tokio::spawn(run(config, listener, shutdown)),
+    // The production sink, started as `main` starts it, unless the test brings its own.
+    let sink = match sink {
+        Some(sink) => sink,
+        None => DurableSink::start(&config.durable_config()).unwrap(),
     };
-    let server = TestServer {
-        addr,
-        stores,
-        stop: Some(stop),
-        task,
-        wal,
-    };
+    let task = tokio::spawn(run_with_sink(config, listener, sink, shutdown));
     for _ in 0..400 {
         if get(addr, "/readyz").await.status == 200 {
-            return server;
+            return (addr, stop, task);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the server did not become ready");
+}
+
+impl TestServer {
+    /// Stops the server (gracefully: its sink makes everything durable) and starts a new one
+    /// on the same databases and write-ahead log, as a process restart does.
+    pub async fn restart(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(30), &mut self.task)
+            .await
+            .expect("the server stops in time")
+            .expect("the server task did not panic")
+            .expect("the server ran without error");
+        let (addr, stop, task) = serve(&self.stores, &self.wal, &self.extra, None).await;
+        self.addr = addr;
+        self.stop = Some(stop);
+        self.task = task;
+    }
 }
 
 /// A customer on the starter plan and its plain API key.
@@ -94,7 +135,7 @@ pub async fn customer(server: &TestServer) -> (String, String) {
 /// A customer on `plan` in `stores`, and its plain API key.
 pub async fn customer_in(stores: &TestStores, plan: &str) -> (String, String) {
     let created = create_customer(
-        &stores.pool,
+        &mut stores.pool.acquire().await.unwrap(),
         &NewCustomer {
             name: "Test Publisher".into(),
             email: "test@example.com".into(),

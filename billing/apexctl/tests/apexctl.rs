@@ -1,0 +1,306 @@
+//! `apexctl` end to end against the real Postgres and ClickHouse: migrations, customers and
+//! keys, revenue, dashboard tokens, every command's `--help`, and one-line configuration
+//! errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use apex_billing::keys;
+use apex_core::testing::TestStores;
+
+fn apexctl(stores: &TestStores, args: &[&str]) -> Output {
+    apexctl_with_jwt_secret(stores, args, None)
+}
+
+/// `apexctl` with `APEX_JWT_SECRET` set to `secret`, or removed.
+fn apexctl_with_jwt_secret(stores: &TestStores, args: &[&str], secret: Option<&str>) -> Output {
+    let mut command = common::apexctl_command(stores);
+    command.args(args);
+    if let Some(secret) = secret {
+        command.env("APEX_JWT_SECRET", secret);
+    }
+    command.output().expect("apexctl runs")
+}
+
+fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "apexctl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn apexctl_manages_customers_and_keys_end_to_end() {
+    let stores = TestStores::empty().await;
+    stdout_of(&apexctl(&stores, &["migrate"]));
+    let second = stdout_of(&apexctl(&stores, &["migrate"]));
+    assert!(second.contains("clickhouse up to date"), "{second}");
+
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(&apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Demo",
+            "--email",
+            "demo@example.com",
+            "--plan",
+            "scale",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let customer_id = created["customer_id"].as_str().unwrap();
+    let api_key = created["api_key"].as_str().unwrap();
+    assert!(customer_id.starts_with("cus_") && keys::has_key_shape(api_key));
+    assert_eq!(
+        keys::lookup_key(&stores.pool, api_key)
+            .await
+            .unwrap()
+            .unwrap()
+            .customer_id,
+        customer_id
+    );
+
+    let listed = stdout_of(&apexctl(
+        &stores,
+        &["keys", "list", "--customer", customer_id, "--json"],
+    ));
+    assert!(
+        !listed.contains(&api_key[12..]),
+        "listing never shows the key"
+    );
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    let text = stdout_of(&apexctl(
+        &stores,
+        &["keys", "create", "--customer", customer_id],
+    ));
+    assert!(text.contains("rsk_"), "{text}");
+    stdout_of(&apexctl(&stores, &["keys", "revoke", api_key]));
+    assert_eq!(keys::lookup_key(&stores.pool, api_key).await.unwrap(), None);
+
+    let plans: serde_json::Value =
+        serde_json::from_str(&stdout_of(&apexctl(&stores, &["plans", "list", "--json"]))).unwrap();
+    assert_eq!(plans.as_array().unwrap().len(), 4);
+
+    // Bad input: a clear message and a failing exit status, nothing written.
+    for args in [
+        &[
+            "customers",
+            "create",
+            "--name",
+            "X",
+            "--email",
+            "x@example.com",
+            "--plan",
+            "platinum",
+        ][..],
+        &[
+            "customers",
+            "create",
+            "--name",
+            "X",
+            "--email",
+            "nope",
+            "--plan",
+            "starter",
+        ][..],
+        &["keys", "create", "--customer", "cus_missing"][..],
+        &["keys", "revoke", "key_missing"][..],
+    ] {
+        let out = apexctl(&stores, args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("apexctl: "), "{args:?}: {err}");
+    }
+    let customers: i64 = sqlx::query_scalar("SELECT count(*) FROM customers")
+        .fetch_one(&stores.pool)
+        .await
+        .unwrap();
+    assert_eq!(customers, 1);
+}
+
+#[test]
+fn every_apexctl_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["migrate", "--help"][..],
+        &["customers", "create", "--help"][..],
+        &["customers", "list", "--help"][..],
+        &["keys", "create", "--help"][..],
+        &["keys", "revoke", "--help"][..],
+        &["keys", "list", "--help"][..],
+        &["plans", "list", "--help"][..],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage: apexctl"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn missing_configuration_is_one_clear_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
+        .args(["plans", "list"])
+        .env_remove("DATABASE_URL")
+        .env("CLICKHOUSE_URL", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("apexctl: DATABASE_URL is required"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn apexctl_sets_mediated_revenue_per_month() {
+    let stores = TestStores::migrated().await;
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(&apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Rev",
+            "--email",
+            "rev@example.com",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let customer = created["customer_id"].as_str().unwrap();
+    let stored = || async {
+        sqlx::query_as::<_, (chrono::NaiveDate, i64)>(
+            "SELECT month, revenue_cents FROM mediated_revenue WHERE customer_id = $1 ORDER BY month",
+        )
+        .bind(customer)
+        .fetch_all(&stores.pool)
+        .await
+        .unwrap()
+    };
+    let set = |month: &str, cents: &str| {
+        apexctl(
+            &stores,
+            &[
+                "revenue",
+                "set",
+                "--customer",
+                customer,
+                "--month",
+                month,
+                "--cents",
+                cents,
+            ],
+        )
+    };
+    stdout_of(&set("2025-11", "5000000"));
+    stdout_of(&set("2025-12", "1"));
+    // A second figure for a month replaces the first.
+    stdout_of(&set("2025-11", "4000000"));
+    let nov = chrono::NaiveDate::from_ymd_opt(2025, 11, 1).unwrap();
+    let dec = chrono::NaiveDate::from_ymd_opt(2025, 12, 1).unwrap();
+    assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
+    // Refusals change nothing.
+    for (month, cents) in [
+        ("2025-13", "1"),
+        ("2025/11", "1"),
+        ("2025-11", "-5"),
+        ("2025-11", "1.5"),
+    ] {
+        assert!(!set(month, cents).status.success(), "{month} {cents}");
+    }
+    let unknown = apexctl(
+        &stores,
+        &[
+            "revenue",
+            "set",
+            "--customer",
+            "cus_nobody",
+            "--month",
+            "2025-11",
+            "--cents",
+            "1",
+        ],
+    );
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("not found"));
+    assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
+}
+
+#[tokio::test]
+async fn apexctl_mints_dashboard_tokens_for_existing_customers() {
+    const SECRET: &str = "a-dashboard-secret-of-32-bytes-or-more";
+    let stores = TestStores::migrated().await;
+    let created: serde_json::Value = serde_json::from_str(&stdout_of(&apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Tok",
+            "--email",
+            "tok@example.com",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    let customer = created["customer_id"].as_str().unwrap();
+    let token_for =
+        |args: &[&str], secret: Option<&str>| apexctl_with_jwt_secret(&stores, args, secret);
+    let out = token_for(
+        &["token", "--customer", customer, "--ttl-secs", "120"],
+        Some(SECRET),
+    );
+    let token = stdout_of(&out).trim().to_owned();
+    // The token is what the edge accepts: its verifier, at the time it was minted.
+    let now = chrono::Utc::now().timestamp();
+    let claims = apex_billing::tokens::verify(&token, SECRET.as_bytes(), now).unwrap();
+    assert_eq!(claims.customer_id, customer);
+    assert!(
+        (now + 115..=now + 120).contains(&claims.expires_at),
+        "expires {} for a 120 s token minted by {now}",
+        claims.expires_at
+    );
+    assert!(
+        apex_billing::tokens::verify(&token, b"another-secret-of-32-bytes-or-more", now).is_err()
+    );
+    // No secret, a short one, an unknown customer, a silly lifetime: refused.
+    assert!(
+        !token_for(&["token", "--customer", customer], None)
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(&["token", "--customer", customer], Some("short"))
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(&["token", "--customer", "cus_nobody"], Some(SECRET))
+            .status
+            .success()
+    );
+    assert!(
+        !token_for(
+            &["token", "--customer", customer, "--ttl-secs", "0"],
+            Some(SECRET)
+        )
+        .status
+        .success()
+    );
+}

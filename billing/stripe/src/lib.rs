@@ -1,0 +1,57 @@
+//! Stripe for apex: the HTTP client, the mapping of our catalogue and customers to Stripe
+//! objects, and the nightly usage sync to Billing Meter Events. It reads and writes the billing
+//! domain through `apex-billing`'s queries and owns the `stripe_*` tables; Stripe's webhooks
+//! are domain rules (`apex_billing::webhooks`), served by the edge, which never links this
+//! crate.
+//!
+//! - [`config`]: `STRIPE_SECRET_KEY` and `STRIPE_API_BASE`.
+//! - [`client`]: sends async-stripe's typed requests, with idempotency keys, retries
+//!   (`backon`), `Retry-After` and a shared rate limit ([`rate`]).
+//! - [`rate`]: the requests-per-second limit of a client (`governor`), with Stripe's pauses.
+//! - [`catalog`]: meters, products and plans, customers and subscriptions, ids in Postgres.
+//! - [`reporting`]: the pure rules of the sync (reportable days, identifiers).
+//! - [`sync`]: the sync job over Postgres and Stripe.
+//! - [`names`]: the crate's metric names.
+//! - `testing` (feature `test-support`): the Stripe stand-in for integration tests.
+
+pub mod catalog;
+pub mod client;
+pub mod config;
+pub mod names;
+pub mod rate;
+pub mod reporting;
+pub mod sync;
+#[cfg(feature = "test-support")]
+pub mod testing;
+
+use apex_billing::BillingError;
+
+use crate::config::StripeConfig;
+
+/// A Stripe job failed as a whole (per-customer failures are in its report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum StripeWorkError {
+    /// Stripe refused or could not be reached.
+    #[error(transparent)]
+    Stripe(#[from] client::StripeError),
+    /// Postgres failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A billing query failed.
+    #[error(transparent)]
+    Billing(#[from] BillingError),
+    /// The request cannot be carried out as asked.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The client for the configured Stripe account, or why there is none.
+pub fn client_from_config(
+    config: &StripeConfig,
+    settings: client::ClientSettings,
+) -> Result<client::StripeClient, StripeWorkError> {
+    let key = config.secret_key.as_deref().ok_or_else(|| {
+        StripeWorkError::Invalid("STRIPE_SECRET_KEY is not set: Stripe work cannot run".into())
+    })?;
+    Ok(client::StripeClient::new(&config.api_base, key, settings)?)
+}

@@ -1,0 +1,33 @@
+//! What every request handler can reach: the stores, the key cache, the dedup table, the sink,
+//! the limits and the secrets. Built once by [`crate::server::run_with_sink`].
+
+use std::sync::Arc;
+
+use apex_pipeline::sink::RecordSink;
+use sqlx::PgPool;
+
+use crate::config::{IngestLimits, Secret};
+use crate::dedup::Dedup;
+use crate::keycache::KeyCache;
+
+/// What every request handler can reach.
+pub struct AppState {
+    /// Postgres pool.
+    pub pool: PgPool,
+    /// API key cache.
+    pub keys: Arc<KeyCache>,
+    /// Event ids seen recently.
+    pub dedup: Arc<Dedup>,
+    /// Where accepted records go.
+    pub sink: Arc<dyn RecordSink>,
+    /// Request limits.
+    pub limits: IngestLimits,
+    /// ClickHouse, for the dashboard's analytics.
+    pub clickhouse: clickhouse::Client,
+    /// Secret of dashboard JWTs.
+    pub jwt_secret: Secret,
+    /// Token of the admin endpoints; `None` turns them off.
+    pub admin_token: Option<Secret>,
+    /// Stripe webhook endpoint secrets (two during a rotation); none turns webhooks off.
+    pub stripe_webhook_secrets: Vec<Secret>,
+}

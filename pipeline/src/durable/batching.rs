@@ -1,0 +1,135 @@
+//! Cutting the log into batches: when an applier writes ([`next_step`]: by bytes or age, at
+//! once on replay and at shutdown) and what a batch holds ([`read_batch`]: whole blocks, up
+//! to the row and byte limits, or exactly the range of a batch begun before a crash). Both
+//! are plain functions over the log on disk and a few numbers, so they are unit-tested
+//! without any store.
+
+use std::path::Path;
+use std::time::Duration;
+
+use apex_core::model::UsageRecord;
+
+use super::config::BatchLimits;
+use crate::wal;
+
+/// How long an applier waiting for its batch to fill sleeps before it looks again: it is not
+/// woken by every fsync (there is one per group commit), so it naps, and a backlog that
+/// reaches `max_bytes` meanwhile goes within a nap.
+pub(super) const NAP: Duration = Duration::from_millis(20);
+
+/// What an applier does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Everything durable is applied: wait for the log to grow.
+    Idle,
+    /// Everything is applied and the writer has stopped: the applier is done.
+    Stop,
+    /// Records wait, but neither enough nor old enough for a batch: look again after this.
+    Wait(Duration),
+    /// Read a batch from the applier's position towards `limit` and write it; `exact` reads
+    /// exactly to `limit` (the range of a batch begun before a crash).
+    Write {
+        /// Where the batch may end at most.
+        limit: u64,
+        /// Read exactly to `limit`, ignoring the batch limits.
+        exact: bool,
+    },
+}
+
+/// The next step of an applier at `position` when the log is durable up to `durable`.
+/// `unfinished_end` is the end of a batch begun before a crash, `inherited` the end of the
+/// log a previous process left (replay goes at once, without waiting for a batch to fill),
+/// and `waited` how long the oldest unapplied record has waited.
+pub(super) fn next_step(
+    position: u64,
+    durable: u64,
+    unfinished_end: Option<u64>,
+    inherited: u64,
+    writer_done: bool,
+    waited: Duration,
+    limits: &BatchLimits,
+) -> Step {
+    if durable <= position {
+        return if writer_done { Step::Stop } else { Step::Idle };
+    }
+    let full = durable - position >= limits.max_bytes as u64;
+    let replaying = position < inherited || unfinished_end.is_some();
+    if !full && !replaying && !writer_done && waited < limits.max_age {
+        return Step::Wait((limits.max_age - waited).min(NAP));
+    }
+    match unfinished_end {
+        Some(end) => Step::Write {
+            limit: end,
+            exact: true,
+        },
+        None => Step::Write {
+            limit: durable,
+            exact: false,
+        },
+    }
+}
+
+/// A batch read from the log.
+pub(super) struct ReadBatch {
+    /// Log position just after the batch.
+    pub(super) end: u64,
+    /// Its records, in log order.
+    pub(super) records: Vec<UsageRecord>,
+    /// Corrupt log bytes skipped inside it.
+    pub(super) corrupt_bytes: u64,
+}
+
+/// Reads whole blocks from `start` towards `limit`: up to the batch limits, or, when `exact`,
+/// exactly to `limit` (the range of a batch begun before a crash).
+pub(super) fn read_batch(
+    dir: &Path,
+    start: u64,
+    limit: u64,
+    limits: &BatchLimits,
+    exact: bool,
+) -> std::io::Result<ReadBatch> {
+    let mut batch = ReadBatch {
+        end: start,
+        records: Vec::new(),
+        corrupt_bytes: 0,
+    };
+    while batch.end < limit {
+        let taken = usize::try_from(batch.end - start).unwrap_or(usize::MAX);
+        if !exact && (taken >= limits.max_bytes || batch.records.len() >= limits.max_rows) {
+            break;
+        }
+        let budget = limits.max_bytes.saturating_sub(taken).max(1);
+        let scan = wal::read(dir, batch.end, limit, budget)?;
+        batch.corrupt_bytes += scan.corrupt_bytes;
+        let mut cut = None;
+        for block in scan.blocks {
+            let mut decoded = match wal::decode_records(&block.payload) {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    tracing::error!(error = %e, at = block.position, "skipped an undecodable log block");
+                    Vec::new()
+                }
+            };
+            if !exact
+                && !batch.records.is_empty()
+                && batch.records.len() + decoded.len() > limits.max_rows
+            {
+                cut = Some(block.position);
+                break;
+            }
+            batch.records.append(&mut decoded);
+        }
+        if let Some(position) = cut {
+            batch.end = position;
+            break;
+        }
+        if scan.end <= batch.end {
+            break; // nothing complete to read (cannot happen below the durable position)
+        }
+        batch.end = scan.end;
+    }
+    if exact {
+        batch.end = limit;
+    }
+    Ok(batch)
+}

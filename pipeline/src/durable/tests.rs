@@ -1,0 +1,425 @@
+//! Unit tests of the durable sink over the in-memory store: batching, replay after a restart,
+//! a batch left unfinished, lost answers, backoff on a paused clock, and parking after a
+//! permanent error. The same code runs against the real stores in `tests/durable.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use apex_core::model::{Metric, UsageRecord};
+use apex_core::stores::StoreConfig;
+
+use super::applier::Applier;
+use super::batching::{NAP, Step, next_step, read_batch};
+use super::memory::MemoryStore;
+use super::{BatchLimits, DurableConfig, DurableSink, Shared, Store};
+use crate::sink::RecordSink;
+use crate::store::StoreError;
+use crate::wal::{self, WalWriter};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("apex-durable-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn stores() -> StoreConfig {
+    StoreConfig {
+        database_url: "postgres://unused".into(),
+        clickhouse_url: "http://unused".into(),
+        clickhouse_database: "unused".into(),
+        clickhouse_user: None,
+        clickhouse_password: None,
+        pg_max_connections: 1,
+    }
+}
+
+fn config(dir: &Path) -> DurableConfig {
+    let mut config = DurableConfig::new(dir, &stores());
+    config.batch.max_age = Duration::from_millis(20);
+    config
+}
+
+fn records(n: usize, first_quantity: u64) -> Vec<UsageRecord> {
+    (0..n as u64)
+        .map(|i| UsageRecord {
+            customer_id: "cus_memory".into(),
+            metric: Metric::Impressions,
+            quantity: first_quantity + i,
+            event_id: Some(format!("e{}", first_quantity + i).into()),
+            timestamp_ms: 1_790_000_000_000,
+            received_ms: 1_790_000_000_000,
+            metadata: None,
+        })
+        .collect()
+}
+
+/// Writes `blocks` blocks of `per_block` records to a log in `dir`; returns the position of
+/// every block and the end.
+fn write_log(dir: &Path, blocks: usize, per_block: usize) -> Vec<u64> {
+    let (mut log, _) = WalWriter::open(dir, 1 << 20).unwrap();
+    let mut positions = vec![log.position()];
+    for b in 0..blocks {
+        log.append(&[wal::encode_records(&records(
+            per_block,
+            (b * per_block) as u64 + 1,
+        ))])
+        .unwrap();
+        positions.push(log.position());
+    }
+    log.sync().unwrap();
+    positions
+}
+
+fn quantities(records: &[UsageRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.quantity).collect()
+}
+
+fn start(dir: &Path, postgres: &MemoryStore, clickhouse: &MemoryStore) -> Arc<DurableSink> {
+    start_configured(&config(dir), postgres, clickhouse)
+}
+
+fn start_configured(
+    config: &DurableConfig,
+    postgres: &MemoryStore,
+    clickhouse: &MemoryStore,
+) -> Arc<DurableSink> {
+    let (p, c) = (postgres.clone(), clickhouse.clone());
+    DurableSink::start_with(config, move || Ok(p), move || Ok(c)).unwrap()
+}
+
+async fn submit(sink: &DurableSink, requests: usize, per_request: usize) -> Vec<u64> {
+    let mut sent = Vec::new();
+    for r in 0..requests {
+        let batch = records(per_request, (r * per_request) as u64 + 1);
+        sent.extend(quantities(&batch));
+        sink.submit(batch).unwrap().await.unwrap().unwrap();
+    }
+    sent
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    for _ in 0..1_000 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn shut(sink: Arc<DurableSink>) {
+    tokio::task::spawn_blocking(move || sink.shutdown())
+        .await
+        .unwrap();
+}
+
+#[test]
+fn an_applier_waits_for_bytes_or_age_and_replays_at_once() {
+    let limits = BatchLimits {
+        max_rows: 100,
+        max_bytes: 1_000,
+        max_age: Duration::from_millis(500),
+    };
+    let step = |position, durable, unfinished, inherited, done, waited_ms| {
+        next_step(
+            position,
+            durable,
+            unfinished,
+            inherited,
+            done,
+            Duration::from_millis(waited_ms),
+            &limits,
+        )
+    };
+    // Nothing to apply.
+    assert_eq!(step(10, 10, None, 0, false, 0), Step::Idle);
+    assert_eq!(step(10, 10, None, 0, true, 0), Step::Stop);
+    // A little, young: wait, in naps, until it is old enough.
+    assert_eq!(step(10, 20, None, 0, false, 0), Step::Wait(NAP));
+    assert_eq!(
+        step(10, 20, None, 0, false, 490),
+        Step::Wait(Duration::from_millis(10))
+    );
+    let write_to = |limit, exact| Step::Write { limit, exact };
+    assert_eq!(step(10, 20, None, 0, false, 500), write_to(20, false));
+    // Enough bytes go at once.
+    assert_eq!(step(10, 1_010, None, 0, false, 0), write_to(1_010, false));
+    // Replay of what a previous process left, and a shutdown, go at once.
+    assert_eq!(step(10, 20, None, 15, false, 0), write_to(20, false));
+    assert_eq!(step(10, 20, None, 0, true, 0), write_to(20, false));
+    // A batch begun before a crash is finished exactly, whatever else is in the log.
+    assert_eq!(
+        step(10, 5_000, Some(40), 5_000, false, 0),
+        write_to(40, true)
+    );
+}
+
+#[test]
+fn batches_are_cut_at_block_boundaries_by_rows_and_bytes() {
+    let dir = temp_dir("cut");
+    let positions = write_log(&dir, 10, 30);
+    let end = *positions.last().unwrap();
+    let limits = |max_rows, max_bytes| BatchLimits {
+        max_rows,
+        max_bytes,
+        max_age: Duration::ZERO,
+    };
+    // 100 rows at most: three 30-record blocks, never a block split.
+    let batch = read_batch(&dir, 0, end, &limits(100, 1 << 20), false).unwrap();
+    assert_eq!((batch.records.len(), batch.end), (90, positions[3]));
+    // A byte budget of two blocks.
+    let two = (positions[2] - positions[0]) as usize;
+    let batch = read_batch(&dir, 0, end, &limits(1_000, two), false).unwrap();
+    assert_eq!(batch.end, positions[2]);
+    // A block bigger than the row limit still makes one batch.
+    let batch = read_batch(&dir, positions[4], end, &limits(10, 1 << 20), false).unwrap();
+    assert_eq!((batch.records.len(), batch.end), (30, positions[5]));
+    // Exactly a given range, limits or not.
+    let batch = read_batch(&dir, positions[1], positions[7], &limits(10, 10), true).unwrap();
+    assert_eq!((batch.records.len(), batch.end), (180, positions[7]));
+    assert_eq!(batch.records[0].quantity, 31);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn acknowledged_records_reach_both_stores_once_across_a_restart() {
+    let dir = temp_dir("once");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    let sink = start(&dir, &postgres, &clickhouse);
+    let sent = submit(&sink, 50, 7).await;
+    wait_until("both stores hold the log", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+    for store in [&postgres, &clickhouse] {
+        assert_eq!(quantities(&store.records()), sent);
+        assert_eq!(store.duplicates(), 0);
+    }
+    let ranges = postgres.ranges();
+
+    // A restart replays nothing: both watermarks cover the log.
+    let again = start(&dir, &postgres, &clickhouse);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shut(again).await;
+    assert_eq!(postgres.ranges(), ranges);
+    assert_eq!(quantities(&clickhouse.records()), sent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_store_that_was_down_replays_the_log_at_the_next_start() {
+    let dir = temp_dir("replay");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    clickhouse.unreachable_for(usize::MAX);
+    let mut config = config(&dir);
+    config.shutdown_apply_budget = Duration::from_millis(100);
+    let sink = start_configured(&config, &postgres, &clickhouse);
+    let sent = submit(&sink, 20, 5).await;
+    wait_until("postgres holds the log", || {
+        sink.postgres_position() == sink.durable_position()
+    })
+    .await;
+    assert_eq!(sink.clickhouse_position(), 0, "ClickHouse was down");
+    shut(sink).await;
+    assert!(clickhouse.records().is_empty());
+
+    clickhouse.unreachable_for(0);
+    let postgres_ranges = postgres.ranges();
+    let again = start(&dir, &postgres, &clickhouse);
+    wait_until("ClickHouse caught up", || {
+        again.clickhouse_position() == again.durable_position()
+    })
+    .await;
+    shut(again).await;
+    assert_eq!(quantities(&clickhouse.records()), sent);
+    assert_eq!(
+        postgres.ranges(),
+        postgres_ranges,
+        "Postgres replays nothing"
+    );
+    assert_eq!(postgres.duplicates() + clickhouse.duplicates(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_batch_begun_before_a_crash_is_finished_exactly_then_the_rest_follows() {
+    let dir = temp_dir("unfinished");
+    let positions = write_log(&dir, 8, 10);
+    let log_id = super::log_id(&dir).unwrap();
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    // Both stores have the first two blocks; ClickHouse began [block 2, block 5) and died.
+    let first_two = records(20, 1);
+    postgres.preload(&log_id, positions[2], first_two.clone());
+    clickhouse.preload(&log_id, positions[2], first_two);
+    clickhouse.leave_unfinished(&log_id, positions[2], positions[5]);
+    let sink = start(&dir, &postgres, &clickhouse);
+    wait_until("both stores hold the log", || {
+        sink.applied_position() == *positions.last().unwrap()
+    })
+    .await;
+    shut(sink).await;
+    let ranges = clickhouse.ranges();
+    assert_eq!(ranges[1], (positions[2], positions[5]), "{ranges:?}");
+    let all: Vec<u64> = (1..=80).collect();
+    assert_eq!(quantities(&clickhouse.records()), all);
+    assert_eq!(quantities(&postgres.records()), all);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_checked_not_applied_twice() {
+    let dir = temp_dir("lost");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    postgres.lose_next_answer(StoreError::Transient("connection reset at COMMIT".into()));
+    let sink = start(&dir, &postgres, &clickhouse);
+    let sent = submit(&sink, 5, 3).await;
+    wait_until("both stores hold the log", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+    assert_eq!(quantities(&postgres.records()), sent);
+    assert_eq!(postgres.duplicates(), 0);
+    let attempts = postgres.attempts();
+    assert!(
+        !attempts[0].ok && attempts[1].retry && attempts[1].ok,
+        "{attempts:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Gaps between attempts equal `expected` (ms), up to the timer's 1 ms granularity.
+fn assert_gaps(gaps: &[u128], expected: &[u128]) {
+    assert_eq!(gaps.len(), expected.len(), "{gaps:?}");
+    for (gap, want) in gaps.iter().zip(expected) {
+        assert!(
+            (*want..=want + 1).contains(gap),
+            "{gaps:?} against {expected:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_errors_back_off_exponentially_and_the_backoff_resets() {
+    let dir = temp_dir("backoff");
+    let positions = write_log(&dir, 2, 5);
+    let mut config = config(&dir);
+    config.shutdown_apply_budget = Duration::from_secs(3_600);
+    config.batch.max_rows = 5;
+    let shared = Shared::new(positions[2], 0, config.max_log_bytes);
+    shared.writer_done.store(true, Ordering::SeqCst);
+    let store = MemoryStore::new();
+    for _ in 0..7 {
+        store.fail_next(StoreError::Transient("too many parts".into()));
+    }
+    // Each batch is one block: the first fails 7 times, the second goes through at once.
+    let mut applier = Applier::new(Store::ClickHouse, &config, "log", &shared, store.clone());
+    applier.run().await;
+    let attempts = store.attempts();
+    let gaps: Vec<u128> = attempts
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_millis())
+        .collect();
+    // 50 ms doubling to the 2 s cap, then the next batch at once.
+    assert_gaps(&gaps, &[50, 100, 200, 400, 800, 1_600, 2_000, 0]);
+    assert_eq!(
+        store.ranges(),
+        [(positions[0], positions[1]), (positions[1], positions[2])]
+    );
+
+    // After a success the backoff starts again from 50 ms.
+    let dir2 = temp_dir("backoff-reset");
+    let positions = write_log(&dir2, 2, 5);
+    let mut config = config.clone();
+    config.wal_dir = dir2.clone();
+    let shared = Shared::new(positions[2], 0, config.max_log_bytes);
+    shared.writer_done.store(true, Ordering::SeqCst);
+    let store = MemoryStore::new();
+    store.fail_next(StoreError::Transient("timeout".into()));
+    store.fail_next(StoreError::Transient("timeout".into()));
+    let mut applier = Applier::new(Store::Postgres, &config, "log", &shared, store.clone());
+    applier.run().await;
+    assert_eq!(store.ranges().len(), 2);
+    let attempts = store.attempts();
+    let gaps: Vec<u128> = attempts
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_millis())
+        .collect();
+    assert_gaps(&gaps, &[50, 100, 0]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}
+
+#[tokio::test]
+async fn a_permanent_error_parks_the_batch_without_blocking_the_other_store() {
+    let dir = temp_dir("parked");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    let sink = start(&dir, &postgres, &clickhouse);
+    let before = submit(&sink, 3, 4).await;
+    wait_until("both stores hold the log", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    let parked_at = sink.durable_position();
+    postgres.break_schema("column \"quantity\" does not exist");
+    let after = submit(&sink, 10, 4).await;
+    wait_until("Postgres is reported stuck", || {
+        !sink.stuck_stores().is_empty()
+    })
+    .await;
+    wait_until("ClickHouse holds everything", || {
+        sink.clickhouse_position() == sink.durable_position()
+    })
+    .await;
+    let stuck = sink.stuck_stores();
+    assert_eq!(stuck.len(), 1, "{stuck:?}");
+    assert_eq!((stuck[0].store, stuck[0].batch_id), ("postgres", parked_at));
+    assert!(stuck[0].error.contains("quantity"), "{}", stuck[0].error);
+    // Parked, not retried in a loop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let failed: Vec<_> = postgres.attempts().into_iter().filter(|a| !a.ok).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(sink.postgres_position(), parked_at);
+    // The log keeps accepting (until its cap) and keeps the parked batch.
+    let more = submit(&sink, 2, 4).await;
+    shut(sink).await;
+
+    // Fixed and restarted: the parked batch and everything after it reach Postgres, once.
+    postgres.fix();
+    let again = start(&dir, &postgres, &clickhouse);
+    wait_until("both stores hold the log", || {
+        again.applied_position() == again.durable_position()
+    })
+    .await;
+    assert!(again.stuck_stores().is_empty());
+    shut(again).await;
+    let all: Vec<u64> = [before, after, more].concat();
+    assert_eq!(quantities(&postgres.records()), all);
+    assert_eq!(quantities(&clickhouse.records()), all);
+    assert_eq!(postgres.duplicates() + clickhouse.duplicates(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_store_broken_from_the_start_is_stuck_and_the_other_goes_on() {
+    let dir = temp_dir("broken");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    clickhouse.break_schema(
+        "Code: 60, e.displayText() = DB::Exception: Table apex.usage_events doesn't exist",
+    );
+    let sink = start(&dir, &postgres, &clickhouse);
+    let sent = submit(&sink, 4, 2).await;
+    wait_until("Postgres holds the log", || {
+        sink.postgres_position() == sink.durable_position()
+    })
+    .await;
+    wait_until("ClickHouse is stuck", || !sink.stuck_stores().is_empty()).await;
+    assert_eq!(sink.stuck_stores()[0].store, "clickhouse");
+    shut(sink).await;
+    assert_eq!(quantities(&postgres.records()), sent);
+    assert!(clickhouse.records().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,74 @@
+//! The log writer: one thread drains the bounded submission queue, appends every submission
+//! waiting to the log, makes them durable with one fsync (group commit), and only then
+//! acknowledges them. It is a plain thread, not a task: it blocks on the queue and on fsync.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use super::Shared;
+use crate::sink::{SinkError, Submission};
+use crate::telemetry;
+use crate::wal::{self, WalWriter};
+
+/// Runs until every sender of `queue` is gone: appends what queued, fsyncs, acknowledges.
+/// A group holds at most `group_bytes` of blocks; with a non-zero `window` the writer waits
+/// that long for more submissions before its fsync.
+pub(super) fn run(
+    mut log: WalWriter,
+    queue: &Receiver<Submission>,
+    shared: &Shared,
+    group_bytes: usize,
+    window: Duration,
+) {
+    while let Ok(first) = queue.recv() {
+        let close_at = Instant::now() + window;
+        let mut payloads = vec![wal::encode_records(&first.records)];
+        let mut acks = vec![first.ack];
+        let mut bytes = payloads[0].len();
+        // Everything that queued up during the previous fsync rides on this one, and what
+        // arrives within the window.
+        while bytes < group_bytes {
+            let next = if window.is_zero() {
+                queue.try_recv().ok()
+            } else {
+                queue.recv_deadline(close_at).ok()
+            };
+            let Some(next) = next else { break };
+            let payload = wal::encode_records(&next.records);
+            bytes += payload.len();
+            payloads.push(payload);
+            acks.push(next.ack);
+        }
+        let before = log.position();
+        let started = Instant::now();
+        let outcome = log.append(&payloads).and_then(|()| {
+            crate::failpoint::hit("wal_before_fsync");
+            log.sync()
+        });
+        let outcome = match outcome {
+            Ok(()) => {
+                crate::failpoint::hit("wal_after_fsync");
+                shared.durable.store(log.position(), Ordering::SeqCst);
+                shared.log_grew();
+                metrics::histogram!(telemetry::WAL_FSYNC_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!(telemetry::WAL_BYTES_TOTAL).increment(log.position() - before);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "write-ahead log: append failed; refusing the requests");
+                if let Err(e) = log.rollback_to(before) {
+                    tracing::error!(error = %e, "write-ahead log: rollback failed");
+                }
+                Err(SinkError::Unavailable)
+            }
+        };
+        for ack in acks {
+            let _ = ack.send(outcome);
+        }
+    }
+    shared.writer_done.store(true, Ordering::SeqCst);
+    shared.log_grew();
+}
