@@ -17,7 +17,7 @@
 # `up` also installs the Stripe stand-in's Python (localstripe, pinned) in a virtualenv under
 # APEX_TOOLS_DIR (/var/cache/apex/tools), outside the clone so CI reuses it; tests start
 # scripts/stripe-standin.py with it, one process per test. And promtool (Debian's prometheus
-# package, unpacked there, no daemon), which the tests run on every process's /metrics.
+# package, unpacked there, no daemon), which the tests run on apex-server's /metrics.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,7 +31,7 @@ localstripe_version=1.15.10
 tools_dir="${APEX_TOOLS_DIR:-/var/cache/apex/tools}"
 standin_venv="$tools_dir/localstripe-$localstripe_version"
 # promtool, from Debian's prometheus package unpacked (no daemon, no service): the tests run
-# `promtool check metrics` on every process's /metrics.
+# `promtool check metrics` on apex-server's /metrics.
 promtool_dir="$tools_dir/prometheus"
 
 log() { echo "stack: $*" >&2; }
@@ -52,10 +52,11 @@ print_env() {
 # promtool: Debian's prometheus package, downloaded and unpacked once (a marker says done).
 promtool_up() {
   [ -f "$promtool_dir/.ready" ] && return 0
-  [ "$(id -u)" = 0 ] || die "promtool is missing: run as root to install it"
   log "installing promtool (Debian prometheus) into $promtool_dir"
   local work; work=$(mktemp -d)
+  # `apt-get download` needs no root; refreshing the package lists (when they are stale) does.
   (cd "$work" && apt-get download -qq prometheus >&2) || {
+    [ "$(id -u)" = 0 ] || die "cannot download Debian's prometheus package (as root, the package lists would be refreshed first)"
     apt-get update -qq >&2
     (cd "$work" && apt-get download -qq prometheus >&2)
   } || die "cannot download Debian's prometheus package"

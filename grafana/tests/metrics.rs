@@ -12,8 +12,8 @@ use apex_core::telemetry::{Charted, MetricKind, MetricSpec};
 /// Every names module of the workspace, by crate.
 fn names_modules() -> Vec<(&'static str, &'static [MetricSpec])> {
     vec![
-        ("apex-ingest", apex_ingest::telemetry::ALL),
-        ("apex-pipeline", apex_pipeline::telemetry::ALL),
+        ("apex-ingest", apex_ingest::names::ALL),
+        ("apex-pipeline", apex_pipeline::names::ALL),
         ("apex-stripe", apex_stripe::names::ALL),
     ]
 }

@@ -19,29 +19,28 @@ pub enum AuthError {
 }
 
 impl AuthError {
-    /// The error code and message of the 401.
-    pub fn describe(self) -> (&'static str, &'static str) {
+    /// The error code and message of the 401 (a token's message is its refusal's own text).
+    pub fn describe(self) -> (&'static str, String) {
         match self {
             AuthError::Missing => (
                 "missing_token",
-                "send Authorization: Bearer <token> (a dashboard JWT)",
+                "send Authorization: Bearer <token> (a dashboard JWT)".into(),
             ),
-            AuthError::Token(e) => match e {
-                TokenError::Malformed => ("invalid_token", "the token is not a well-formed JWT"),
-                TokenError::UnsupportedAlgorithm => {
-                    ("unsupported_algorithm", "only HS256 tokens are accepted")
-                }
-                TokenError::BadSignature => {
-                    ("invalid_signature", "the token's signature is not valid")
-                }
-                TokenError::MissingExpiry => ("missing_expiry", "the token has no exp claim"),
-                TokenError::Expired => ("token_expired", "the token has expired"),
-                TokenError::NotYetValid => ("token_not_yet_valid", "the token is not valid yet"),
-                TokenError::InvalidSubject => {
-                    ("invalid_subject", "the token's sub is not a known customer")
-                }
-            },
+            AuthError::Token(e) => (token_code(e), e.to_string()),
         }
+    }
+}
+
+/// The API's stable code of a token refusal.
+fn token_code(error: TokenError) -> &'static str {
+    match error {
+        TokenError::Malformed => "invalid_token",
+        TokenError::UnsupportedAlgorithm => "unsupported_algorithm",
+        TokenError::BadSignature => "invalid_signature",
+        TokenError::MissingExpiry => "missing_expiry",
+        TokenError::Expired => "token_expired",
+        TokenError::NotYetValid => "token_not_yet_valid",
+        TokenError::InvalidSubject => "invalid_subject",
     }
 }
 

@@ -150,7 +150,7 @@ fn invalid_month(month: &str) -> ApiError {
     ApiError::InvalidParameter {
         code: "invalid_month",
         message: format!(
-            "month {month:?} is not YYYY-MM from {}-01 to {}-12",
+            "month {month:?} is not YYYY-MM from {:04}-01 to {:04}-12",
             years.start(),
             years.end()
         ),

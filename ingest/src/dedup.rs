@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
-use crate::telemetry;
+use crate::names;
 
 const SHARDS: usize = 64;
 /// High bit of a stamp: the id is claimed but its record is not yet durable.
@@ -167,7 +167,7 @@ impl Dedup {
                 .ids
                 .retain(|_, stamp| *stamp & PENDING != 0 || now.saturating_sub(*stamp) < window);
         }
-        metrics::gauge!(telemetry::DEDUP_IDS).set(self.len() as f64);
+        metrics::gauge!(names::DEDUP_IDS).set(self.len() as f64);
     }
 
     /// Makes room in a full shard: expired ids first, then the oldest accepted ones, by
@@ -186,7 +186,7 @@ impl Dedup {
             keep_age /= 2;
         }
         let evicted = before - shard.ids.len();
-        metrics::counter!(telemetry::DEDUP_EVICTIONS_TOTAL).increment(evicted as u64);
+        metrics::counter!(names::DEDUP_EVICTIONS_TOTAL).increment(evicted as u64);
     }
 }
 

@@ -176,7 +176,7 @@ impl ApiError {
             ),
             Unauthorized(e) => {
                 let (code, message) = e.describe();
-                (StatusCode::UNAUTHORIZED, code, message.into())
+                (StatusCode::UNAUTHORIZED, code, message)
             }
             AdminUnauthorized => (
                 StatusCode::UNAUTHORIZED,

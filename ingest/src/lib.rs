@@ -19,7 +19,8 @@
 //! - [`state`]: what every handler can reach.
 //! - [`routes`]: the router; every response is built here or in [`response`].
 //! - [`response`]: JSON bodies, including the one error shape of the API.
-//! - [`telemetry`]: the Prometheus recorder and the edge's metric names.
+//! - [`names`]: the edge's metric names.
+//! - [`telemetry`]: the Prometheus recorder and cached metric handles.
 //! - [`webhook`]: `POST /webhooks/stripe`, signed Stripe events handed to billing.
 
 pub mod auth;
@@ -29,6 +30,7 @@ pub mod dashboard;
 pub mod dedup;
 pub mod error;
 pub mod keycache;
+pub mod names;
 pub mod records;
 pub mod response;
 pub mod routes;

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::state::AppState;
-use crate::{dashboard, telemetry, usage, webhook};
+use crate::{dashboard, names, telemetry, usage, webhook};
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
@@ -101,7 +101,7 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
     };
     let response = result.unwrap_or_else(|e| error_response(&e));
     telemetry::count(
-        telemetry::REQUESTS_TOTAL,
+        names::REQUESTS_TOTAL,
         [
             ("route", route),
             ("status", status_label(response.status())),
@@ -109,7 +109,7 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         1,
     );
     telemetry::observe(
-        telemetry::REQUEST_DURATION_SECONDS,
+        names::REQUEST_DURATION_SECONDS,
         ("route", route),
         started.elapsed().as_secs_f64(),
     );

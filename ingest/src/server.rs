@@ -20,7 +20,7 @@ use crate::config::ServerConfig;
 use crate::dedup::Dedup;
 use crate::keycache::KeyCache;
 use crate::state::AppState;
-use crate::{routes, telemetry};
+use crate::{names, routes, telemetry};
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +28,9 @@ pub enum ServerError {
     /// Postgres could not be reached at start-up.
     #[error("cannot connect to Postgres (DATABASE_URL): {0}")]
     Postgres(#[from] sqlx::Error),
-    /// The API keys could not be loaded at start-up.
+    /// The API keys could not be read at start-up (a row the edge cannot read).
     #[error("cannot load the API keys: {0}")]
-    Keys(#[from] apex_billing::BillingError),
+    Keys(apex_billing::BillingError),
     /// A migration failed at start-up.
     #[error(transparent)]
     Migrate(#[from] apex_core::migrate::MigrateError),
@@ -63,7 +63,11 @@ pub async fn run_with_sink(
         apex_core::migrate::migrate_all(&pool, &config.stores).await?;
     }
     let keys = KeyCache::new(pool.clone());
-    keys.refresh_all().await?;
+    keys.refresh_all().await.map_err(|e| match e {
+        // Postgres could not be reached: said as before the key queries moved to billing.
+        apex_billing::BillingError::Database(e) => ServerError::Postgres(e),
+        other => ServerError::Keys(other),
+    })?;
     let dedup = Arc::new(Dedup::new(config.dedup_window, config.dedup_capacity));
     let replayed = sink.replay_event_ids(&mut |customer, event| {
         dedup.remember(dedup.key(customer, event));
@@ -147,7 +151,7 @@ pub async fn run_with_sink(
             },
         };
         let _ = stream.set_nodelay(true);
-        metrics::counter!(telemetry::CONNECTIONS_TOTAL).increment(1);
+        metrics::counter!(names::CONNECTIONS_TOTAL).increment(1);
         let state = state.clone();
         let service = service_fn(move |request| {
             let state = state.clone();
@@ -159,11 +163,11 @@ pub async fn run_with_sink(
                 .into_owned(),
         );
         tokio::spawn(async move {
-            metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
+            metrics::gauge!(names::CONNECTIONS_OPEN).increment(1.0);
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
+            metrics::gauge!(names::CONNECTIONS_OPEN).decrement(1.0);
             drop(slot);
         });
     }

@@ -1,72 +1,15 @@
 //! Prometheus metrics of `apex-server`: the process's recorder (installed once, with the HELP
-//! text of every metric it records: the edge's [`ALL`] and the pipeline's), the edge's metric
-//! names, and per-thread cached handles for the hot path. Names follow
-//! `apex_<crate>_<noun>_<unit>[_total]`, labels are bounded (route templates and status codes,
-//! never a customer or a key).
+//! text of every metric it records: the edge's [`crate::names`] and the pipeline's), and
+//! per-thread cached handles for the hot path.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use apex_core::telemetry::MetricSpec;
 use metrics::{Counter, Gauge, Histogram, Label};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Requests served, by `route` and `status`.
-pub const REQUESTS_TOTAL: &str = "apex_ingest_requests_total";
-/// Connections accepted.
-pub const CONNECTIONS_TOTAL: &str = "apex_ingest_connections_total";
-/// Connections open now.
-pub const CONNECTIONS_OPEN: &str = "apex_ingest_connections_open";
-/// Request latency, by `route`, from the first byte of the request head to the answer.
-pub const REQUEST_DURATION_SECONDS: &str = "apex_ingest_request_duration_seconds";
-/// Usage records, by `outcome` (`accepted`, `duplicate`, `rejected`) and `cause` (error code).
-pub const RECORDS_TOTAL: &str = "apex_ingest_records_total";
-/// Requests refused because the pipeline queue was full.
-pub const QUEUE_FULL_TOTAL: &str = "apex_ingest_queue_full_total";
-/// Submissions waiting in the pipeline queue.
-pub const QUEUE_DEPTH: &str = "apex_ingest_queue_depth";
-/// API keys in the cache.
-pub const KEY_CACHE_KEYS: &str = "apex_ingest_key_cache_keys";
-/// Key cache refreshes, by `kind` (`full`, `customer`).
-pub const KEY_CACHE_REFRESHES_TOTAL: &str = "apex_ingest_key_cache_refreshes_total";
-/// Event ids remembered for duplicate detection.
-pub const DEDUP_IDS: &str = "apex_ingest_dedup_ids";
-/// Event ids forgotten early because the dedup table was full.
-pub const DEDUP_EVICTIONS_TOTAL: &str = "apex_ingest_dedup_evictions_total";
-
-/// Every metric of the edge, with its HELP text.
-pub const ALL: &[MetricSpec] = &[
-    MetricSpec::counter(
-        REQUESTS_TOTAL,
-        "HTTP requests answered, by route template and status code.",
-    ),
-    MetricSpec::counter(CONNECTIONS_TOTAL, "TCP connections accepted."),
-    MetricSpec::gauge(CONNECTIONS_OPEN, "TCP connections open now."),
-    MetricSpec::histogram(
-        REQUEST_DURATION_SECONDS,
-        "Seconds from a request's head to its answer, by route template.",
-    ),
-    MetricSpec::counter(
-        RECORDS_TOTAL,
-        "Usage records, by outcome (accepted, duplicate, rejected) and cause (an error code, or ok).",
-    ),
-    MetricSpec::counter(
-        QUEUE_FULL_TOTAL,
-        "Requests answered 503 because the pipeline queue was full.",
-    ),
-    MetricSpec::gauge(QUEUE_DEPTH, "Submissions waiting in the pipeline queue."),
-    MetricSpec::gauge(KEY_CACHE_KEYS, "Active API keys in the edge's cache."),
-    MetricSpec::counter(
-        KEY_CACHE_REFRESHES_TOTAL,
-        "Key cache refreshes from Postgres, by kind (full, customer).",
-    ),
-    MetricSpec::gauge(DEDUP_IDS, "Event ids remembered for duplicate detection."),
-    MetricSpec::counter(
-        DEDUP_EVICTIONS_TOTAL,
-        "Event ids forgotten before their window ended because the dedup table was full.",
-    ),
-];
+use crate::names::{ALL, QUEUE_DEPTH, REQUEST_DURATION_SECONDS};
 
 /// Latency buckets: the edge aims at a p99 of 2 ms.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -91,7 +34,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         // renders what is recorded through it, which is nothing, and /metrics stays valid.
         if metrics::set_global_recorder(recorder).is_ok() {
             apex_core::telemetry::describe(ALL);
-            apex_core::telemetry::describe(apex_pipeline::telemetry::ALL);
+            apex_core::telemetry::describe(apex_pipeline::names::ALL);
         }
         handle
     })
@@ -156,15 +99,4 @@ fn to_labels(labels: [(&'static str, &'static str); 2]) -> Vec<Label> {
         .filter(|(name, _)| !name.is_empty())
         .map(|&(name, value)| Label::from_static_parts(name, value))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn names_follow_the_rules() {
-        assert_eq!(
-            apex_core::telemetry::check_names("ingest", super::ALL),
-            Ok(())
-        );
-    }
 }

@@ -22,7 +22,7 @@ use crate::keycache::KeyVerdict;
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
 use crate::response::{self, Body};
 use crate::state::AppState;
-use crate::telemetry;
+use crate::{names, telemetry};
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -100,7 +100,7 @@ fn into_record(customer_id: &Arc<str>, valid: ValidRecord, now: i64) -> UsageRec
 fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
     if n > 0 {
         telemetry::count(
-            telemetry::RECORDS_TOTAL,
+            names::RECORDS_TOTAL,
             [("outcome", outcome), ("cause", cause)],
             n as u64,
         );
@@ -171,7 +171,7 @@ async fn send(
 fn sink_error(e: SinkError) -> ApiError {
     match e {
         SinkError::Full => {
-            metrics::counter!(telemetry::QUEUE_FULL_TOTAL).increment(1);
+            metrics::counter!(names::QUEUE_FULL_TOTAL).increment(1);
             ApiError::QueueFull
         }
         SinkError::Unavailable => ApiError::Unavailable("the records could not be stored"),

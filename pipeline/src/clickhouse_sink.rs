@@ -257,9 +257,11 @@ pub async fn write_batch(
 }
 
 /// ClickHouse exception codes that the same insert hits again however often it is retried:
-/// the table, a column, the database or a type is missing or wrong, the data does not parse,
-/// or the credentials are refused. Every other code (too many parts, memory, timeouts,
-/// network, a replica in read-only mode) may pass later.
+/// the table, a column, the database or a type is missing or wrong, or our rows do not parse
+/// against the table (which is the schema's fault: our encoder writes the migrations'
+/// columns). Every other code may pass later and is retried: too many parts, memory,
+/// timeouts, network, a replica in read-only mode, and refused credentials or privileges
+/// (an operator fixes them on the server, and the applier goes on without a restart).
 const PERMANENT_CODES: &[u32] = &[
     6,   // CANNOT_PARSE_TEXT
     8,   // THERE_IS_NO_COLUMN
@@ -280,16 +282,17 @@ const PERMANENT_CODES: &[u32] = &[
     81,  // UNKNOWN_DATABASE
     115, // UNKNOWN_SETTING
     117, // INCORRECT_DATA
-    164, // READONLY (a user setting, not a replica state)
-    192, // UNKNOWN_USER
-    193, // WRONG_PASSWORD
-    497, // ACCESS_DENIED
-    516, // AUTHENTICATION_FAILED
 ];
 
-/// The exception code in a ClickHouse error text: `Code: 16, e.displayText() = ...` (18.16)
-/// or `Code: 16. DB::Exception: ...` (current releases).
+/// The exception code in a ClickHouse error text: `Code: 16, e.displayText() = ...` (18.16),
+/// `Code: 16. DB::Exception: ...` (current releases), or the bare `16` of the exception-code
+/// header.
 pub fn exception_code(text: &str) -> Option<u32> {
+    // When the body cannot be read the client keeps only the `X-ClickHouse-Exception-Code`
+    // header: the bare number.
+    if let Ok(code) = text.trim().parse() {
+        return Some(code);
+    }
     let rest = &text[text.find("Code: ")? + "Code: ".len()..];
     let digits: &str = &rest[..rest
         .find(|c: char| !c.is_ascii_digit())
@@ -402,6 +405,7 @@ mod tests {
             exception_code("Code: 252. DB::Exception: Too many parts (300)."),
             Some(252)
         );
+        assert_eq!(exception_code("60"), Some(60));
         assert_eq!(exception_code("bad gateway"), None);
         let permanent = classify(&clickhouse::error::Error::BadResponse(
             "Code: 16, e.displayText() = DB::Exception: No such column batch_seq".into(),
@@ -412,6 +416,9 @@ mod tests {
                 "Code: 252, e.displayText() = too many parts".into(),
             ),
             clickhouse::error::Error::BadResponse("502 Bad Gateway".into()),
+            clickhouse::error::Error::BadResponse(
+                "Code: 516, e.displayText() = DB::Exception: default: Authentication failed".into(),
+            ),
             clickhouse::error::Error::TimedOut,
         ] {
             assert!(!classify(&transient).is_permanent(), "{transient}");

@@ -11,13 +11,13 @@
 //!   inserts a batch twice.
 //! - [`wal`]: the write-ahead log: framed, checksummed segments, recovery.
 //! - [`failpoint`]: named crash points for the crash tests (`APEX_FAILPOINT`).
-//! - [`telemetry`]: the pipeline's metric names.
+//! - [`names`]: the pipeline's metric names.
 
 pub mod clickhouse_sink;
 pub mod durable;
 pub mod failpoint;
+pub mod names;
 pub mod postgres_sink;
 pub mod sink;
 pub mod store;
-pub mod telemetry;
 pub mod wal;

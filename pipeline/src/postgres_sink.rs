@@ -8,6 +8,10 @@
 //! crash. If the outcome of a commit is unknown (the connection dropped during COMMIT), the
 //! batch id is looked up before the batch is tried again.
 //!
+//! An hour's total saturates at `i64::MAX` (9.2 EB of data transfer, far beyond any real
+//! hour), in Rust and in the upsert, so no input can make the sum overflow and turn a batch
+//! into one the store refuses forever.
+//!
 //! Errors are told apart by SQLSTATE ([`classify`]): a lost connection or a deadlock is
 //! retried; an undefined table or column, a type mismatch or a refused privilege is
 //! permanent, and the applier parks the batch instead of retrying it forever.
@@ -18,7 +22,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Acquire, PgExecutor, PgPool, Postgres};
+use sqlx::{Connection, PgConnection, PgExecutor, PgPool};
 
 use apex_core::model::{Metric, UsageRecord};
 
@@ -82,12 +86,9 @@ pub async fn batch_applied(
 }
 
 /// Adds the records of `batch` to the rollups, once: the rollup rows and the batch's
-/// `pipeline_batches` row are written in one transaction (a savepoint when `db` is already
+/// `pipeline_batches` row are written in one transaction (a savepoint when `conn` is already
 /// in one).
-pub async fn apply_batch<'c>(
-    db: impl Acquire<'c, Database = Postgres>,
-    batch: &Batch<'_>,
-) -> Result<(), sqlx::Error> {
+pub async fn apply_batch(conn: &mut PgConnection, batch: &Batch<'_>) -> Result<(), sqlx::Error> {
     let rows = aggregate_hourly(batch.records);
     let mut customers = Vec::with_capacity(rows.len());
     let mut metrics = Vec::with_capacity(rows.len());
@@ -99,7 +100,7 @@ pub async fn apply_batch<'c>(
         hours.push(DateTime::<Utc>::from_timestamp(key.hour_start, 0).unwrap_or_default());
         quantities.push(i64::try_from(*quantity).unwrap_or(i64::MAX));
     }
-    let mut tx = db.begin().await?;
+    let mut tx = conn.begin().await?;
     // The primary key makes a second application of the same range fail instead of adding twice.
     sqlx::query(
         "INSERT INTO pipeline_batches (log_id, batch_id, end_position, record_count) VALUES ($1, $2, $3, $4)",
@@ -115,7 +116,8 @@ pub async fn apply_batch<'c>(
             "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) \
              ON CONFLICT (customer_id, metric_type, recorded_at) \
-             DO UPDATE SET quantity = usage_records.quantity + EXCLUDED.quantity, updated_at = now()",
+             DO UPDATE SET quantity = LEAST(usage_records.quantity::numeric + EXCLUDED.quantity, \
+                 9223372036854775807)::bigint, updated_at = now()",
         )
         .bind(customers)
         .bind(metrics)
@@ -129,16 +131,23 @@ pub async fn apply_batch<'c>(
 
 /// SQLSTATE classes of errors that the same statement hits again however often it is
 /// retried: data exceptions (22), integrity violations (23), undefined tables, columns and
-/// types or refused privileges (42), unsupported features (0A) and program limits (54).
-/// Everything else (connection failures 08, serialization failures and deadlocks 40,
-/// resource shortages 53, a server shutting down 57, system errors 58) may pass later.
+/// types (42), unsupported features (0A) and program limits (54). Everything else may pass
+/// later and is retried: connection failures (08), serialization failures and deadlocks
+/// (40), resource shortages (53), a server shutting down (57), system errors (58), and
+/// refused credentials (28) or privileges (42501), which an operator fixes on the server
+/// while the applier goes on.
 const PERMANENT_SQLSTATE_CLASSES: &[&str] = &["22", "23", "42", "0A", "54"];
 
-/// True for a SQLSTATE in one of [`PERMANENT_SQLSTATE_CLASSES`].
+/// Exceptions inside the permanent classes: insufficient privilege.
+const RETRIED_SQLSTATES: &[&str] = &["42501"];
+
+/// True for a SQLSTATE in one of [`PERMANENT_SQLSTATE_CLASSES`] and not in
+/// [`RETRIED_SQLSTATES`].
 fn permanent_sqlstate(code: &str) -> bool {
-    PERMANENT_SQLSTATE_CLASSES
-        .iter()
-        .any(|class| code.starts_with(class))
+    !RETRIED_SQLSTATES.contains(&code)
+        && PERMANENT_SQLSTATE_CLASSES
+            .iter()
+            .any(|class| code.starts_with(class))
 }
 
 /// Whether a Postgres error is worth retrying.
@@ -195,7 +204,8 @@ impl StoreWriter for PostgresWriter {
         {
             return Ok(());
         }
-        apply_batch(&self.pool, batch)
+        let mut conn = self.pool.acquire().await.map_err(|e| classify(&e))?;
+        apply_batch(&mut conn, batch)
             .await
             .map_err(|e| classify(&e))?;
         crate::failpoint::hit("pg_after_commit");
@@ -252,8 +262,8 @@ mod tests {
     #[test]
     fn schema_and_data_errors_are_permanent_and_the_rest_transient() {
         // undefined column, undefined table, datatype mismatch, numeric out of range,
-        // unique violation, insufficient privilege
-        for code in ["42703", "42P01", "42804", "22003", "23505", "42501"] {
+        // unique violation
+        for code in ["42703", "42P01", "42804", "22003", "23505"] {
             assert!(permanent_sqlstate(code), "{code}");
         }
         // connection failure, serialization failure, deadlock, too many connections,

@@ -60,8 +60,9 @@ pub trait RecordSink: Send + Sync + 'static {
 pub struct StuckStore {
     /// `postgres` or `clickhouse`.
     pub store: &'static str,
-    /// The log position of the parked batch (its batch id in the store).
-    pub batch_id: u64,
+    /// The log position of the parked batch (its batch id in the store); `None` when the
+    /// store failed before its applier knew where it stood (reading its watermark).
+    pub batch_id: Option<u64>,
     /// The store's error.
     pub error: String,
 }

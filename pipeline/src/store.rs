@@ -3,7 +3,7 @@
 //! [`StoreError::Transient`] (the applier retries with backoff) or [`StoreError::Permanent`]
 //! (retrying the same batch fails the same way, so the applier parks it in the log). The
 //! Postgres and ClickHouse writers implement it; tests use an in-memory store
-//! ([`crate::durable::memory`], feature `test-support`).
+//! (`durable::memory`, feature `test-support`).
 
 use std::future::Future;
 
@@ -40,11 +40,12 @@ pub enum Resume {
 /// Why a store step failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// May succeed later: the store is unreachable, overloaded, timed out or restarting.
+    /// May succeed later: the store is unreachable, overloaded, timed out or restarting, or it
+    /// refuses our credentials or privileges (fixed on the server, no restart needed).
     #[error("{0}")]
     Transient(String),
     /// Fails the same way until a person fixes its cause (a missing table or column, a type
-    /// mismatch, refused credentials): the batch is parked, never retried in a loop.
+    /// mismatch, data the table refuses): the batch is parked, never retried in a loop.
     #[error("{0}")]
     Permanent(String),
 }

@@ -309,13 +309,17 @@ async fn a_permanent_error_parks_until_fixed_and_restarted(
 
     let during = submit_all(&sink, &customer, 5, 10).await;
     let stuck = wait_stuck(&sink, store).await;
-    assert!(stuck.batch_id > 0, "{stuck:?}");
+    assert!(stuck.batch_id.is_some_and(|b| b > 0), "{stuck:?}");
     let (stuck_position, other_position) = if store == "postgres" {
         (sink.postgres_position(), sink.clickhouse_position())
     } else {
         (sink.clickhouse_position(), sink.postgres_position())
     };
-    assert_eq!(stuck_position, stuck.batch_id, "parked where it stopped");
+    assert_eq!(
+        Some(stuck_position),
+        stuck.batch_id,
+        "parked where it stopped"
+    );
     // The other store is not held back.
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut other = other_position;
@@ -379,4 +383,39 @@ async fn a_clickhouse_schema_fault_parks_its_batch_until_fixed_and_restarted() {
         "ALTER TABLE usage_events ADD COLUMN batch_seq UInt32",
     )
     .await;
+}
+
+/// An hour's total that would pass `i64::MAX` (only absurd input gets there) saturates: the
+/// batch is applied, never refused by Postgres as out of range (which would park the store
+/// for every customer).
+#[tokio::test]
+async fn an_hours_total_saturates_instead_of_refusing_the_batch() {
+    use apex_pipeline::postgres_sink::apply_batch;
+    use apex_pipeline::store::Batch;
+    let stores = TestStores::migrated().await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let record = |quantity| UsageRecord {
+        customer_id: "cus_saturated".into(),
+        metric: Metric::DataTransfer,
+        quantity,
+        event_id: None,
+        timestamp_ms: now,
+        received_ms: now,
+        metadata: None,
+    };
+    let mut conn = stores.pool.acquire().await.unwrap();
+    let huge = [record(u64::MAX / 2), record(u64::MAX / 2)];
+    for (start, records) in [(0, &huge[..]), (10, &[record(5)][..])] {
+        let batch = Batch {
+            log_id: "saturation",
+            start,
+            end: start + 10,
+            records,
+        };
+        apply_batch(&mut conn, &batch).await.unwrap();
+    }
+    assert_eq!(
+        stores.postgres_total("cus_saturated").await,
+        i64::MAX as u64
+    );
 }

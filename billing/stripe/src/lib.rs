@@ -1,8 +1,11 @@
 //! Stripe for apex: the HTTP client, the mapping of our catalogue and customers to Stripe
-//! objects, and the nightly usage sync to Billing Meter Events. It reads and writes the billing
-//! domain through `apex-billing`'s queries and owns the `stripe_*` tables; Stripe's webhooks
-//! are domain rules (`apex_billing::webhooks`), served by the edge, which never links this
-//! crate.
+//! objects, and the nightly usage sync to Billing Meter Events. It owns the `stripe_*` tables;
+//! it changes the billing domain's tables only through `apex-billing`'s queries (its
+//! catalogue reads plans and subscriptions joined with its own `stripe_plans`). Its jobs take
+//! the pool rather than a transaction: they commit step by step around Stripe's answers (an
+//! event is recorded as pending before it is sent), which no caller's transaction may hold
+//! open. Stripe's webhooks are domain rules (`apex_billing::webhooks`), served by the edge,
+//! which never links this crate.
 //!
 //! - [`config`]: `STRIPE_SECRET_KEY` and `STRIPE_API_BASE`.
 //! - [`client`]: sends async-stripe's typed requests, with idempotency keys, retries

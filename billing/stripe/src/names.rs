@@ -55,5 +55,9 @@ mod tests {
             apex_core::telemetry::check_names("stripe", super::ALL),
             Ok(())
         );
+        assert_eq!(
+            apex_core::telemetry::check_listed(include_str!("names.rs"), super::ALL),
+            Ok(())
+        );
     }
 }

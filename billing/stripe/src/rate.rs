@@ -3,7 +3,9 @@
 //! imposes on every request of the client, not only the one that got it. The clock is a
 //! parameter, so tests drive it without sleeping.
 //!
-//! During a pause nothing is let through; afterwards the normal rate applies again.
+//! During a pause nothing is let through, and the pause empties the bucket: the first request
+//! after it waits one interval, as if the pause had spent the burst (a `Retry-After` is no
+//! invitation to send a burst at once).
 
 use std::num::NonZeroU32;
 use std::sync::Mutex;
@@ -53,11 +55,16 @@ impl<C: Clock + Clone> RequestRate<C> {
     /// Takes a request's place now, or says how long to wait before asking again.
     pub fn check(&self) -> Result<(), Duration> {
         let now = self.clock.now();
-        if let Some(until) = *self.paused_until.lock().unwrap_or_else(|p| p.into_inner())
-            && until > now
-        {
-            return Err(until.duration_since(now).into());
+        let mut paused = self.paused_until.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = *paused {
+            if until > now {
+                return Err(until.duration_since(now).into());
+            }
+            // The pause is over: start from an empty bucket.
+            while self.limiter.check().is_ok() {}
+            *paused = None;
         }
+        drop(paused);
         self.limiter
             .check()
             .map_err(|not_until| not_until.wait_time_from(now))
@@ -113,8 +120,13 @@ mod tests {
         // A shorter pause does not cut a longer one short.
         rate.pause_for(Duration::from_millis(10));
         assert!(rate.check().is_err());
+        // At its end the bucket is empty: one interval later, one request.
         clock.advance(Duration::from_secs(2));
+        let wait = rate.check().unwrap_err();
+        assert!((wait.as_secs_f64() - 1.0 / 80.0).abs() < 1e-6, "{wait:?}");
+        clock.advance(Duration::from_millis(13));
         assert_eq!(rate.check(), Ok(()));
+        assert!(rate.check().is_err());
     }
 
     #[test]

@@ -126,9 +126,35 @@ pub fn check_names(prefix: &str, specs: &[MetricSpec]) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that a names module lists every metric it names: each `"apex_..."` literal in its
+/// `source` (its own file, by `include_str!`) is the name of one of `specs`, so a constant
+/// left out of the list cannot be recorded without HELP text or a dashboard check.
+pub fn check_listed(source: &str, specs: &[MetricSpec]) -> Result<(), String> {
+    for (at, _) in source.match_indices("\"apex_") {
+        let literal = &source[at + 1..];
+        let name = &literal[..literal.find('"').unwrap_or(literal.len())];
+        if !specs.iter().any(|s| s.name == name) {
+            return Err(format!("{name} is named but not listed with its HELP text"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_named_metric_must_be_listed() {
+        let specs = [MetricSpec::counter(
+            "apex_x_things_total",
+            "Things done, by outcome.",
+        )];
+        let listed = "pub const A: &str = \"apex_x_things_total\";";
+        assert_eq!(check_listed(listed, &specs), Ok(()));
+        let unlisted = "pub const A: &str = \"apex_x_things_total\";\npub const B: &str = \"apex_x_other_total\";";
+        assert!(check_listed(unlisted, &specs).is_err());
+    }
 
     #[test]
     fn names_modules_are_checked() {

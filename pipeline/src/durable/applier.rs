@@ -14,9 +14,8 @@ use tokio::time::Instant;
 
 use super::batching::{self, Step, read_batch};
 use super::{DurableConfig, Shared, Store};
-use crate::sink::StuckStore;
+use crate::names;
 use crate::store::{Batch, Resume, StoreError, StoreWriter};
-use crate::telemetry;
 
 /// Backoff while a store fails transiently: 50 ms doubling to 2 s, for as long as it takes
 /// (the log holds everything meanwhile, up to its cap).
@@ -82,28 +81,12 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
         true
     }
 
-    /// Parks the batch at `batch_id` after a permanent error and waits for shutdown.
-    async fn park(&mut self, batch_id: u64, error: &StoreError) {
-        let label = self.store.label();
-        metrics::counter!(telemetry::PERMANENT_ERRORS_TOTAL, "store" => label).increment(1);
-        metrics::gauge!(telemetry::PARKED_BATCHES, "store" => label).set(1.0);
-        tracing::error!(
-            store = label,
-            batch_id,
-            log_id = self.log_id,
-            %error,
-            "applier: permanent store error; the batch is parked in the log and nothing more \
-             goes to this store until the cause is fixed and the server restarted"
-        );
-        self.shared.park(
-            self.store,
-            StuckStore {
-                store: label,
-                batch_id,
-                error: error.to_string(),
-            },
-        );
-        self.shared.wait_for_shutdown().await;
+    /// Parks the store after a permanent error at the batch starting at `batch_id` (`None`
+    /// when it failed before it knew where it stood) and holds until shutdown.
+    async fn park(&mut self, batch_id: Option<u64>, error: &StoreError) {
+        self.shared
+            .park(self.store, self.log_id, batch_id, error.to_string());
+        self.shared.hold_parked(self.store).await;
     }
 
     fn set_applied(&self, position: u64) {
@@ -119,7 +102,7 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
         let resume = loop {
             match self.writer.resume(self.log_id).await {
                 Ok(resume) => break resume,
-                Err(e) if e.is_permanent() => return self.park(oldest, &e).await,
+                Err(e) if e.is_permanent() => return self.park(None, &e).await,
                 Err(e) => {
                     tracing::warn!(error = %e, store = label, "applier: store unreachable; will replay when it is back");
                     if !self.back_off().await {
@@ -164,8 +147,8 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
                 waiting_since.get_or_insert_with(Instant::now);
             }
             let waited = waiting_since.map_or(Duration::ZERO, |t| t.elapsed());
-            metrics::gauge!(telemetry::WAL_BACKLOG_BYTES, "store" => label).set(backlog as f64);
-            metrics::gauge!(telemetry::LAG_SECONDS, "store" => label).set(waited.as_secs_f64());
+            metrics::gauge!(names::WAL_BACKLOG_BYTES, "store" => label).set(backlog as f64);
+            metrics::gauge!(names::LAG_SECONDS, "store" => label).set(waited.as_secs_f64());
             let writer_done = self.shared.writer_done.load(Ordering::Acquire);
             let step = batching::next_step(
                 position,
@@ -209,7 +192,7 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
                     at = position,
                     "applier: skipped corrupt log bytes"
                 );
-                metrics::counter!(telemetry::WAL_CORRUPT_BYTES_TOTAL, "store" => label)
+                metrics::counter!(names::WAL_CORRUPT_BYTES_TOTAL, "store" => label)
                     .increment(batch.corrupt_bytes);
             }
             if batch.end <= position {
@@ -228,10 +211,9 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
                 match self.writer.write(&store_batch, retry).await {
                     Ok(()) => break,
                     Err(e) => {
-                        metrics::counter!(telemetry::WRITE_ERRORS_TOTAL, "store" => label)
-                            .increment(1);
+                        metrics::counter!(names::WRITE_ERRORS_TOTAL, "store" => label).increment(1);
                         if e.is_permanent() {
-                            return self.park(position, &e).await;
+                            return self.park(Some(position), &e).await;
                         }
                         tracing::warn!(error = %e, store = label, batch_id = position, "applier: write failed; retrying");
                         retry = true;
@@ -247,13 +229,12 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
             }
             self.backoff = BACKOFF.build();
             let rows = batch.records.len() as u64;
-            metrics::histogram!(telemetry::FLUSH_SECONDS, "store" => label)
+            metrics::histogram!(names::FLUSH_SECONDS, "store" => label)
                 .record(started.elapsed().as_secs_f64());
-            metrics::histogram!(telemetry::BATCH_ROWS, "store" => label).record(rows as f64);
-            metrics::counter!(telemetry::ROWS_WRITTEN_TOTAL, "store" => label).increment(rows);
+            metrics::histogram!(names::BATCH_ROWS, "store" => label).record(rows as f64);
+            metrics::counter!(names::ROWS_WRITTEN_TOTAL, "store" => label).increment(rows);
             if replaying {
-                metrics::counter!(telemetry::REPLAYED_RECORDS_TOTAL, "store" => label)
-                    .increment(rows);
+                metrics::counter!(names::REPLAYED_RECORDS_TOTAL, "store" => label).increment(rows);
             }
             // Records left behind a batch cut by its limits have waited as long as it did;
             // records that arrived since the read have waited since then at most.

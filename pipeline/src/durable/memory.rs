@@ -130,8 +130,8 @@ impl MemoryStore {
         self.state().attempts.clone()
     }
 
-    /// Batches written a second time without `retry` (an exactly-once violation; 0 in a
-    /// correct pipeline).
+    /// Writes that overlapped a range already applied, other than the same batch retried
+    /// after a lost answer (an exactly-once violation; 0 in a correct pipeline).
     pub fn duplicates(&self) -> usize {
         self.state().duplicates
     }
@@ -191,12 +191,19 @@ impl StoreWriter for MemoryStore {
                 batch.end
             );
         }
+        // A batch that overlaps one already applied is applied twice, unless it is that very
+        // batch again after an answer was lost (`retry`: the writer checks, as Postgres does
+        // by batch id).
+        let overlapping = state.batches.iter().any(|((log, start), (end, _))| {
+            log == batch.log_id && *start < batch.end && batch.start < *end
+        });
         let key = (batch.log_id.to_owned(), batch.start);
-        match state.batches.entry(key) {
-            Entry::Occupied(_) => state.duplicates += usize::from(!retry),
-            Entry::Vacant(slot) => {
-                slot.insert((batch.end, batch.records.to_vec()));
-            }
+        let same_batch = state.batches.contains_key(&key);
+        if overlapping && !(same_batch && retry) {
+            state.duplicates += 1;
+        }
+        if let Entry::Vacant(slot) = state.batches.entry(key) {
+            slot.insert((batch.end, batch.records.to_vec()));
         }
         if let Some(Fault::After(error)) = fault {
             state.attempts.push(attempt);

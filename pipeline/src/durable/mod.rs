@@ -5,7 +5,8 @@
 //! resumes from its own store's watermark, so whatever was acknowledged but not yet applied
 //! is replayed, and nothing applied is applied again.
 //!
-//! Three threads, sharing nothing but atomics:
+//! Three threads, sharing positions (atomics), a wake-up per store (`Notify`), and two locks
+//! off the hot path (segment deletion, and the record of a parked store):
 //! - the writer ([`writer`]) drains the bounded submission queue (crossbeam), appends, fsyncs,
 //!   acks;
 //! - the Postgres applier and the ClickHouse applier ([`applier`]) each tail the log up to the
@@ -19,7 +20,7 @@
 //! [`SinkError::Full`], which the edge answers with 503 and `Retry-After`.
 //!
 //! The stores are a seam ([`DurableSink::start_with`]): tests run the same writer, batching
-//! and appliers over an in-memory store ([`memory`], feature `test-support`).
+//! and appliers over an in-memory store (`memory`, feature `test-support`).
 
 mod applier;
 mod batching;
@@ -44,10 +45,10 @@ pub use config::{BatchLimits, DurableConfig};
 use apex_core::model::UsageRecord;
 
 use crate::clickhouse_sink::ClickHouseWriter;
+use crate::names;
 use crate::postgres_sink::PostgresWriter;
 use crate::sink::{Ack, RecordSink, SinkError, StuckStore, Submission};
 use crate::store::StoreWriter;
-use crate::telemetry;
 use crate::wal::{self, WalWriter};
 
 /// Why the sink could not start.
@@ -57,7 +58,7 @@ pub enum DurableError {
     #[error("invalid pipeline limits: {0}")]
     Config(String),
     /// The log folder cannot be opened, recovered or read.
-    #[error("the write-ahead log in {dir} cannot be used: {source}")]
+    #[error("cannot open the log in {dir}: {source}")]
     Log {
         /// The folder.
         dir: String,
@@ -136,18 +137,47 @@ impl Shared {
         let _ = tokio::time::timeout(timeout, self.grew[store as usize].notified()).await;
     }
 
-    /// Waits until the writer has stopped (a parked applier's last task). It polls rather
-    /// than waits on `grew`, which every fsync would wake for nothing.
-    async fn wait_for_shutdown(&self) {
-        while !self.writer_done.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    fn park(&self, store: Store, stuck: StuckStore) {
+    /// Records that `store` is stuck after a permanent error at the batch starting at
+    /// `batch_id` of log `log_id` (`None`: before its applier knew where it stood): logged,
+    /// counted, and reported by [`RecordSink::stuck_stores`].
+    fn park(&self, store: Store, log_id: &str, batch_id: Option<u64>, error: String) {
+        let label = store.label();
+        metrics::counter!(names::PERMANENT_ERRORS_TOTAL, "store" => label).increment(1);
+        metrics::gauge!(names::PARKED_BATCHES, "store" => label).set(1.0);
+        tracing::error!(
+            store = label,
+            batch_id,
+            log_id,
+            %error,
+            "applier: permanent store error; the batch is parked in the log and nothing more \
+             goes to this store until the cause is fixed and the server restarted"
+        );
         *self.parked[store as usize]
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(stuck);
+            .unwrap_or_else(|p| p.into_inner()) = Some(StuckStore {
+            store: label,
+            batch_id,
+            error,
+        });
+    }
+
+    /// A parked store's applier holds here until the writer stops, keeping the store's
+    /// backlog and lag gauges current (lag counts from the park: a lower bound), so their
+    /// alerts go on firing. It polls rather than waits on `grew`, which every fsync would
+    /// wake for nothing.
+    async fn hold_parked(&self, store: Store) {
+        let label = store.label();
+        let since = tokio::time::Instant::now();
+        while !self.writer_done.load(Ordering::SeqCst) {
+            let backlog = self
+                .durable
+                .load(Ordering::Acquire)
+                .saturating_sub(self.applied[store as usize].load(Ordering::Acquire));
+            metrics::gauge!(names::WAL_BACKLOG_BYTES, "store" => label).set(backlog as f64);
+            metrics::gauge!(names::LAG_SECONDS, "store" => label)
+                .set(since.elapsed().as_secs_f64());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     fn stuck_stores(&self) -> Vec<StuckStore> {
@@ -174,8 +204,8 @@ impl Shared {
         if let Ok(segments) = wal::segments(dir) {
             let oldest = segments.first().copied().unwrap_or(0);
             self.oldest.store(oldest, Ordering::Release);
-            metrics::gauge!(telemetry::WAL_SEGMENTS).set(segments.len() as f64);
-            metrics::gauge!(telemetry::WAL_DISK_BYTES)
+            metrics::gauge!(names::WAL_SEGMENTS).set(segments.len() as f64);
+            metrics::gauge!(names::WAL_DISK_BYTES)
                 .set(self.durable.load(Ordering::Acquire).saturating_sub(oldest) as f64);
         }
     }
@@ -256,8 +286,7 @@ impl DurableSink {
                 bytes = recovery.truncated_bytes,
                 "write-ahead log: cut a torn tail"
             );
-            metrics::counter!(telemetry::WAL_TRUNCATED_BYTES_TOTAL)
-                .increment(recovery.truncated_bytes);
+            metrics::counter!(names::WAL_TRUNCATED_BYTES_TOTAL).increment(recovery.truncated_bytes);
         }
         let log_id = log_id(dir).map_err(log_error(dir))?;
         let oldest = wal::oldest_position(dir).map_err(log_error(dir))?;
@@ -344,8 +373,8 @@ fn spawn_applier<W: StoreWriter + 'static>(
             {
                 Ok(runtime) => runtime,
                 Err(e) => {
-                    tracing::error!(error = %e, store = store.label(), "applier: cannot start its runtime");
-                    return;
+                    let error = format!("cannot start the applier's runtime: {e}");
+                    return shared.park(store, &log_id, None, error);
                 }
             };
             let made = {
@@ -355,16 +384,9 @@ fn spawn_applier<W: StoreWriter + 'static>(
             let writer = match made {
                 Ok(writer) => writer,
                 Err(error) => {
-                    tracing::error!(%error, store = store.label(), "applier: cannot make its store writer");
-                    shared.park(
-                        store,
-                        StuckStore {
-                            store: store.label(),
-                            batch_id: shared.oldest.load(Ordering::Acquire),
-                            error,
-                        },
-                    );
-                    return;
+                    let error = format!("cannot make the store writer: {error}");
+                    shared.park(store, &log_id, None, error);
+                    return runtime.block_on(shared.hold_parked(store));
                 }
             };
             let mut applier = applier::Applier::new(store, &config, &log_id, &shared, writer);
@@ -384,7 +406,7 @@ impl RecordSink for DurableSink {
             .load(Ordering::Relaxed)
             .saturating_sub(self.shared.oldest.load(Ordering::Relaxed));
         if on_disk > self.shared.max_log_bytes {
-            metrics::counter!(telemetry::WAL_FULL_TOTAL).increment(1);
+            metrics::counter!(names::WAL_FULL_TOTAL).increment(1);
             return Err(SinkError::Full);
         }
         let (ack, acked) = tokio::sync::oneshot::channel();

@@ -72,6 +72,14 @@ fn write_log(dir: &Path, blocks: usize, per_block: usize) -> Vec<u64> {
     positions
 }
 
+/// The store's applied ranges follow one another with no gap and no overlap.
+fn assert_contiguous(store: &MemoryStore) {
+    let ranges = store.ranges();
+    for pair in ranges.windows(2) {
+        assert_eq!(pair[0].1, pair[1].0, "{ranges:?}");
+    }
+}
+
 fn quantities(records: &[UsageRecord]) -> Vec<u64> {
     records.iter().map(|r| r.quantity).collect()
 }
@@ -197,6 +205,7 @@ async fn acknowledged_records_reach_both_stores_once_across_a_restart() {
     for store in [&postgres, &clickhouse] {
         assert_eq!(quantities(&store.records()), sent);
         assert_eq!(store.duplicates(), 0);
+        assert_contiguous(store);
     }
     let ranges = postgres.ranges();
 
@@ -376,7 +385,10 @@ async fn a_permanent_error_parks_the_batch_without_blocking_the_other_store() {
     .await;
     let stuck = sink.stuck_stores();
     assert_eq!(stuck.len(), 1, "{stuck:?}");
-    assert_eq!((stuck[0].store, stuck[0].batch_id), ("postgres", parked_at));
+    assert_eq!(
+        (stuck[0].store, stuck[0].batch_id),
+        ("postgres", Some(parked_at))
+    );
     assert!(stuck[0].error.contains("quantity"), "{}", stuck[0].error);
     // Parked, not retried in a loop.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -400,6 +412,8 @@ async fn a_permanent_error_parks_the_batch_without_blocking_the_other_store() {
     assert_eq!(quantities(&postgres.records()), all);
     assert_eq!(quantities(&clickhouse.records()), all);
     assert_eq!(postgres.duplicates() + clickhouse.duplicates(), 0);
+    assert_contiguous(&postgres);
+    assert_contiguous(&clickhouse);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -417,7 +431,8 @@ async fn a_store_broken_from_the_start_is_stuck_and_the_other_goes_on() {
     })
     .await;
     wait_until("ClickHouse is stuck", || !sink.stuck_stores().is_empty()).await;
-    assert_eq!(sink.stuck_stores()[0].store, "clickhouse");
+    let stuck = sink.stuck_stores();
+    assert_eq!((stuck[0].store, stuck[0].batch_id), ("clickhouse", None));
     shut(sink).await;
     assert_eq!(quantities(&postgres.records()), sent);
     assert!(clickhouse.records().is_empty());

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 
 use super::Shared;
+use crate::names;
 use crate::sink::{SinkError, Submission};
-use crate::telemetry;
 use crate::wal::{self, WalWriter};
 
 /// Runs until every sender of `queue` is gone: appends what queued, fsyncs, acknowledges.
@@ -22,6 +22,9 @@ pub(super) fn run(
     group_bytes: usize,
     window: Duration,
 ) {
+    // However the loop ends (its queue closed, or a panic), the appliers learn that nothing
+    // more comes, so they finish and a shutdown never waits for them in vain.
+    let _done = Done(shared);
     while let Ok(first) = queue.recv() {
         let close_at = Instant::now() + window;
         let mut payloads = vec![wal::encode_records(&first.records)];
@@ -52,9 +55,9 @@ pub(super) fn run(
                 crate::failpoint::hit("wal_after_fsync");
                 shared.durable.store(log.position(), Ordering::SeqCst);
                 shared.log_grew();
-                metrics::histogram!(telemetry::WAL_FSYNC_SECONDS)
+                metrics::histogram!(names::WAL_FSYNC_SECONDS)
                     .record(started.elapsed().as_secs_f64());
-                metrics::counter!(telemetry::WAL_BYTES_TOTAL).increment(log.position() - before);
+                metrics::counter!(names::WAL_BYTES_TOTAL).increment(log.position() - before);
                 Ok(())
             }
             Err(e) => {
@@ -69,6 +72,14 @@ pub(super) fn run(
             let _ = ack.send(outcome);
         }
     }
-    shared.writer_done.store(true, Ordering::SeqCst);
-    shared.log_grew();
+}
+
+/// Marks the writer done when dropped.
+struct Done<'a>(&'a Shared);
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.0.writer_done.store(true, Ordering::SeqCst);
+        self.0.log_grew();
+    }
 }

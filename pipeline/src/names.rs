@@ -105,5 +105,9 @@ mod tests {
             apex_core::telemetry::check_names("pipeline", super::ALL),
             Ok(())
         );
+        assert_eq!(
+            apex_core::telemetry::check_listed(include_str!("names.rs"), super::ALL),
+            Ok(())
+        );
     }
 }
