@@ -267,8 +267,9 @@ impl DurableSink {
     }
 
     /// Like [`DurableSink::start`], with the store writers `postgres()` and `clickhouse()`
-    /// make (each called on its applier's thread, inside that thread's runtime). A writer
-    /// that cannot be made leaves its store stuck, reported by [`RecordSink::stuck_stores`].
+    /// make (each called on its applier's thread, inside that thread's runtime);
+    /// `config.stores` is not read. A writer that cannot be made leaves its store stuck,
+    /// reported by [`RecordSink::stuck_stores`].
     pub fn start_with<P, C>(
         config: &DurableConfig,
         postgres: impl FnOnce() -> Result<P, String> + Send + 'static,
