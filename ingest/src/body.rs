@@ -113,7 +113,12 @@ fn decompress(reader: impl Read, max_bytes: usize) -> Result<Bytes, ApiError> {
     reader
         .take(max_bytes as u64 + 1)
         .read_to_end(&mut out)
-        .map_err(|e| ApiError::InvalidEncoding(format!("the body cannot be decompressed: {e}")))?;
+        .map_err(|e| {
+            ApiError::InvalidEncoding(format!(
+                "the body cannot be decompressed (a corrupt or truncated member or frame, or \
+                 bytes after the last one): {e}"
+            ))
+        })?;
     if out.len() > max_bytes {
         return Err(ApiError::TooLarge {
             code: "decompressed_too_large",

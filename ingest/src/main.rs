@@ -45,6 +45,9 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // The recorder first: the sink records from its start (a torn tail cut, its
+        // zero-valued series), and nothing recorded before a recorder exists is kept.
+        apex_ingest::telemetry::prometheus();
         // The production sink: the write-ahead log and one applier per store. Tests pass
         // their own sink to the same `run_with_sink`, which shuts it down at the end.
         let sink = match DurableSink::start(&config.durable_config()) {

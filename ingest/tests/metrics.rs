@@ -62,6 +62,17 @@ async fn metrics_pass_promtool_with_help_for_every_series() {
         );
     }
 
+    // What moves only on trouble is there from the start, at 0, for alerts to read.
+    for series in [
+        "apex_pipeline_parked_batches{store=\"postgres\"} 0",
+        "apex_pipeline_parked_batches{store=\"clickhouse\"} 0",
+        "apex_pipeline_permanent_errors_total{store=\"postgres\"} 0",
+        "apex_pipeline_wal_full_total 0",
+        "apex_ingest_queue_full_total 0",
+    ] {
+        assert!(page.contains(series), "no {series}:\n{page}");
+    }
+
     let mut check = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

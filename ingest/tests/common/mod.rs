@@ -93,7 +93,9 @@ async fn serve(
     let shutdown = async {
         let _ = stopped.await;
     };
-    // The production sink, started as `main` starts it, unless the test brings its own.
+    // The production sink, started as `main` starts it (after the recorder), unless the test
+    // brings its own.
+    apex_ingest::telemetry::prometheus();
     let sink = match sink {
         Some(sink) => sink,
         None => DurableSink::start(&config.durable_config()).unwrap(),

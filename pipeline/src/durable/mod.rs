@@ -280,6 +280,7 @@ impl DurableSink {
         C: StoreWriter + 'static,
     {
         config.validate().map_err(DurableError::Config)?;
+        zero_series();
         let dir = &config.wal_dir;
         let (log, recovery) = WalWriter::open(dir, config.segment_bytes).map_err(log_error(dir))?;
         if recovery.truncated_bytes > 0 {
@@ -352,6 +353,22 @@ impl DurableSink {
     /// End of what ClickHouse holds.
     pub fn clickhouse_position(&self) -> u64 {
         self.shared.applied[Store::ClickHouse as usize].load(Ordering::Acquire)
+    }
+}
+
+/// Gives every counter and gauge that only moves on trouble its 0, per store, so `/metrics`
+/// shows them from the start and an alert on them (a parked batch, write errors, a full log)
+/// has a series to read in a healthy process.
+fn zero_series() {
+    metrics::counter!(names::WAL_FULL_TOTAL).increment(0);
+    metrics::counter!(names::WAL_TRUNCATED_BYTES_TOTAL).increment(0);
+    for store in [Store::Postgres, Store::ClickHouse] {
+        let label = store.label();
+        metrics::counter!(names::PERMANENT_ERRORS_TOTAL, "store" => label).increment(0);
+        metrics::gauge!(names::PARKED_BATCHES, "store" => label).set(0.0);
+        metrics::counter!(names::WRITE_ERRORS_TOTAL, "store" => label).increment(0);
+        metrics::counter!(names::WAL_CORRUPT_BYTES_TOTAL, "store" => label).increment(0);
+        metrics::counter!(names::REPLAYED_RECORDS_TOTAL, "store" => label).increment(0);
     }
 }
 
