@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: bring up the local stack, build, migrate, create (once) a demo customer,
-# print its API key and ready curl lines, then run apex-server in the foreground.
+# print its API key and ready curl lines, then run apex-server in the foreground and the cron
+# process (apex-cron) beside it; Ctrl-C (or SIGTERM to this script) stops both.
 # State of the dev setup (JWT secret, demo key) is kept in .stack/dev.env, gitignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ scripts/stack.sh up >/dev/null
 eval "$(scripts/stack.sh env)"
 
 echo "== building (first time: a few minutes)" >&2
-cargo build --release --quiet --bin apex-server --bin apexctl
+cargo build --release --quiet --bin apex-server --bin apexctl --bin apex-cron
 bin="$CARGO_TARGET_DIR/release"
 
 "$bin/apexctl" migrate >&2
@@ -42,6 +43,7 @@ if [ "$demo_key_ok" != true ]; then
 fi
 
 listen="${APEX_LISTEN:-127.0.0.1:8080}"
+cron_log=.stack/cron.log
 # A dashboard token for the demo customer (a day long), for the usage API.
 demo_token=$("$bin/apexctl" token --customer "$APEX_DEMO_CUSTOMER_ID" --ttl-secs 86400)
 
@@ -57,7 +59,25 @@ try, from another terminal:
   curl -s http://$listen/metrics | grep apex_ingest_records_total
   curl -s http://$listen/api/usage/current -H 'Authorization: Bearer $demo_token'
 
+the cron process runs beside it (log: $cron_log):
+  curl -s http://${APEX_CRON_LISTEN:-127.0.0.1:9464}/metrics | grep apex_cron_runs_total
+  $bin/apexctl cron list
+
 stop with Ctrl-C; stop the databases with: scripts/stack.sh down
 MSG
 
-exec "$bin/apex-server"
+# Without a Stripe key the 02:00 usage sync could only fail: it is off until one is set.
+if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
+  export APEX_CRON_SCHEDULE_STRIPE_SYNC="${APEX_CRON_SCHEDULE_STRIPE_SYNC:-off}"
+fi
+"$bin/apex-cron" >>"$cron_log" 2>&1 &
+cron=$!
+"$bin/apex-server" &
+server=$!
+stop() { kill -TERM "$server" "$cron" 2>/dev/null || true; }
+trap stop INT TERM
+# The first wait returns early when a signal is trapped; the second waits for the exit.
+wait "$server" || true
+wait "$server" 2>/dev/null || true
+kill -TERM "$cron" 2>/dev/null || true
+wait "$cron" 2>/dev/null || true

@@ -4,11 +4,21 @@
 //! reads them.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+/// This package's folder (`grafana/`), read when its tests run: cargo sets
+/// `CARGO_MANIFEST_DIR` for them. Not the path compiled in, since the build folder is shared
+/// between clones and a build still fresh from another clone would read that clone's
+/// dashboards. Elsewhere, the folder this crate was built from.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
 
 /// The dashboards folder.
 pub fn dashboards_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards")
+    package_dir().join("dashboards")
 }
 
 /// Every dashboard file, parsed, with its name.

@@ -15,6 +15,7 @@ fn names_modules() -> Vec<(&'static str, &'static [MetricSpec])> {
         ("apex-ingest", apex_ingest::names::ALL),
         ("apex-pipeline", apex_pipeline::names::ALL),
         ("apex-stripe", apex_stripe::names::ALL),
+        ("apex-cron", apex_cron::names::ALL),
     ]
 }
 
@@ -109,7 +110,7 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[test]
 fn code_records_metrics_only_by_their_names_module_constants() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = apex_dashboards::package_dir().join("..");
     let mut files = Vec::new();
     for krate in ["pipeline", "ingest", "billing", "loadtest"] {
         rust_files(&root.join(krate), &mut files);

@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use apex_core::env::EnvSource;
+use apex_core::process;
 use apex_ingest::{ServerConfig, run_with_sink};
 use apex_pipeline::durable::DurableSink;
 
@@ -11,12 +12,7 @@ use apex_pipeline::durable::DurableSink;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("APEX_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .init();
+    process::init_logging();
     let config = match ServerConfig::from_env(&EnvSource::process()) {
         Ok(config) => config,
         Err(e) => {
@@ -24,15 +20,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match process::runtime("apex-server") {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("apex-server: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -57,7 +47,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match run_with_sink(config, listener, sink, shutdown_signal()).await {
+        match run_with_sink(config, listener, sink, process::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("apex-server: {e}");
@@ -65,21 +55,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("cannot install the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
 }

@@ -34,7 +34,7 @@ struct Repeat {
 }
 
 fn cases() -> Vec<(String, Case)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/bad-input");
+    let dir = apex_core::testing::package_dir().join("tests/fixtures/bad-input");
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -22,7 +22,7 @@ fn dependency_names(package: &str) -> BTreeSet<String> {
     ];
     let output = Command::new(env!("CARGO"))
         .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(apex_core::testing::package_dir())
         .output()
         .expect("cargo runs");
     assert!(

@@ -5,21 +5,9 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
-
-fn promtool() -> String {
-    let path = std::env::var("APEX_PROMTOOL")
-        .unwrap_or_else(|_| "/var/cache/apex/tools/prometheus/usr/bin/promtool".to_owned());
-    assert!(
-        std::path::Path::new(&path).exists(),
-        "{path} is missing: run scripts/stack.sh up, which installs promtool"
-    );
-    path
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_with_help_for_every_series() {
@@ -73,27 +61,7 @@ async fn metrics_pass_promtool_with_help_for_every_series() {
         assert!(page.contains(series), "no {series}:\n{page}");
     }
 
-    let mut check = Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool runs");
-    check
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(page.as_bytes())
-        .unwrap();
-    let out = check.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool check metrics: {said}\n{page}"
-    );
+    if let Err(said) = apex_core::testing::promtool_check(&page) {
+        panic!("promtool check metrics: {said}\n{page}");
+    }
 }

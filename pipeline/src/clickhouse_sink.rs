@@ -37,6 +37,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use clickhouse::Client;
 use serde::Serialize;
 
@@ -254,6 +255,40 @@ pub async fn write_batch(
     }
     crate::failpoint::hit("ch_after_data");
     write_marker(client, &marker(batch, DONE)).await
+}
+
+/// Deletes the `pipeline_batches` markers written before `before`, except each log's newest
+/// batch (its `started` and `done` markers), from which replay resumes; the rows of
+/// `usage_events` are not touched. Returns how many logs it pruned: only logs with markers
+/// to remove get a delete. The deletes are ClickHouse mutations (`ALTER TABLE ... DELETE`,
+/// in 18.16 and current releases), carried out in the background; running it again changes
+/// nothing more.
+pub async fn prune_markers(client: &Client, before: DateTime<Utc>) -> Result<usize, ChError> {
+    let before = u32::try_from(before.timestamp().max(0)).unwrap_or(u32::MAX);
+    // A log has markers to remove when its oldest marker is old and not of its newest batch.
+    let newest = client
+        .query(
+            "SELECT log_id, max(batch_id) AS newest FROM pipeline_batches GROUP BY log_id \
+             HAVING countIf(written_at < toDateTime(?)) > 0 \
+                AND minIf(batch_id, written_at < toDateTime(?)) < newest",
+        )
+        .bind(before)
+        .bind(before)
+        .fetch_all::<(String, u64)>()
+        .await?;
+    for (log_id, newest) in &newest {
+        client
+            .query(
+                "ALTER TABLE pipeline_batches DELETE \
+                 WHERE log_id = ? AND batch_id < ? AND written_at < toDateTime(?)",
+            )
+            .bind(log_id.as_str())
+            .bind(*newest)
+            .bind(before)
+            .execute()
+            .await?;
+    }
+    Ok(newest.len())
 }
 
 /// ClickHouse exception codes that the same insert hits again however often it is retried:

@@ -129,6 +129,35 @@ pub async fn apply_batch(conn: &mut PgConnection, batch: &Batch<'_>) -> Result<(
     tx.commit().await
 }
 
+/// Deletes up to `limit` of the `pipeline_batches` rows applied before `before`, except each
+/// log's newest (its watermark: where replay resumes; replay checks only batches past it).
+/// Returns how many it removed: a caller removes everything by calling again until that is
+/// below `limit`, each call a short transaction of its own. Running it again removes
+/// nothing more.
+///
+/// A log's batches follow one another, so its newest is its largest `batch_id` (the batch's
+/// start position), which the primary key finds without reading the log's rows: the work is
+/// linear in the rows removed, not quadratic in the rows kept.
+pub async fn prune_batches(
+    db: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "DELETE FROM pipeline_batches WHERE (log_id, batch_id) IN ( \
+             SELECT p.log_id, p.batch_id FROM pipeline_batches p \
+             JOIN (SELECT log_id, max(batch_id) AS newest FROM pipeline_batches GROUP BY log_id) n \
+                 ON n.log_id = p.log_id \
+             WHERE p.batch_id < n.newest AND p.applied_at < $1 \
+             LIMIT $2)",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(db)
+    .await?
+    .rows_affected())
+}
+
 /// SQLSTATE classes of errors that the same statement hits again however often it is
 /// retried: data exceptions (22), integrity violations (23), undefined tables, columns and
 /// types (42), unsupported features (0A) and program limits (54). Everything else may pass

@@ -1,10 +1,11 @@
-//! `apexctl`'s settings beyond the stores: Stripe's ([`apex_stripe::config::StripeConfig`])
-//! and the email provider's, all checked before any command runs, so a typo shows up at the
-//! first command an operator runs, not in a nightly job. The email settings move to the
-//! email crate when the sender lands; until then they are only checked.
+//! `apexctl`'s settings: the cron process's ([`apex_cron::config::CronConfig`]: the stores,
+//! Stripe, the jobs with their schedules, the clock) and the email provider's, all checked
+//! before any command runs, so a typo shows up at the first command an operator runs, not in
+//! a nightly job. The email settings move to the email crate when the sender lands; until
+//! then they are only checked.
 
 use apex_core::env::{ConfigError, EnvSource};
-use apex_stripe::config::StripeConfig;
+use apex_cron::config::CronConfig;
 
 /// Which service sends email (`EMAIL_PROVIDER`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +33,8 @@ impl std::str::FromStr for EmailProvider {
 /// Everything `apexctl` reads besides the stores. Secrets are kept out of `Debug`.
 #[derive(Clone)]
 pub(crate) struct CtlConfig {
-    /// Stripe.
-    pub(crate) stripe: StripeConfig,
+    /// The stores, Stripe, the jobs and the clock, as the cron process reads them.
+    pub(crate) cron: CronConfig,
     /// `EMAIL_PROVIDER`, default `log`.
     pub(crate) email_provider: EmailProvider,
     /// `RESEND_API_KEY`: `re_...`, required when the provider is Resend.
@@ -43,7 +44,7 @@ pub(crate) struct CtlConfig {
 impl std::fmt::Debug for CtlConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CtlConfig")
-            .field("stripe", &self.stripe)
+            .field("cron", &self.cron)
             .field("email_provider", &self.email_provider)
             .field(
                 "resend_api_key",
@@ -56,7 +57,7 @@ impl std::fmt::Debug for CtlConfig {
 impl CtlConfig {
     /// Reads and validates the settings.
     pub(crate) fn from_env(env: &EnvSource) -> Result<Self, ConfigError> {
-        let stripe = StripeConfig::from_env(env)?;
+        let cron = CronConfig::from_env(env)?;
         let email_provider = env.parse_or("EMAIL_PROVIDER", EmailProvider::Log)?;
         let resend_api_key = env.optional("RESEND_API_KEY");
         if resend_api_key
@@ -75,7 +76,7 @@ impl CtlConfig {
             });
         }
         Ok(Self {
-            stripe,
+            cron,
             email_provider,
             resend_api_key,
         })
@@ -86,11 +87,20 @@ impl CtlConfig {
 mod tests {
     use super::*;
 
+    fn with_stores<'a>(pairs: Vec<(&'a str, &'a str)>) -> EnvSource {
+        let mut all = vec![
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:15432/apex"),
+            ("CLICKHOUSE_URL", "http://127.0.0.1:18123"),
+        ];
+        all.extend(pairs);
+        EnvSource::from_pairs(all)
+    }
+
     #[test]
-    fn defaults_need_nothing() {
-        let cfg = CtlConfig::from_env(&EnvSource::from_pairs([])).unwrap();
+    fn defaults_need_only_the_stores() {
+        let cfg = CtlConfig::from_env(&with_stores(vec![])).unwrap();
         assert_eq!(cfg.email_provider, EmailProvider::Log);
-        assert_eq!(cfg.stripe.api_base, "https://api.stripe.com");
+        assert_eq!(cfg.cron.stripe.api_base, "https://api.stripe.com");
     }
 
     #[test]
@@ -101,20 +111,22 @@ mod tests {
             vec![("EMAIL_PROVIDER", "sendgrid")],
             vec![("RESEND_API_KEY", "abc")],
             vec![("EMAIL_PROVIDER", "resend")],
+            vec![("APEX_CRON_SCHEDULE_STRIPE_SYNC", "never")],
+            vec![("APEX_CLOCK_START", "soon")],
         ] {
             let name = if pairs[0].1 == "resend" {
                 "RESEND_API_KEY"
             } else {
                 pairs[0].0
             };
-            let err = CtlConfig::from_env(&EnvSource::from_pairs(pairs)).unwrap_err();
+            let err = CtlConfig::from_env(&with_stores(pairs)).unwrap_err();
             assert!(err.to_string().starts_with(name), "{err}");
         }
     }
 
     #[test]
     fn secrets_stay_out_of_debug() {
-        let cfg = CtlConfig::from_env(&EnvSource::from_pairs([
+        let cfg = CtlConfig::from_env(&with_stores(vec![
             ("STRIPE_SECRET_KEY", "sk_test_secretvalue"),
             ("EMAIL_PROVIDER", "resend"),
             ("RESEND_API_KEY", "re_secretvalue"),

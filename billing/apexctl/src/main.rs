@@ -1,9 +1,11 @@
 //! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
-//! Stripe mapping and usage sync). Later work adds the cron jobs and the manual operations of
-//! the operations guide here. It reads the billing domain (`apex-billing`) and drives Stripe
+//! Stripe mapping and usage sync, the cron jobs). Later work adds the other manual operations
+//! of the operations guide here. Every command reads the process clock of `APEX_CLOCK_*`, as
+//! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
 //! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
 
 mod config;
+mod cron_commands;
 mod stripe_commands;
 
 use std::process::ExitCode;
@@ -13,7 +15,6 @@ use apex_billing::customers::{self, NewCustomer};
 use apex_billing::{keys, plans};
 use apex_core::env::EnvSource;
 use apex_core::migrate;
-use apex_core::stores::StoreConfig;
 use clap::{Parser, Subcommand};
 
 use crate::config::CtlConfig;
@@ -60,6 +61,9 @@ enum Command {
     /// Stripe: map meters, plans and customers; sync usage as meter events.
     #[command(subcommand)]
     Stripe(stripe_commands::StripeCommand),
+    /// The cron jobs: list them, run one now, read their history.
+    #[command(subcommand)]
+    Cron(cron_commands::CronCommand),
 }
 
 #[derive(Subcommand)]
@@ -155,9 +159,7 @@ fn main() -> ExitCode {
     let env = EnvSource::process();
     // Billing settings are checked even by commands that do not use them yet, so a typo
     // shows up at the first command an operator runs, not in a nightly job.
-    let settings =
-        CtlConfig::from_env(&env).and_then(|ctl| Ok((ctl, StoreConfig::from_env(&env)?)));
-    let (ctl, stores) = match settings {
+    let ctl = match CtlConfig::from_env(&env) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("apexctl: {e}");
@@ -168,7 +170,7 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime");
-    match runtime.block_on(run(cli.command, stores, ctl)) {
+    match runtime.block_on(run(cli.command, ctl)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("apexctl: {e:#}");
@@ -177,7 +179,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, stores: StoreConfig, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
+async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
+    let stores = &ctl.cron.stores;
+    // The time of every command: the wall clock, or the simulated one of APEX_CLOCK_*.
+    let now = ctl.cron.clock.now();
     let pool = stores
         .connect_postgres()
         .await
@@ -185,7 +190,7 @@ async fn run(command: Command, stores: StoreConfig, ctl: CtlConfig) -> anyhow::R
     match command {
         Command::Migrate => {
             migrate::migrate_postgres(&pool).await?;
-            let applied = migrate::migrate_clickhouse(&stores)
+            let applied = migrate::migrate_clickhouse(stores)
                 .await
                 .context("ClickHouse (CLICKHOUSE_URL)")?;
             println!(
@@ -211,8 +216,7 @@ async fn run(command: Command, stores: StoreConfig, ctl: CtlConfig) -> anyhow::R
                 trial_days,
             };
             let created =
-                customers::create_customer(&mut *pool.acquire().await?, &new, chrono::Utc::now())
-                    .await?;
+                customers::create_customer(&mut *pool.acquire().await?, &new, now).await?;
             if json {
                 println!(
                     "{}",
@@ -322,7 +326,7 @@ async fn run(command: Command, stores: StoreConfig, ctl: CtlConfig) -> anyhow::R
                 apex_billing::tokens::dashboard_token(
                     &customer,
                     secret.as_bytes(),
-                    chrono::Utc::now().timestamp(),
+                    now.timestamp(),
                     ttl_secs
                 )?
             );
@@ -338,7 +342,10 @@ async fn run(command: Command, stores: StoreConfig, ctl: CtlConfig) -> anyhow::R
             println!("{customer} {month}: mediated revenue {cents} cents");
         }
         Command::Stripe(command) => {
-            return stripe_commands::run(command, &pool, &ctl.stripe).await;
+            return stripe_commands::run(command, &pool, &ctl.cron.stripe, now).await;
+        }
+        Command::Cron(command) => {
+            return cron_commands::run(command, pool, &ctl.cron).await;
         }
         Command::Plans(PlansCommand::List { json }) => {
             let all = plans::list_plans(&mut *pool.acquire().await?).await?;

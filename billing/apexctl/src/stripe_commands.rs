@@ -51,6 +51,7 @@ pub(crate) async fn run(
     command: StripeCommand,
     pool: &PgPool,
     config: &StripeConfig,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<ExitCode> {
     match command {
         StripeCommand::Catalog { json } => {
@@ -108,11 +109,7 @@ pub(crate) async fn run(
                 ..ClientSettings::default()
             };
             let client = stripe::client_from_config(config, settings)?;
-            let request = sync::SyncRequest {
-                customer,
-                day,
-                now: chrono::Utc::now(),
-            };
+            let request = sync::SyncRequest { customer, day, now };
             let summary = sync::sync_usage(pool, &client, &request).await?;
             if json {
                 println!("{}", serde_json::to_string(&summary)?);

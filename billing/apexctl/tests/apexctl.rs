@@ -137,6 +137,14 @@ fn every_apexctl_command_has_help() {
         &["keys", "revoke", "--help"][..],
         &["keys", "list", "--help"][..],
         &["plans", "list", "--help"][..],
+        &["token", "--help"][..],
+        &["revenue", "set", "--help"][..],
+        &["stripe", "catalog", "--help"][..],
+        &["stripe", "customers", "--help"][..],
+        &["stripe", "sync", "--help"][..],
+        &["cron", "list", "--help"][..],
+        &["cron", "run", "--help"][..],
+        &["cron", "history", "--help"][..],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
             .args(args)

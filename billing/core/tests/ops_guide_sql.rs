@@ -3,12 +3,10 @@
 //! files; parameterized ones run as a prepared statement with untyped arguments, which is how
 //! the guide's Node.js client sends them (so `$2` into `data jsonb` is parsed as JSON).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use apex_core::testing::TestStores;
 use sqlx::{AssertSqlSafe, Row};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ops-guide-sql");
 
 struct Snippet {
     file: String,
@@ -17,11 +15,12 @@ struct Snippet {
 }
 
 fn snippets() -> Vec<Snippet> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(FIXTURES)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "sql"))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(apex_core::testing::package_dir().join("tests/fixtures/ops-guide-sql"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
     files.sort();
     files
         .into_iter()
@@ -188,7 +187,7 @@ fn statements_in_guide(guide: &str) -> Vec<String> {
 
 #[test]
 fn fixtures_cover_every_statement_of_the_guide() {
-    let guide = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/spec/operations-guide.md");
+    let guide = apex_core::testing::package_dir().join("../../shared/spec/operations-guide.md");
     let Ok(guide) = std::fs::read_to_string(&guide) else {
         // The guide lives beside the repository (in CI and on developer machines), not in it.
         eprintln!(

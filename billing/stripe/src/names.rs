@@ -1,7 +1,7 @@
 //! Metric names of the Stripe work, `apex_stripe_<noun>_<unit>[_total]`, with bounded labels
 //! (`status` is a status class, `outcome` and `metric` fixed words), and [`ALL`], their
-//! descriptions. They are recorded by whichever process runs the work (`apexctl`, the cron
-//! process); `apexctl` exposes no `/metrics`, so they reach Prometheus from the cron process.
+//! descriptions. They are recorded by whichever process runs the work; the cron process
+//! (`apex-cron`, its `stripe_sync` job) exposes them on its `/metrics`; `apexctl` has none.
 
 use apex_core::telemetry::MetricSpec;
 
@@ -14,36 +14,23 @@ pub const SYNC_RUNS_TOTAL: &str = "apex_stripe_sync_runs_total";
 /// Meter events recorded as accepted by Stripe, by `metric`.
 pub const METER_EVENTS_TOTAL: &str = "apex_stripe_meter_events_total";
 
-/// Every metric of the Stripe work, with its HELP text. None is charted yet: they are
-/// recorded by `apexctl`, which is not scraped; the cron process will expose them.
+/// Every metric of the Stripe work, with its HELP text; `apex-cron` exposes them.
 pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         REQUESTS_TOTAL,
         "Stripe API requests answered, by status class (2xx, 4xx, 429, 5xx).",
-    )
-    .uncharted(
-        "recorded by apexctl, which has no /metrics; charted once the cron process runs the jobs",
     ),
     MetricSpec::counter(
         RETRIES_TOTAL,
         "Stripe requests retried with the same idempotency key (5xx, 409, 429, timeouts).",
-    )
-    .uncharted(
-        "recorded by apexctl, which has no /metrics; charted once the cron process runs the jobs",
     ),
     MetricSpec::counter(
         SYNC_RUNS_TOTAL,
         "Stripe usage sync runs, by outcome (ok, partial).",
-    )
-    .uncharted(
-        "recorded by apexctl, which has no /metrics; charted once the cron process runs the jobs",
     ),
     MetricSpec::counter(
         METER_EVENTS_TOTAL,
         "Meter events Stripe accepted from the usage sync, by metric.",
-    )
-    .uncharted(
-        "recorded by apexctl, which has no /metrics; charted once the cron process runs the jobs",
     ),
 ];
 

@@ -132,6 +132,11 @@ pub async fn sync_usage(
     request: &SyncRequest,
 ) -> Result<SyncSummary, StripeWorkError> {
     let mut lock = pool.acquire().await?;
+    // The session ends with the sync, so the lock can never go back to the pool with the
+    // connection: a sync stopped part-way (its future dropped by a timeout or a shutdown)
+    // would otherwise leave the lock held on a pooled connection, refusing every later sync
+    // of the process (and taken again unnoticed by one that got the same connection).
+    lock.close_on_drop();
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(SYNC_LOCK)
         .fetch_one(&mut *lock)
@@ -142,14 +147,12 @@ pub async fn sync_usage(
         ));
     }
     let outcome = sync_locked(pool, stripe, request).await;
-    let unlocked: Result<bool, sqlx::Error> = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+    // Released before the session closes, so a sync that starts right after this one finds
+    // the lock free rather than waiting on the close; closing would release it anyway.
+    let _ = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
         .bind(SYNC_LOCK)
         .fetch_one(&mut *lock)
         .await;
-    if !matches!(unlocked, Ok(true)) {
-        // Closing the session releases the lock.
-        drop(lock.detach());
-    }
     outcome
 }
 
@@ -544,10 +547,10 @@ impl CustomerSync<'_> {
         sqlx::query_scalar(
             "INSERT INTO stripe_usage_sync (customer_id, usage_date, metric_type, status,
                  stripe_identifier, pending_quantity, pending_since, attempts)
-             VALUES ($1, $2, $3, 'pending', $4, $5, now(), 1)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, 1)
              ON CONFLICT (customer_id, usage_date, metric_type) DO UPDATE
              SET status = 'pending', stripe_identifier = $4, pending_quantity = $5,
-                 pending_since = now(), attempts = stripe_usage_sync.attempts + 1,
+                 pending_since = $6, attempts = stripe_usage_sync.attempts + 1,
                  updated_at = now()
              RETURNING attempts",
         )
@@ -556,6 +559,9 @@ impl CustomerSync<'_> {
         .bind(metric.as_str())
         .bind(identifier)
         .bind(to_db(quantity))
+        // The run's time, not the database's: the age test of a pending event compares it
+        // with the run's `now`, which a simulated clock may set far from the database's.
+        .bind(self.now)
         .fetch_one(self.pool)
         .await
     }

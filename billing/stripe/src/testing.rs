@@ -17,6 +17,9 @@ pub struct StripeStandIn {
     port: u16,
 }
 
+/// `scripts/stripe-standin.py`.
+const STANDIN_SCRIPT: &str = include_str!("../../../scripts/stripe-standin.py");
+
 /// The secret key tests use; the stand-in accepts any key.
 pub const TEST_KEY: &str = "sk_test_apex_standin";
 
@@ -30,17 +33,21 @@ impl StripeStandIn {
             std::path::Path::new(&python).exists(),
             "{python} is missing: run scripts/stack.sh up, which installs the Stripe stand-in"
         );
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../scripts/stripe-standin.py"
-        );
+        // The script is compiled in and fed on stdin, not read from a path: the build folder
+        // is shared between clones, and a path baked in at build time can name another one.
         let mut child = Command::new(python)
-            .arg(script)
-            .args(["--port", "0"])
+            .args(["-", "--port", "0"])
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cannot start the Stripe stand-in");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(STANDIN_SCRIPT.as_bytes())
+            .expect("cannot hand the stand-in its script");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped stdout"))
             .read_line(&mut line)

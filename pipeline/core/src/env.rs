@@ -26,6 +26,15 @@ pub enum ConfigError {
         /// Why the value was refused. Never includes the value of a secret.
         reason: String,
     },
+    /// A variable of a family (`APEX_CRON_SCHEDULE_<JOB>`, say) names nothing that exists:
+    /// a typo, which would otherwise be silently ignored.
+    #[error("{name} is not a setting: {reason}")]
+    Unknown {
+        /// The variable's name.
+        name: String,
+        /// What the family's names may be.
+        reason: String,
+    },
 }
 
 /// Where configuration values come from: the process environment or, in tests, a map.
@@ -57,6 +66,18 @@ impl EnvSource {
             .get(name)
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
+    }
+
+    /// The names of the variables that start with `prefix`, sorted.
+    pub fn names_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .values
+            .keys()
+            .filter(|name| name.starts_with(prefix))
+            .cloned()
+            .collect();
+        names.sort();
+        names
     }
 
     /// The value of `name`, which must be set.

@@ -12,12 +12,15 @@
 //!   once.
 //! - [`telemetry`]: metric descriptions (name, kind, HELP text) that every crate's names
 //!   module lists, and their registration with the process's recorder.
+//! - `process` (feature `process`): logging, the runtime and the stop signals of a binary.
 //! - `testing` (feature `test-support`): fresh, migrated databases for integration tests.
 
 pub mod env;
 #[cfg(feature = "stores")]
 pub mod migrate;
 pub mod model;
+#[cfg(feature = "process")]
+pub mod process;
 #[cfg(feature = "stores")]
 pub mod stores;
 pub mod telemetry;

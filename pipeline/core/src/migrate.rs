@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn every_clickhouse_migration_file_is_listed_in_order() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations/clickhouse");
+        let dir = crate::testing::package_dir().join("../../migrations/clickhouse");
         let mut files: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -23,6 +23,54 @@ pub struct TestStores {
     pub name: String,
 }
 
+/// The folder of the package whose test is running, read when it runs (cargo sets
+/// `CARGO_MANIFEST_DIR` for every test process). Not `env!("CARGO_MANIFEST_DIR")`: the build
+/// folder is shared between clones, and a test binary built in one clone and still fresh
+/// in another would read the first clone's files.
+pub fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("CARGO_MANIFEST_DIR is unset: run the tests with cargo test")
+        .into()
+}
+
+/// `promtool check metrics` on a `/metrics` page: `Err` with what promtool said (the
+/// page's lint problems) unless it passes with nothing to say. Panics (never skips) when
+/// promtool is missing: `scripts/stack.sh up` installs it (`APEX_PROMTOOL` names another).
+pub fn promtool_check(page: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let path = std::env::var("APEX_PROMTOOL")
+        .unwrap_or_else(|_| "/var/cache/apex/tools/prometheus/usr/bin/promtool".to_owned());
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} is missing: run scripts/stack.sh up, which installs promtool"
+    );
+    let mut check = Command::new(path)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    check
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(page.as_bytes())
+        .expect("promtool reads the page");
+    let out = check.wait_with_output().expect("promtool finishes");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && said.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(said)
+    }
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn unique_name() -> String {

@@ -14,6 +14,10 @@ pub(crate) fn apexctl_command(stores: &TestStores) -> Command {
         .env("CLICKHOUSE_DATABASE", &stores.config.clickhouse_database)
         .env_remove("APEX_JWT_SECRET")
         .env_remove("STRIPE_SECRET_KEY")
-        .env_remove("STRIPE_API_BASE");
+        .env_remove("STRIPE_API_BASE")
+        .env_remove("APEX_CLOCK_START")
+        .env_remove("APEX_CLOCK_SPEED")
+        .env_remove("APEX_CLOCK_EPOCH")
+        .env_remove("APEX_CRON_TEST_JOBS");
     command
 }
