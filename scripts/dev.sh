@@ -47,6 +47,15 @@ cron_log=.stack/cron.log
 # A dashboard token for the demo customer (a day long), for the usage API.
 demo_token=$("$bin/apexctl" token --customer "$APEX_DEMO_CUSTOMER_ID" --ttl-secs 86400)
 
+# Without a Stripe key the 02:00 usage sync could only fail: it is off until one is set
+# (apexctl is told so too, in the hint below, so its `cron list` shows what runs).
+cron_note="" cron_env=""
+if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
+  export APEX_CRON_SCHEDULE_STRIPE_SYNC="${APEX_CRON_SCHEDULE_STRIPE_SYNC:-off}"
+  cron_note=", stripe_sync $APEX_CRON_SCHEDULE_STRIPE_SYNC without STRIPE_SECRET_KEY"
+  cron_env="APEX_CRON_SCHEDULE_STRIPE_SYNC=$APEX_CRON_SCHEDULE_STRIPE_SYNC "
+fi
+
 cat >&2 <<MSG
 
 == apex is starting on http://$listen
@@ -59,17 +68,13 @@ try, from another terminal:
   curl -s http://$listen/metrics | grep apex_ingest_records_total
   curl -s http://$listen/api/usage/current -H 'Authorization: Bearer $demo_token'
 
-the cron process runs beside it (log: $cron_log):
+the cron process runs beside it (log: $cron_log)$cron_note:
   curl -s http://${APEX_CRON_LISTEN:-127.0.0.1:9464}/metrics | grep apex_cron_runs_total
-  $bin/apexctl cron list
+  eval "\$(scripts/stack.sh env)"; ${cron_env}$bin/apexctl cron list
 
 stop with Ctrl-C; stop the databases with: scripts/stack.sh down
 MSG
 
-# Without a Stripe key the 02:00 usage sync could only fail: it is off until one is set.
-if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
-  export APEX_CRON_SCHEDULE_STRIPE_SYNC="${APEX_CRON_SCHEDULE_STRIPE_SYNC:-off}"
-fi
 "$bin/apex-cron" >>"$cron_log" 2>&1 &
 cron=$!
 "$bin/apex-server" &

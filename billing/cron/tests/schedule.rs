@@ -288,18 +288,14 @@ async fn a_slot_that_cannot_be_claimed_is_tried_again_until_it_runs() {
         .unwrap();
     // Retries 1, 2, 4 s apart: the one after the table is back claims and runs the slot.
     let slot = at("2026-01-01T02:00:00Z");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let done = loop {
-        let found = rows(&stores, "test_daily", slot, slot + Duration::seconds(1)).await;
-        if found.first().is_some_and(|r| r.status != "running") {
-            break found;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never ran: {found:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let done = common::rows_once(
+        &stores,
+        "test_daily",
+        slot,
+        slot + Duration::seconds(1),
+        |r| r.first().is_some_and(|r| r.status != "running"),
+    )
+    .await;
     let (_, page) = cron.get("/metrics").expect("/metrics answers");
     assert!(cron.terminate().success());
     assert_each_slot_once("test_daily", &done, &[slot]);

@@ -221,6 +221,29 @@ pub async fn rows(
     .unwrap()
 }
 
+/// The rows of `job` with slots in `[from, to)` once `done` holds of them (polled every
+/// 100 ms real time, for up to a minute; the test fails with the last rows seen after that).
+pub async fn rows_once(
+    stores: &TestStores,
+    job: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    done: impl Fn(&[Row]) -> bool,
+) -> Vec<Row> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = rows(stores, job, from, to).await;
+        if done(&found) {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{job}: the rows never got there: {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Statuses of `rows`, counted.
 pub fn statuses(rows: &[Row]) -> BTreeMap<String, usize> {
     let mut counted = BTreeMap::new();
