@@ -17,10 +17,24 @@ a test double and never shipped:
 - Meter event summaries (`/v1/billing/meters/{id}/event_summaries`): the sum of a
   customer's accepted event values in `[start_time, end_time)`.
 - Fault injection, for tests: `POST /_config/test/faults` with JSON `{"path", "status"?,
-  "count", "retry_after"?, "delay"?, "after"?}` answers the next `count` requests to `path`
+  "count", "retry_after"?, "delay"?, "after"?, "method"?}` answers the next `count` requests to `path`
+  (of `method` only, when given)
   with `status` (and `Retry-After`), after `delay` seconds; with `"after": true` the request
   is carried out first and its answer replaced or delayed, as when a response is lost or
   slow on the way back.
+- Invoices and invoice items as Stripe's current API has them (localstripe's own sweep every
+  pending item into a new invoice, drop metadata, cannot finalize and default to eur):
+  `POST /v1/invoices` makes a draft (currency usd by default; pending items are never swept
+  in, as with `pending_invoice_items_behavior=exclude`), `POST /v1/invoiceitems` with
+  `invoice` appends a line to that draft (the invoice must be the customer's and a draft,
+  else 400 `invoice_not_editable`), `GET /v1/invoices[/{id}[/lines]]`, `GET
+  /v1/invoiceitems[/{id}]`, and `POST /v1/invoices/{id}/finalize|void|mark_uncollectible`.
+  Totals are the sum of the lines; finalizing makes an invoice `open` (`paid` at once when its
+  total is not above zero). These paths are served here for ids the double made; ids and paths
+  of localstripe's own invoices (those of its subscriptions, `/upcoming`) still go to it.
+  No payment is ever attempted: `POST /_config/test/invoices/{id}/pay` and
+  `.../fail_payment` stand for a successful or failed attempt, and `GET /_config/test/invoices`
+  lists every invoice. No invoice webhooks are sent.
 - Inspection: `GET /_config/test/meter_events`, `GET /_config/test/requests` (method, path, idempotency
   key, status and arrival time of every API request).
 
@@ -33,6 +47,7 @@ Usage: stripe-standin.py [--port PORT]   (0 = any free port; prints "listening o
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 import urllib.parse
@@ -55,12 +70,18 @@ identifiers = set()
 idempotent = {}  # (api key, idempotency key) -> (body, status, answer)
 faults = []  # pending injected faults
 requests_seen = []
+invoices = {}  # id -> invoice without its lines and amounts (see export_invoice), oldest first
+invoice_lines = {}  # invoice id -> its lines, in order
+invoice_items = {}  # id -> invoice item, oldest first
 
 
-def stripe_error(status, code, message, kind="invalid_request_error"):
-    return web.json_response(
-        {"error": {"type": kind, "code": code, "message": message}}, status=status
-    )
+def stripe_error(status, code, message, kind="invalid_request_error", param=None):
+    error = {"type": kind, "message": message}
+    if code is not None:
+        error["code"] = code
+    if param is not None:
+        error["param"] = param
+    return web.json_response({"error": error}, status=status)
 
 
 @web.middleware
@@ -81,7 +102,8 @@ async def test_double_middleware(request, handler):
     }
     requests_seen.append(entry)
 
-    fault = next((f for f in faults if f["path"] == request.path and f["count"] > 0), None)
+    fault = next((f for f in faults if f["path"] == request.path and f["count"] > 0
+                  and f.get("method") in (None, request.method)), None)
     if fault is not None:
         fault["count"] -= 1
     if fault is not None and not fault.get("after"):
@@ -253,6 +275,392 @@ async def meter_event_summaries(request):
     )
 
 
+class StripeError(Exception):
+    """An error answer from the invoice routes below."""
+
+    def __init__(self, status, code, message, param=None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+    def response(self):
+        return stripe_error(self.status, self.code, self.message, param=self.param)
+
+
+def answering_errors(route):
+    async def answer(request, **match):
+        try:
+            return await route(request, **match)
+        except StripeError as e:
+            return e.response()
+    return answer
+
+
+def existing_customer(data):
+    customer = data.get("customer")
+    if not customer:
+        raise StripeError(400, "parameter_missing", "Missing required param: customer.", "customer")
+    try:
+        resources.Customer._api_retrieve(customer)
+    except Exception:
+        # Stripe answers 400 (not 404) for a missing object named in the parameters.
+        raise StripeError(400, "resource_missing", f"No such customer: '{customer}'",
+                          "customer") from None
+    return customer
+
+
+def whole_number(data, name, default=None):
+    value = data.get(name, default)
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    raise StripeError(400, "parameter_invalid_integer", f"Invalid integer: {value}", name)
+
+
+def boolean(data, name, default):
+    value = data.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise StripeError(400, None, f"Invalid boolean: {value}", name)
+
+
+def one_of(data, name, default, allowed):
+    value = data.get(name, default)
+    if value not in allowed:
+        raise StripeError(400, None, f"Invalid {name}: must be one of {', '.join(allowed)}", name)
+    return value
+
+
+def metadata_of(data):
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise StripeError(400, None, "Invalid object", "metadata")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def currency_of(data):
+    currency = data.get("currency") or "usd"
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
+        raise StripeError(400, None, f"Invalid currency: {currency}", "currency")
+    return currency.lower()
+
+
+def stored_invoice(invoice_id):
+    invoice = invoices.get(invoice_id)
+    if invoice is None:
+        raise StripeError(404, "resource_missing", f"No such invoice: '{invoice_id}'", "id")
+    return invoice
+
+
+def page(items, query, url):
+    """One page of a Stripe list: `limit` (1 to 100, default 10) after `starting_after`."""
+    limit = whole_number(query, "limit", 10)
+    if not 1 <= limit <= 100:
+        raise StripeError(400, None, "limit must be between 1 and 100", "limit")
+    start = 0
+    after = query.get("starting_after")
+    if after:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise StripeError(400, "resource_missing", f"No such object: '{after}'",
+                              "starting_after")
+        start = ids.index(after) + 1
+    return {"object": "list", "data": items[start:start + limit],
+            "has_more": len(items) > start + limit, "url": url}
+
+
+def export_invoice(invoice):
+    """The invoice as Stripe shows it: amounts from its current lines, the first 10 lines
+    (Stripe's page size; `/lines` pages through the rest)."""
+    lines = invoice_lines[invoice["id"]]
+    total = sum(line["amount"] for line in lines)
+    amount_due = max(total, 0)
+    exported = dict(invoice)
+    exported.update(
+        total=total,
+        subtotal=total,
+        amount_due=amount_due,
+        amount_remaining=amount_due - invoice["amount_paid"],
+        status_transitions=dict(invoice["status_transitions"]),
+        metadata=dict(invoice["metadata"]),
+        lines=page(lines, {}, f"/v1/invoices/{invoice['id']}/lines"),
+    )
+    # Keep Stripe's field order for people reading the JSON.
+    order = ["id", "object", "customer", "currency", "description", "metadata", "status",
+             "auto_advance", "collection_method", "total", "subtotal", "amount_due",
+             "amount_paid", "amount_remaining"]
+    exported = {**{k: exported[k] for k in order}, **exported}
+    return {k: v for k, v in exported.items() if not k.startswith("_")}
+
+
+async def create_invoice(request):
+    data = await get_post_data(request) or {}
+    customer = existing_customer(data)
+    collection_method = one_of(data, "collection_method", "charge_automatically",
+                               ("charge_automatically", "send_invoice"))
+    one_of(data, "pending_invoice_items_behavior", "exclude", ("exclude", "include"))
+    days_until_due = whole_number(data, "days_until_due")
+    if days_until_due is not None and collection_method != "send_invoice":
+        raise StripeError(400, None, "days_until_due can only be set when collection_method "
+                          "is send_invoice", "days_until_due")
+    if days_until_due is not None and days_until_due < 0:
+        raise StripeError(400, None, "days_until_due must not be negative", "days_until_due")
+    invoice_id = "in_test_" + resources.random_id(14)
+    invoices[invoice_id] = {
+        "id": invoice_id,
+        "object": "invoice",
+        "customer": customer,
+        "currency": currency_of(data),
+        "description": data.get("description") or None,
+        "metadata": metadata_of(data),
+        "status": "draft",
+        # Stripe leaves invoices made through the API alone unless told otherwise.
+        "auto_advance": boolean(data, "auto_advance", False),
+        "collection_method": collection_method,
+        "amount_paid": 0,
+        "attempt_count": 0,
+        "attempted": False,
+        "billing_reason": "manual",
+        "due_date": None,
+        "number": None,
+        "hosted_invoice_url": None,
+        "invoice_pdf": None,
+        "next_payment_attempt": None,
+        "created": int(time.time()),
+        "status_transitions": {"finalized_at": None, "paid_at": None, "voided_at": None,
+                               "marked_uncollectible_at": None},
+        "parent": None,
+        "livemode": False,
+        "_days_until_due": days_until_due,
+    }
+    invoice_lines[invoice_id] = []
+    return web.json_response(export_invoice(invoices[invoice_id]))
+
+
+async def retrieve_invoice(request, id):
+    return web.json_response(export_invoice(stored_invoice(id)))
+
+
+async def list_invoices(request):
+    newest_first = [export_invoice(i) for i in reversed(invoices.values())
+                    if request.query.get("customer") in (None, i["customer"])
+                    and request.query.get("status") in (None, i["status"])]
+    return web.json_response(page(newest_first, request.query, "/v1/invoices"))
+
+
+async def list_invoice_lines(request, id):
+    stored_invoice(id)
+    return web.json_response(page(invoice_lines[id], request.query, f"/v1/invoices/{id}/lines"))
+
+
+async def finalize_invoice(request, id):
+    invoice = stored_invoice(id)
+    if invoice["status"] != "draft":
+        raise StripeError(400, "invoice_not_editable", "This invoice is already finalized, "
+                          "you can't re-finalize a non-draft invoice.")
+    now = int(time.time())
+    total = sum(line["amount"] for line in invoice_lines[id])
+    same_customer = [i for i in invoices.values()
+                     if i["customer"] == invoice["customer"] and i["number"]]
+    invoice.update(
+        status="open",
+        number=f"{invoice['customer'][-8:].upper()}-{len(same_customer) + 1:04d}",
+        hosted_invoice_url=f"https://invoice.stripe.com/i/test_{id}",
+        invoice_pdf=f"https://pay.stripe.com/invoice/test_{id}/pdf",
+    )
+    invoice["status_transitions"]["finalized_at"] = now
+    if invoice["collection_method"] == "send_invoice":
+        invoice["due_date"] = now + 86400 * (invoice["_days_until_due"] or 30)
+    if total <= 0:
+        # Nothing to collect: Stripe marks it paid (a credit goes to the customer's balance).
+        settle(invoice, now)
+    elif invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
+        invoice["next_payment_attempt"] = max(invoice["created"] + 3600, now)
+    return web.json_response(export_invoice(invoice))
+
+
+def settle(invoice, now):
+    invoice.update(status="paid", amount_paid=export_invoice(invoice)["amount_due"],
+                   next_payment_attempt=None, auto_advance=False)
+    invoice["status_transitions"]["paid_at"] = now
+
+
+async def void_invoice(request, id):
+    invoice = stored_invoice(id)
+    if invoice["status"] not in ("open", "uncollectible"):
+        raise StripeError(400, "invoice_not_editable",
+                          f"You can only void open or uncollectible invoices; this one is "
+                          f"{invoice['status']}.")
+    invoice.update(status="void", next_payment_attempt=None, auto_advance=False)
+    invoice["status_transitions"]["voided_at"] = int(time.time())
+    return web.json_response(export_invoice(invoice))
+
+
+async def mark_invoice_uncollectible(request, id):
+    invoice = stored_invoice(id)
+    if invoice["status"] != "open":
+        raise StripeError(400, "invoice_not_editable", f"You can only mark open invoices "
+                          f"uncollectible; this one is {invoice['status']}.")
+    invoice.update(status="uncollectible", next_payment_attempt=None, auto_advance=False)
+    invoice["status_transitions"]["marked_uncollectible_at"] = int(time.time())
+    return web.json_response(export_invoice(invoice))
+
+
+async def create_invoice_item(request):
+    data = await get_post_data(request) or {}
+    customer = existing_customer(data)
+    amount = whole_number(data, "amount")
+    if amount is None:
+        raise StripeError(400, "parameter_missing",
+                          "Missing required param: amount (the test double takes no price).",
+                          "amount")
+    currency = currency_of(data)
+    invoice = None
+    if data.get("invoice"):
+        invoice = invoices.get(data["invoice"])
+        if invoice is None:
+            raise StripeError(400, "resource_missing", f"No such invoice: '{data['invoice']}'",
+                              "invoice")
+        if invoice["customer"] != customer:
+            raise StripeError(400, "invoice_not_editable", f"Invoice {invoice['id']} belongs "
+                              f"to another customer than {customer}.", "invoice")
+        if invoice["status"] != "draft":
+            raise StripeError(400, "invoice_not_editable", f"Invoice {invoice['id']} is no "
+                              f"longer editable: it is {invoice['status']}.", "invoice")
+        if currency != invoice["currency"]:
+            raise StripeError(400, None, f"The currency of the invoice item ({currency}) must "
+                              f"match the invoice's ({invoice['currency']}).", "currency")
+    now = int(time.time())
+    period = data.get("period") or {}
+    if not isinstance(period, dict):
+        raise StripeError(400, None, "Invalid object", "period")
+    period = {"start": whole_number(period, "start", now), "end": whole_number(period, "end", now)}
+    if period["end"] < period["start"]:
+        raise StripeError(400, None, "period[end] must not be before period[start]", "period")
+    item_id = "ii_test_" + resources.random_id(14)
+    item = {
+        "id": item_id,
+        "object": "invoiceitem",
+        "amount": amount,
+        "currency": currency,
+        "customer": customer,
+        "date": now,
+        "description": data.get("description") or None,
+        "invoice": invoice["id"] if invoice else None,
+        "livemode": False,
+        "metadata": metadata_of(data),
+        "period": period,
+        "proration": False,
+        "quantity": 1,
+    }
+    invoice_items[item_id] = item
+    if invoice is not None:
+        invoice_lines[invoice["id"]].append({
+            "id": "il_test_" + resources.random_id(14),
+            "object": "line_item",
+            "amount": amount,
+            "currency": currency,
+            "description": item["description"],
+            "invoice": invoice["id"],
+            "livemode": False,
+            "metadata": dict(item["metadata"]),
+            "parent": {"type": "invoice_item_details",
+                       "invoice_item_details": {"invoice_item": item_id}},
+            "period": dict(period),
+            "quantity": 1,
+        })
+    return web.json_response(item)
+
+
+async def retrieve_invoice_item(request, id):
+    item = invoice_items.get(id)
+    if item is None:
+        raise StripeError(404, "resource_missing", f"No such invoiceitem: '{id}'", "id")
+    return web.json_response(item)
+
+
+async def list_invoice_items(request):
+    query = request.query
+    newest_first = [i for i in reversed(invoice_items.values())
+                    if query.get("customer") in (None, i["customer"])
+                    and query.get("invoice") in (None, i["invoice"])
+                    and (query.get("pending") != "true" or i["invoice"] is None)]
+    return web.json_response(page(newest_first, query, "/v1/invoiceitems"))
+
+
+# (method, path, localstripe object kind, route). Only `in_`/`ii_` ids match, so localstripe
+# keeps `/v1/invoices/upcoming` and the like; ids it made itself go to it as well.
+INVOICE_ROUTES = [
+    (method, re.compile(path), kind, answering_errors(route))
+    for method, path, kind, route in (
+        ("POST", r"/v1/invoices", None, create_invoice),
+        ("GET", r"/v1/invoices", None, list_invoices),
+        ("GET", r"/v1/invoices/(?P<id>in_\w+)", "invoice", retrieve_invoice),
+        ("GET", r"/v1/invoices/(?P<id>in_\w+)/lines", "invoice", list_invoice_lines),
+        ("POST", r"/v1/invoices/(?P<id>in_\w+)/finalize", "invoice", finalize_invoice),
+        ("POST", r"/v1/invoices/(?P<id>in_\w+)/void", "invoice", void_invoice),
+        ("POST", r"/v1/invoices/(?P<id>in_\w+)/mark_uncollectible", "invoice",
+         mark_invoice_uncollectible),
+        ("POST", r"/v1/invoiceitems", None, create_invoice_item),
+        ("GET", r"/v1/invoiceitems", None, list_invoice_items),
+        ("GET", r"/v1/invoiceitems/(?P<id>ii_\w+)", "invoiceitem", retrieve_invoice_item),
+    )
+]
+
+
+@web.middleware
+async def invoice_middleware(request, handler):
+    """Serves the invoice routes above instead of localstripe. It is the innermost middleware,
+    so localstripe's authentication and the fault injection, idempotency keys and request log
+    of `test_double_middleware` apply to these routes as to any other."""
+    for method, path, kind, route in INVOICE_ROUTES:
+        match = path.fullmatch(request.path)
+        if match is None or request.method != method:
+            continue
+        object_id = match.groupdict().get("id")
+        ours = invoice_items if kind == "invoiceitem" else invoices
+        if object_id and object_id not in ours and f"{kind}:{object_id}" in resources.store:
+            break  # one of localstripe's own (a subscription's invoice)
+        return await route(request, **match.groupdict())
+    return await handler(request)
+
+
+async def pay_invoice(request, id):
+    """Test control: a successful payment attempt."""
+    invoice = stored_invoice(id)
+    if invoice["status"] not in ("open", "uncollectible"):
+        raise StripeError(400, "invoice_not_editable",
+                          f"Only an open or uncollectible invoice can be paid; this one is "
+                          f"{invoice['status']}.")
+    invoice.update(attempt_count=invoice["attempt_count"] + 1, attempted=True)
+    settle(invoice, int(time.time()))
+    return web.json_response(export_invoice(invoice))
+
+
+async def fail_invoice_payment(request, id):
+    """Test control: a failed payment attempt; Stripe retries a day later when it collects."""
+    invoice = stored_invoice(id)
+    if invoice["status"] != "open":
+        raise StripeError(400, "invoice_not_editable", f"Only an open invoice can fail a "
+                          f"payment; this one is {invoice['status']}.")
+    invoice.update(attempt_count=invoice["attempt_count"] + 1, attempted=True)
+    if invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
+        now = int(time.time())
+        invoice["next_payment_attempt"] = max(invoice["next_payment_attempt"] or now, now) + 86400
+    return web.json_response(export_invoice(invoice))
+
+
+async def list_all_invoices(request):
+    return web.json_response({"data": [export_invoice(i) for i in invoices.values()]})
+
+
+def with_id(route):
+    route = answering_errors(route)
+    return lambda request: route(request, id=request.match_info["id"])
+
+
 async def add_fault(request):
     fault = await request.json()
     if fault.get("status") is None:
@@ -280,6 +688,7 @@ async def list_requests(request):
 
 
 app.middlewares.insert(0, test_double_middleware)
+app.middlewares.append(invoice_middleware)
 app.router.add_post("/v1/billing/meters", create_meter)
 app.router.add_get("/v1/billing/meters", list_meters)
 app.router.add_post("/v1/billing/meter_events", create_meter_event)
@@ -288,6 +697,9 @@ app.router.add_post("/_config/test/faults", add_fault)
 app.router.add_get("/_config/test/meter_events", list_meter_events)
 app.router.add_post("/_config/test/forget_keys", forget_keys)
 app.router.add_get("/_config/test/requests", list_requests)
+app.router.add_post("/_config/test/invoices/{id}/pay", with_id(pay_invoice))
+app.router.add_post("/_config/test/invoices/{id}/fail_payment", with_id(fail_invoice_payment))
+app.router.add_get("/_config/test/invoices", list_all_invoices)
 
 
 async def serve(port):

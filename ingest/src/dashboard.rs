@@ -1,6 +1,7 @@
 //! The dashboard API: usage in the current period with overages, daily analytics from
 //! ClickHouse's rollup, usage against plan limits, the invoice preview of a month (all with a
-//! customer's JWT), and the admin endpoint that records mediated revenue.
+//! customer's JWT), the customer's monthly invoices, and the admin endpoint that records
+//! mediated revenue.
 
 use std::collections::BTreeMap;
 
@@ -142,6 +143,53 @@ pub async fn preview(
         .await
         .map_err(billing_error)?;
     Ok(response::json(StatusCode::OK, &preview))
+}
+
+/// Most invoices `GET /api/billing/invoices` returns (`?limit=`, default 24: two years).
+pub const MAX_INVOICES: i64 = 100;
+
+/// `GET /api/billing/invoices`.
+#[derive(Serialize)]
+struct InvoiceList {
+    customer_id: String,
+    invoices: Vec<apex_billing::invoices::InvoiceWithLines>,
+}
+
+/// `GET /api/billing/invoices[?limit=N]`: the customer's monthly invoices from the local
+/// mirror, newest month first, with lines, status and Stripe's hosted page.
+pub async fn invoices(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let claims = claims(state, &request)?;
+    let limit = match query_param(&request, "limit") {
+        None => 24,
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_INVOICES).contains(n) && text.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| ApiError::InvalidParameter {
+                code: "invalid_limit",
+                message: format!("limit must be a whole number from 1 to {MAX_INVOICES}"),
+            })?,
+    };
+    let mut conn = connection(state).await?;
+    if !customers::exists(&mut *conn, &claims.customer_id)
+        .await
+        .map_err(billing_error)?
+    {
+        return Err(invalid_subject());
+    }
+    let invoices = apex_billing::invoices::list_with_lines(&mut conn, &claims.customer_id, limit)
+        .await
+        .map_err(billing_error)?;
+    Ok(response::json(
+        StatusCode::OK,
+        &InvoiceList {
+            customer_id: claims.customer_id,
+            invoices,
+        },
+    ))
 }
 
 /// The 400 of a month that is not `YYYY-MM` in the years the API serves.

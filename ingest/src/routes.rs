@@ -61,6 +61,13 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
             })
             .await,
         ),
+        "/api/billing/invoices" => (
+            "/api/billing/invoices",
+            only(&method, &Method::GET, async {
+                dashboard::invoices(&state, request).await
+            })
+            .await,
+        ),
         "/api/admin/revenue" => (
             "/api/admin/revenue",
             only(&method, &Method::POST, async {

@@ -1,7 +1,10 @@
 //! `POST /webhooks/stripe`: checks `Stripe-Signature` over the raw body (forged, stale or
 //! unsigned requests get 400) and hands the event to billing, which stores each event id
-//! once (a second delivery is a 200 no-op) and updates the subscription status. Without
-//! `STRIPE_WEBHOOK_SECRET` the endpoint does not exist (404). Secrets are never logged.
+//! once (a second delivery is a 200 no-op) and updates the subscription status and the
+//! invoice mirror. Any validly signed event is stored, whatever its strings hold (billing
+//! replaces the U+0000 Postgres refuses), so only a store failure is answered 503 for Stripe
+//! to retry. Without `STRIPE_WEBHOOK_SECRET` the endpoint does not exist (404). Secrets are
+//! never logged.
 
 use apex_billing::BillingError;
 use apex_billing::webhooks::{self, Handled, SignatureError};
@@ -76,7 +79,7 @@ pub async fn stripe(
         tracing::warn!(error = %e, event = %event.id, "webhook not stored: no Postgres connection");
         ApiError::Unavailable("the event could not be stored; retry")
     })?;
-    let handled = webhooks::handle(&mut conn, &event, &payload)
+    let handled = webhooks::handle(&mut conn, &event)
         .await
         .map_err(|e| match e {
             BillingError::Invalid(message) => ApiError::InvalidJson(message),
@@ -88,9 +91,16 @@ pub async fn stripe(
         })?;
     if let Handled::Stored {
         subscriptions_updated,
+        invoices_updated,
     } = handled
     {
-        tracing::info!(event = %event.id, kind = %event.event_type, subscriptions_updated, "stripe event");
+        tracing::info!(
+            event = %event.id,
+            kind = %event.event_type,
+            subscriptions_updated,
+            invoices_updated,
+            "stripe event"
+        );
     }
     Ok(response::json(
         StatusCode::OK,

@@ -437,3 +437,94 @@ async fn bad_tokens_get_401_and_a_token_sees_only_its_own_customer() {
     let answer = common::post(server.addr, "/api/usage/current", &[], b"").await;
     assert_eq!(answer.status, 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issued_invoice_is_listed_and_equals_the_preview_and_stripe_to_the_cent() {
+    use apex_stripe::catalog::{sync_catalog, sync_customers};
+    use apex_stripe::client::{ClientSettings, StripeClient};
+    use apex_stripe::invoicing::{CloseRequest, close_invoices};
+    use apex_stripe::testing::{StripeStandIn, TEST_KEY};
+
+    let server = common::start_with(&[("APEX_ADMIN_TOKEN", ADMIN)], None).await;
+    // Usage through the edge and the pipeline: 500,000 impressions over Starter's million.
+    let (customer, _) = customer_with_usage(&server).await;
+    let month = this_month();
+    let revenue = common::post(
+        server.addr,
+        "/api/admin/revenue",
+        &[
+            "Content-Type: application/json",
+            &format!("Authorization: Bearer {ADMIN}"),
+        ],
+        json!({"customer_id": customer, "month": month, "cents": 5_000_000})
+            .to_string()
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(revenue.status, 200, "{}", revenue.body);
+    let token = token_for(&customer);
+    let listed = dashboard(&server, "/api/billing/invoices", &token).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json()["invoices"], json!([]));
+
+    // The month closes (the job's clock: six hours after it ended).
+    let standin = StripeStandIn::start();
+    let stripe =
+        StripeClient::new(&standin.base_url(), TEST_KEY, ClientSettings::default()).unwrap();
+    let pool = &server.stores.pool;
+    sync_catalog(pool, &stripe).await.unwrap();
+    sync_customers(pool, &stripe, Some(&customer))
+        .await
+        .unwrap();
+    let period = apex_billing::pricing::parse_month(&month).unwrap();
+    let request = CloseRequest {
+        customer: Some(customer.clone()),
+        period: Some(period),
+        now: period.end + chrono::Duration::hours(6),
+        settings: Default::default(),
+    };
+    let summary = close_invoices(pool, &stripe, &request).await.unwrap();
+    assert_eq!(summary.issued.len(), 1, "{summary:?}");
+
+    let preview = dashboard(
+        &server,
+        &format!("/api/billing/preview?month={month}"),
+        &token,
+    )
+    .await;
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    let preview = preview.json();
+    // $1,250.00 platform fee and 500,000 impressions over at 10 cents per 1,000: $50.00.
+    assert_eq!(preview["total_cents"], 125_000 + 5_000);
+    let listed = dashboard(&server, "/api/billing/invoices?limit=5", &token).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let body = listed.json();
+    let invoice = &body["invoices"][0];
+    assert_eq!(invoice["month"], month.as_str());
+    assert_eq!(invoice["status"], "open");
+    assert_eq!(invoice["total_cents"], preview["total_cents"]);
+    assert_eq!(invoice["lines"].as_array().unwrap().len(), 2);
+    assert_eq!(invoice["lines"][0]["line_key"], "platform_fee");
+    assert!(
+        invoice["hosted_invoice_url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
+    let stripe_invoice = standin.invoice(invoice["stripe_invoice_id"].as_str().unwrap());
+    assert_eq!(stripe_invoice["total"], preview["total_cents"]);
+
+    // Bad input: a clear 400, and no token at all is a 401.
+    for limit in ["0", "101", "x", "-1", "1.5"] {
+        let answer = dashboard(
+            &server,
+            &format!("/api/billing/invoices?limit={limit}"),
+            &token,
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{limit}: {}", answer.body);
+        assert_eq!(answer.error_code(), "invalid_limit");
+    }
+    let anonymous = common::get(server.addr, "/api/billing/invoices").await;
+    assert_eq!(anonymous.status, 401);
+}

@@ -1,11 +1,15 @@
 //! `POST /webhooks/stripe` over real HTTP against the test's own Postgres: signed events are
-//! stored once and move the subscription status; a second delivery is a no-op; forged,
+//! stored once and move the subscription status, whichever API shape names the subscription;
+//! an event carrying `\u0000` (which Postgres refuses) is stored all the same, not answered
+//! 503 forever; a second delivery is a no-op; forged,
 //! stale, unsigned and malformed deliveries get 400 and store nothing; both secrets of a
 //! rotation work; without a secret the endpoint does not exist. And end to end: localstripe,
 //! which signs its deliveries with its own code, reports the subscription our Stripe mapping
 //! created, and its cancellation reaches the subscription here.
 
 mod common;
+
+use std::sync::Mutex;
 
 use apex_billing::webhooks::sign;
 use common::{Answer, TestServer};
@@ -67,8 +71,17 @@ async fn stored_events(server: &TestServer) -> i64 {
         .unwrap()
 }
 
+/// An event created a second after the one before (at least now): billing applies an event
+/// older than the latest applied to a subscription not at all, and in the same second a
+/// failure never replaces a payment, so a sequence must be stamped as Stripe stamps one.
 fn event(id: &str, kind: &str, object: &serde_json::Value) -> String {
-    json!({"id": id, "type": kind, "created": now(), "data": {"object": object}}).to_string()
+    static LAST: Mutex<i64> = Mutex::new(0);
+    let created = {
+        let mut last = LAST.lock().unwrap();
+        *last = now().max(*last + 1);
+        *last
+    };
+    json!({"id": id, "type": kind, "created": created, "data": {"object": object}}).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -154,6 +167,53 @@ async fn events_move_the_subscription_status_once() {
         200
     );
     assert_eq!(stored_events(&server).await, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_current_shape_invoice_sets_past_due_through_the_edge() {
+    let server = server().await;
+    let sub = subscribed(&server).await;
+    // Since API version 2025-03-31 the invoice names its subscription only under `parent`.
+    let failed = event(
+        "evt_current_1",
+        "invoice.payment_failed",
+        &json!({"id": "in_c1", "object": "invoice", "customer": "cus_stripe_x",
+                "parent": {"type": "subscription_details",
+                           "subscription_details": {"subscription": sub}}}),
+    );
+    let answer = deliver(&server, &failed, signed(SECRET, &failed, now())).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(status(&server, &sub).await, "past_due");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_event_carrying_nul_is_stored_once() {
+    let server = server().await;
+    let sub = subscribed(&server).await;
+    let body = event(
+        "evt_nul_1",
+        "invoice.payment_failed",
+        &json!({"id": "in_n1", "subscription": sub, "description": "Acme\u{0}Games",
+                "metadata": {"k\u{0}": "\u{0}"}}),
+    );
+    // The body carries the JSON escape Postgres refuses in jsonb and text.
+    assert!(body.contains(r"\u0000"), "{body}");
+    let answer = deliver(&server, &body, signed(SECRET, &body, now())).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.json()["duplicate"], false);
+    assert_eq!(status(&server, &sub).await, "past_due");
+    let again = deliver(&server, &body, signed(SECRET, &body, now())).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["duplicate"], true);
+    let (stored, processed, description): (i64, i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*), count(processed_at), \
+             max(payload #>> '{data,object,description}') FROM stripe_events",
+    )
+    .fetch_one(&server.stores.pool)
+    .await
+    .unwrap();
+    assert_eq!((stored, processed), (1, 1));
+    assert_eq!(description.as_deref(), Some("Acme\u{FFFD}Games"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,7 @@ pub(crate) async fn run(
                 stripe_rate: config.stripe_rate,
                 clock: config.clock,
                 retention: config.retention,
+                invoicing: config.invoicing,
             };
             // A manual run is a slot of its own, at this microsecond (what Postgres keeps).
             let slot = now.trunc_subsecs(6);

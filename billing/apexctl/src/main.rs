@@ -1,11 +1,12 @@
 //! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
-//! Stripe mapping and usage sync, the cron jobs). Later work adds the other manual operations
+//! Stripe mapping and usage sync, the cron jobs, the monthly invoices). Later work adds the other manual operations
 //! of the operations guide here. Every command reads the process clock of `APEX_CLOCK_*`, as
 //! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
 //! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
 
 mod config;
 mod cron_commands;
+mod invoice_commands;
 mod stripe_commands;
 
 use std::process::ExitCode;
@@ -64,6 +65,9 @@ enum Command {
     /// The cron jobs: list them, run one now, read their history.
     #[command(subcommand)]
     Cron(cron_commands::CronCommand),
+    /// Monthly invoices: list, show, close a month now, review what needs a person.
+    #[command(subcommand)]
+    Invoices(invoice_commands::InvoicesCommand),
 }
 
 #[derive(Subcommand)]
@@ -346,6 +350,16 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         }
         Command::Cron(command) => {
             return cron_commands::run(command, pool, &ctl.cron).await;
+        }
+        Command::Invoices(command) => {
+            return invoice_commands::run(
+                command,
+                &pool,
+                &ctl.cron.stripe,
+                ctl.cron.invoicing,
+                now,
+            )
+            .await;
         }
         Command::Plans(PlansCommand::List { json }) => {
             let all = plans::list_plans(&mut *pool.acquire().await?).await?;

@@ -40,6 +40,8 @@ async fn apexctl_lists_runs_and_reads_the_history_of_the_cron_jobs() {
     assert_eq!(jobs[0]["next_slot"], "2026-03-10T02:00:00Z");
     assert_eq!(jobs[1]["job"], "maintenance");
     assert_eq!(jobs[1]["next_slot"], "2026-03-10T04:00:00Z");
+    assert_eq!(jobs[2]["job"], "invoice_close");
+    assert_eq!(jobs[2]["next_slot"], "2026-03-10T06:00:00Z");
     assert_eq!(jobs[0]["last_status"], serde_json::Value::Null);
 
     // A manual run succeeds and is recorded; one that fails says why and exits 1.
@@ -112,7 +114,7 @@ async fn apexctl_lists_runs_and_reads_the_history_of_the_cron_jobs() {
             vec!["cron", "run", "nope"],
             vec![],
             1,
-            "the jobs are stripe_sync, maintenance",
+            "the jobs are stripe_sync, maintenance, invoice_close",
         ),
         (
             vec!["cron", "history", "--job", "nope"],

@@ -183,6 +183,11 @@ pub struct StripeMapping {
     pub email: String,
     /// Its Stripe customer, once mapped.
     pub stripe_customer_id: Option<String>,
+    /// Sign-up time: the invoice close's default months start with the one it falls in.
+    pub created_at: DateTime<Utc>,
+    /// When a canceled customer's subscription was canceled: its month is the last the
+    /// invoice close bills unasked.
+    pub canceled_at: Option<DateTime<Utc>>,
 }
 
 /// Customers with their Stripe mapping, by id: every one (canceled ones only with
@@ -193,8 +198,11 @@ pub async fn stripe_mappings(
     include_canceled: bool,
 ) -> Result<Vec<StripeMapping>, BillingError> {
     Ok(sqlx::query_as(
-        "SELECT id, name, email, stripe_customer_id FROM customers \
-         WHERE ($2 OR status <> 'canceled') AND ($1::text IS NULL OR id = $1) ORDER BY id",
+        "SELECT c.id, c.name, c.email, c.stripe_customer_id, c.created_at, \
+                (SELECT max(s.canceled_at) FROM subscriptions s \
+                 WHERE s.customer_id = c.id AND c.status = 'canceled') AS canceled_at \
+         FROM customers c \
+         WHERE ($2 OR c.status <> 'canceled') AND ($1::text IS NULL OR c.id = $1) ORDER BY c.id",
     )
     .bind(only)
     .bind(include_canceled)

@@ -19,6 +19,7 @@
 //! - [`plans`]: the plan catalogue with per-metric limits and platform-fee bands.
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
+//! - [`invoices`]: monthly invoices (lines, adjustments, reviews) and their Stripe mirror.
 //! - [`events`]: the outbox of events (emails) decisions enqueue.
 //! - [`webhooks`]: Stripe webhook signatures and the events billing acts on.
 //! - [`tokens`]: dashboard JWTs (HS256), minted by `apexctl token`, checked by the edge.
@@ -29,6 +30,7 @@ pub mod customers;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod invoices;
 pub mod keys;
 pub mod plans;
 pub mod pricing;

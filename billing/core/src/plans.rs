@@ -1,13 +1,13 @@
 //! The plan catalogue: per-metric included quantities and overage prices, and the
 //! platform-fee rate and revenue band of each plan (seeded from the operations guide).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgExecutor};
 
 use crate::error::BillingError;
 
 /// Included quantity and overage price of one metric.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, Deserialize, sqlx::FromRow)]
 pub struct PlanLimit {
     /// `impressions`, `api_calls` or `data_transfer` (bytes).
     pub metric_type: String,
@@ -20,7 +20,7 @@ pub struct PlanLimit {
 }
 
 /// A plan with its limits.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     /// `starter`, `growth`, `scale`, `enterprise`.
     pub id: String,

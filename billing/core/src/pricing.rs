@@ -27,7 +27,7 @@
 //!   do not extrapolate a single burst); a metric already over its limit will exceed.
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use apex_core::model::Metric;
 
@@ -110,7 +110,7 @@ pub fn overage(price: &MetricPrice, used: u64) -> Result<Overage, PricingError> 
 }
 
 /// A platform-fee band: revenue from `min_cents` to `max_cents` (inclusive) pays `bps`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeeBand {
     /// The plan that names the band (`starter`, `growth`, `scale`, `enterprise`).
     pub plan_id: String,
@@ -127,7 +127,7 @@ pub struct FeeBand {
 }
 
 /// A customer's negotiated terms (an Enterprise contract), if any.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeeTerms {
     /// Negotiated rate, basis points.
     pub override_bps: Option<u32>,

@@ -382,9 +382,14 @@ pub async fn limits(
 }
 
 /// One line of an invoice preview.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct InvoiceLine {
-    /// `plan`, `platform_fee`, `overage` or `addon`.
+    /// The line's name within its invoice (`plan`, `platform_fee`, `overage:<metric>`,
+    /// `addon:<addon>`, `adjustment:<YYYY-MM>`): the monthly invoice's `invoice_lines.line_key`
+    /// and the Stripe invoice item's metadata `apex_line`. Not part of the preview's JSON.
+    #[serde(skip)]
+    pub key: String,
+    /// `plan`, `platform_fee`, `overage`, `addon` (or, on an issued invoice, `adjustment`).
     pub kind: &'static str,
     /// What a person reads on the invoice.
     pub description: String,
@@ -425,7 +430,8 @@ pub struct InvoicePreview {
     pub total_cents: u64,
 }
 
-fn dollars(cents: u64) -> String {
+/// `cents` as `$1,234.56`.
+pub fn dollars(cents: u64) -> String {
     let whole = cents / 100;
     let mut grouped = String::new();
     let digits = whole.to_string();
@@ -438,16 +444,111 @@ fn dollars(cents: u64) -> String {
     format!("${grouped}.{:02}", cents % 100)
 }
 
-/// The invoice the monthly billing would issue for the calendar month `period`
-/// (`month` is its `YYYY-MM`): plan base fee, platform fee on the month's revenue, overages of
-/// the month's usage, add-ons.
-pub async fn invoice_preview(
+/// A monthly add-on a customer buys.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct Addon {
+    /// Its name (`white_label`, ...).
+    pub addon: String,
+    /// What the invoice line says.
+    pub description: String,
+    /// Price per month, cents.
+    pub monthly_cents: i64,
+}
+
+/// The prices and terms a month was invoiced on: the plan (base fee, limits, overage prices),
+/// every plan's fee band, the customer's negotiated terms and the add-ons. An issued invoice
+/// keeps them (`invoices.pricing`), so pricing that month again later (for an adjustment)
+/// finds only what changed in its revenue and usage, never a later price or contract change.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PricingTerms {
+    /// The plan.
+    pub plan: Plan,
+    /// Every plan's fee band.
+    pub bands: Vec<FeeBand>,
+    /// Negotiated terms.
+    pub terms: FeeTerms,
+    /// Add-ons bought before the month ended.
+    pub addons: Vec<Addon>,
+}
+
+/// Everything that prices one month of one customer, read from Postgres.
+#[derive(Debug, Clone)]
+pub struct MonthInputs {
+    /// The account (plan, bands, negotiated terms).
+    pub account: Account,
+    /// Mediated revenue reported for the month, cents; `None` when none was.
+    pub revenue_cents: Option<u64>,
+    /// Usage per metric in the month, storage units.
+    pub usage: BTreeMap<Metric, u64>,
+    /// Add-ons bought before the month ended.
+    pub addons: Vec<Addon>,
+}
+
+impl MonthInputs {
+    /// The prices and terms of these inputs, to keep with an invoice.
+    pub fn pricing_terms(&self) -> PricingTerms {
+        PricingTerms {
+            plan: self.account.plan.clone(),
+            bands: self.account.bands.clone(),
+            terms: self.account.terms,
+            addons: self.addons.clone(),
+        }
+    }
+}
+
+/// Reads what prices `customer_id`'s calendar month `period` today: its current plan, terms
+/// and add-ons, and the month's revenue and usage. `NotFound` for an unknown customer.
+pub async fn month_inputs(
     conn: &mut PgConnection,
     customer_id: &str,
-    month: &str,
     period: &Period,
-) -> Result<InvoicePreview, BillingError> {
+) -> Result<MonthInputs, BillingError> {
     let account = account(&mut *conn, customer_id).await?;
+    let addons: Vec<Addon> = sqlx::query_as(
+        "SELECT addon, description, monthly_cents FROM customer_addons \
+         WHERE customer_id = $1 AND created_at < $2 ORDER BY addon",
+    )
+    .bind(customer_id)
+    .bind(period.end)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (revenue_cents, usage) = revenue_and_usage(conn, customer_id, period).await?;
+    Ok(MonthInputs {
+        account,
+        revenue_cents,
+        usage,
+        addons,
+    })
+}
+
+/// The month's revenue and usage as they are now, priced on `pricing` (the terms an invoice
+/// of that month was issued on).
+pub async fn month_inputs_priced_as(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    period: &Period,
+    pricing: &PricingTerms,
+) -> Result<MonthInputs, BillingError> {
+    let (revenue_cents, usage) = revenue_and_usage(conn, customer_id, period).await?;
+    Ok(MonthInputs {
+        account: Account {
+            customer_id: customer_id.to_owned(),
+            plan: pricing.plan.clone(),
+            bands: pricing.bands.clone(),
+            terms: pricing.terms,
+            subscription_period: None,
+        },
+        revenue_cents,
+        usage,
+        addons: pricing.addons.clone(),
+    })
+}
+
+async fn revenue_and_usage(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    period: &Period,
+) -> Result<(Option<u64>, BTreeMap<Metric, u64>), BillingError> {
     let revenue: Option<i64> = sqlx::query_scalar(
         "SELECT revenue_cents FROM mediated_revenue WHERE customer_id = $1 AND month = $2",
     )
@@ -455,10 +556,24 @@ pub async fn invoice_preview(
     .bind(period.start.date_naive())
     .fetch_optional(&mut *conn)
     .await?;
-    let revenue = revenue.map(|r| r.max(0) as u64);
+    let usage = usage_in(&mut *conn, customer_id, period).await?;
+    Ok((revenue.map(|r| r.max(0) as u64), usage))
+}
+
+/// The invoice of the calendar month `period` (`month` is its `YYYY-MM`) from its inputs, as
+/// pure arithmetic over [`crate::pricing`]: plan base fee, platform fee on the month's revenue,
+/// overages of the month's usage, add-ons; lines with a zero amount are left out. The preview
+/// and the monthly invoice both come from here, so they cannot drift.
+pub fn compose_invoice(
+    inputs: &MonthInputs,
+    month: &str,
+    period: &Period,
+) -> Result<InvoicePreview, BillingError> {
+    let account = &inputs.account;
     let mut lines = Vec::new();
     if account.plan.monthly_base_cents > 0 {
         lines.push(InvoiceLine {
+            key: "plan".into(),
             kind: "plan",
             description: format!("{} plan", account.plan.name),
             metric: None,
@@ -466,7 +581,7 @@ pub async fn invoice_preview(
             amount_cents: account.plan.monthly_base_cents as u64,
         });
     }
-    let fee = match revenue {
+    let fee = match inputs.revenue_cents {
         Some(cents) => {
             Some(pricing::platform_fee(cents, &account.bands, &account.terms).map_err(invalid)?)
         }
@@ -488,6 +603,7 @@ pub async fn invoice_preview(
             description.push_str(&format!(", monthly minimum {}", dollars(fee.amount_cents)));
         }
         lines.push(InvoiceLine {
+            key: "platform_fee".into(),
             kind: "platform_fee",
             description,
             metric: None,
@@ -495,12 +611,12 @@ pub async fn invoice_preview(
             amount_cents: fee.amount_cents,
         });
     }
-    let usage = usage_in(&mut *conn, customer_id, period).await?;
-    for o in priced(&account, &usage)? {
+    for o in priced(account, &inputs.usage)? {
         if o.cost_cents == 0 {
             continue;
         }
         lines.push(InvoiceLine {
+            key: format!("overage:{}", o.metric.as_str()),
             kind: "overage",
             description: format!("{} over the plan's included quantity", api_name(o.metric)),
             metric: Some(api_name(o.metric)),
@@ -508,22 +624,15 @@ pub async fn invoice_preview(
             amount_cents: o.cost_cents,
         });
     }
-    let addons: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT addon, description, monthly_cents FROM customer_addons \
-         WHERE customer_id = $1 AND created_at < $2 ORDER BY addon",
-    )
-    .bind(customer_id)
-    .bind(period.end)
-    .fetch_all(&mut *conn)
-    .await?;
-    for (_, description, cents) in addons {
-        if cents > 0 {
+    for addon in &inputs.addons {
+        if addon.monthly_cents > 0 {
             lines.push(InvoiceLine {
+                key: format!("addon:{}", addon.addon),
                 kind: "addon",
-                description,
+                description: addon.description.clone(),
                 metric: None,
                 quantity: None,
-                amount_cents: cents as u64,
+                amount_cents: addon.monthly_cents as u64,
             });
         }
     }
@@ -532,17 +641,29 @@ pub async fn invoice_preview(
         .try_fold(0u64, |sum, l| sum.checked_add(l.amount_cents))
         .ok_or_else(|| invalid(PricingError::Overflow))?;
     Ok(InvoicePreview {
-        customer_id: customer_id.to_owned(),
+        customer_id: account.customer_id.clone(),
         month: month.to_owned(),
         period_start: period.start,
         period_end: period.end,
-        plan_type: account.plan.id,
+        plan_type: account.plan.id.clone(),
         currency: "usd",
-        mediated_revenue_cents: revenue,
+        mediated_revenue_cents: inputs.revenue_cents,
         platform_fee: fee,
         lines,
         total_cents: total,
     })
+}
+
+/// The invoice the monthly billing would issue for the calendar month `period`
+/// (`month` is its `YYYY-MM`), on the customer's current plan.
+pub async fn invoice_preview(
+    conn: &mut PgConnection,
+    customer_id: &str,
+    month: &str,
+    period: &Period,
+) -> Result<InvoicePreview, BillingError> {
+    let inputs = month_inputs(conn, customer_id, period).await?;
+    compose_invoice(&inputs, month, period)
 }
 
 /// Records `customer_id`'s mediated revenue for the month starting `period.start`

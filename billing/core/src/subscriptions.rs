@@ -31,26 +31,73 @@ pub async fn create(
     .await?)
 }
 
-/// Moves the subscription Stripe knows as `stripe_subscription_id` to `status` (one of the
-/// table's statuses), as a Stripe event says. A canceled subscription stays canceled, and a
-/// suspended one is not set back to `past_due` (dunning lifts a suspension on payment).
-/// Returns how many subscriptions changed (0 or 1).
+/// How a Stripe event names the subscription it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StripeTarget<'a> {
+    /// The subscription Stripe knows as this id (`sub_...`).
+    Subscription(&'a str),
+    /// The live (not canceled) subscription of the customer Stripe knows as this id
+    /// (`cus_...`, matched on `customers.stripe_customer_id`): what an invoice that names no
+    /// subscription, such as our own monthly one-off invoices, is about.
+    Customer(&'a str),
+}
+
+/// Moves the subscription `target` names to `status` (one of the table's statuses), as a
+/// Stripe event created at `event_at` says.
+///
+/// Stripe does not deliver events in order, so `stripe_event_at` keeps the `created` time of
+/// the latest event applied (the greatest seen) and:
+/// - an event strictly older than it changes nothing, except a cancellation: Stripe never
+///   revives a canceled subscription, so a late `canceled` is still the truth;
+/// - on a tie (the same second) the event applies, except that `past_due` never replaces
+///   `active` (a failure and a success in the same second mean the retry succeeded);
+/// - an event without a time (`event_at` None) applies and leaves `stripe_event_at` alone.
+///
+/// And as before: a canceled subscription stays canceled, and a suspended one is not set
+/// back to `past_due` (dunning lifts a suspension on payment).
+///
+/// Returns how many subscriptions the event moved (0 or 1; one with the status it already
+/// had counts).
 pub async fn apply_stripe_status(
     db: impl PgExecutor<'_>,
-    stripe_subscription_id: &str,
+    target: StripeTarget<'_>,
     status: &str,
+    event_at: Option<DateTime<Utc>>,
 ) -> Result<u64, BillingError> {
-    Ok(sqlx::query(
-        "UPDATE subscriptions SET status = $2, updated_at = now(), \
-             canceled_at = CASE WHEN $2 = 'canceled' THEN coalesce(canceled_at, now()) ELSE canceled_at END \
-         WHERE stripe_subscription_id = $1 AND status <> 'canceled' \
-           AND NOT (status = 'suspended' AND $2 = 'past_due')",
-    )
-    .bind(stripe_subscription_id)
-    .bind(status)
-    .execute(db)
-    .await?
-    .rows_affected())
+    // The two targets differ only in how the row is found; one macro holds the rules so the
+    // two statements cannot drift apart. At most one live subscription per customer (a
+    // unique index), so either finds at most one row.
+    macro_rules! update_where {
+        ($by:literal) => {
+            concat!(
+                "UPDATE subscriptions SET status = $2, updated_at = now(), \
+                     canceled_at = CASE WHEN $2 = 'canceled' THEN coalesce(canceled_at, now()) \
+                                   ELSE canceled_at END, \
+                     stripe_event_at = greatest(stripe_event_at, $3) \
+                 WHERE status <> 'canceled' \
+                   AND NOT (status = 'suspended' AND $2 = 'past_due') \
+                   AND ($3::timestamptz IS NULL OR stripe_event_at IS NULL \
+                        OR stripe_event_at <= $3 OR $2 = 'canceled') \
+                   AND NOT coalesce(stripe_event_at = $3 AND status = 'active' AND $2 = 'past_due', false) \
+                   AND ",
+                $by
+            )
+        };
+    }
+    let (sql, id) = match target {
+        StripeTarget::Subscription(id) => (update_where!("stripe_subscription_id = $1"), id),
+        StripeTarget::Customer(id) => (
+            update_where!("customer_id = (SELECT id FROM customers WHERE stripe_customer_id = $1)"),
+            id,
+        ),
+    };
+    Ok(sqlx::query(sql)
+        .bind(id)
+        .bind(status)
+        .bind(event_at)
+        .execute(db)
+        .await?
+        .rows_affected())
 }
 
 /// Records the Stripe subscription and customer of subscription `id`.

@@ -8,19 +8,29 @@
 //! time.
 //!
 //! Events are parsed into our own minimal struct (an id, a type, a creation time, the object
-//! as JSON): Stripe adds fields freely, and test stand-ins leave some out. Each event id is
-//! stored once in `stripe_events`; a second delivery changes nothing. The subscription status
-//! follows the events in the same transaction as the event row, so an event is never stored
-//! without its effect, nor applied twice.
+//! as JSON): Stripe adds fields freely, and test stand-ins leave some out. The body is
+//! parsed once and every U+0000 in it (a string's or a key's) becomes U+FFFD before anything
+//! else reads it: JSON allows `\u0000`, Postgres refuses it in jsonb and in text, and an
+//! event that cannot be stored would be answered 5xx on every delivery and never land. The
+//! signature is checked on the raw bytes, before that.
+//!
+//! Each event id is stored once in `stripe_events`; a second delivery changes nothing. What
+//! the event moves (the subscription status, the invoice mirror in
+//! [`crate::invoices::mirror`]) follows in the same transaction as the event row, so an event
+//! is never stored without its effect, nor applied twice. Stripe does not deliver events in
+//! order: each effect keeps the `created` time of the latest event applied, and an older one
+//! changes nothing (see [`subscriptions::apply_stripe_status`]).
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
+use serde_json::Value;
 use sha2::Sha256;
 use sqlx::{Connection, PgConnection};
 
 use crate::error::BillingError;
-use crate::subscriptions;
+use crate::invoices::mirror;
+use crate::subscriptions::{self, StripeTarget};
 
 /// How far a signature's timestamp may be from now, seconds (Stripe's default).
 pub const TOLERANCE_SECS: i64 = 300;
@@ -102,34 +112,91 @@ pub fn verify(
     Err(SignatureError::Mismatch)
 }
 
-/// The parts of a Stripe event we read.
-#[derive(Debug, Clone, Deserialize)]
+/// The parts of a Stripe event we read, from a body [`parse_event`] accepted.
+#[derive(Debug, Clone)]
 pub struct Event {
     /// `evt_...`.
     pub id: String,
     /// `invoice.paid`, `customer.subscription.updated`, ...
-    #[serde(rename = "type")]
     pub event_type: String,
     /// Unix seconds.
     pub created: Option<i64>,
     /// `data.object` and friends.
     pub data: EventData,
+    /// The whole event, U+0000 replaced (see [`sanitize_nul`]): what `stripe_events.payload`
+    /// stores.
+    pub payload: Value,
 }
 
 /// An event's `data`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct EventData {
     /// The object the event is about.
-    pub object: serde_json::Value,
+    pub object: Value,
 }
 
-/// Parses an event body; `None` when it is not a Stripe event.
+/// The fields of [`Event`] that come from the body.
+#[derive(Deserialize)]
+struct RawEvent {
+    id: String,
+    #[serde(rename = "type")]
+    event_type: String,
+    created: Option<i64>,
+    data: EventData,
+}
+
+/// Parses an event body; `None` when it is not JSON or not a Stripe event (an id `evt_`
+/// followed by letters, digits and `_`, a type, `data.object`). Every U+0000 in it is
+/// replaced first ([`sanitize_nul`]), so nothing read from the event carries one.
 pub fn parse_event(payload: &[u8]) -> Option<Event> {
-    let event: Event = serde_json::from_slice(payload).ok()?;
-    let valid_id = event.id.strip_prefix("evt_").is_some_and(|rest| {
+    let mut payload: Value = serde_json::from_slice(payload).ok()?;
+    sanitize_nul(&mut payload);
+    let raw = RawEvent::deserialize(&payload).ok()?;
+    let valid_id = raw.id.strip_prefix("evt_").is_some_and(|rest| {
         !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
     });
-    (valid_id && !event.event_type.is_empty()).then_some(event)
+    (valid_id && !raw.event_type.is_empty()).then_some(Event {
+        id: raw.id,
+        event_type: raw.event_type,
+        created: raw.created,
+        data: raw.data,
+        payload,
+    })
+}
+
+/// Replaces every U+0000 in `value`'s strings and object keys with U+FFFD (the replacement
+/// character), in place. Postgres stores no U+0000 in jsonb (`unsupported Unicode escape
+/// sequence`) nor in text, yet JSON allows `\u0000`; an event must be storable whatever its
+/// strings hold. Returns how many strings and keys changed.
+pub fn sanitize_nul(value: &mut Value) -> usize {
+    fn clean(s: &mut String) -> usize {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{FFFD}");
+            1
+        } else {
+            0
+        }
+    }
+    // Recursion is bounded: serde_json refuses input nested deeper than 128.
+    match value {
+        Value::String(s) => clean(s),
+        Value::Array(items) => items.iter_mut().map(sanitize_nul).sum(),
+        Value::Object(map) => {
+            let mut changed: usize = map.values_mut().map(sanitize_nul).sum();
+            // Keys cannot be changed in place; rebuild the map only when one must change.
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(mut key, v)| {
+                        changed += clean(&mut key);
+                        (key, v)
+                    })
+                    .collect();
+            }
+            changed
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    }
 }
 
 /// What handling an event did.
@@ -137,21 +204,55 @@ pub fn parse_event(payload: &[u8]) -> Option<Event> {
 pub enum Handled {
     /// First delivery: stored, and applied if it is a type billing acts on.
     Stored {
-        /// Subscriptions whose status changed.
+        /// Subscriptions the event moved (0 or 1; see [`subscriptions::apply_stripe_status`]).
         subscriptions_updated: u64,
+        /// Invoice rows the event updated (0 or 1; see [`mirror::apply_invoice_event`]).
+        invoices_updated: u64,
     },
     /// The event id was stored before: nothing changed.
     Duplicate,
 }
 
+/// A Stripe id where Stripe puts either the id or, expanded, the object with its `id`; an
+/// empty id is none.
+fn id_of(value: &Value) -> Option<&str> {
+    let id = match value {
+        Value::Object(object) => object.get("id")?.as_str()?,
+        other => other.as_str()?,
+    };
+    (!id.is_empty()).then_some(id)
+}
+
+/// The subscription an invoice is about: its subscription where it names one, from API
+/// version 2025-03-31 under `parent.subscription_details.subscription` and before that
+/// under `subscription`; else its customer's (`customer`), as our own monthly invoices are
+/// one-off invoices with no subscription.
+fn invoice_target(invoice: &Value) -> Option<StripeTarget<'_>> {
+    let current = invoice
+        .get("parent")
+        .and_then(|p| p.get("subscription_details"))
+        .and_then(|d| d.get("subscription"))
+        .and_then(id_of);
+    let old = || invoice.get("subscription").and_then(id_of);
+    match current.or_else(old) {
+        Some(subscription) => Some(StripeTarget::Subscription(subscription)),
+        None => Some(StripeTarget::Customer(id_of(invoice.get("customer")?)?)),
+    }
+}
+
 /// The subscription status an event sets, and which subscription it names.
-fn status_change(event: &Event) -> Option<(&str, &'static str)> {
+fn status_change(event: &Event) -> Option<(StripeTarget<'_>, &'static str)> {
     let object = &event.data.object;
     match event.event_type.as_str() {
-        "invoice.payment_failed" => Some((object.get("subscription")?.as_str()?, "past_due")),
-        "invoice.paid" | "invoice.payment_succeeded" => {
-            Some((object.get("subscription")?.as_str()?, "active"))
+        "invoice.payment_failed" => Some((invoice_target(object)?, "past_due")),
+        // A paid invoice that collected nothing (Stripe's own $0 subscription renewals: the
+        // money is on our monthly invoice) says nothing about whether the customer pays.
+        "invoice.paid" | "invoice.payment_succeeded"
+            if object.get("amount_paid").and_then(|v| v.as_i64()) == Some(0) =>
+        {
+            None
         }
+        "invoice.paid" | "invoice.payment_succeeded" => Some((invoice_target(object)?, "active")),
         "customer.subscription.updated" => {
             let status = match object.get("status")?.as_str()? {
                 "trialing" => "trialing",
@@ -160,22 +261,20 @@ fn status_change(event: &Event) -> Option<(&str, &'static str)> {
                 "canceled" | "incomplete_expired" => "canceled",
                 _ => return None,
             };
-            Some((object.get("id")?.as_str()?, status))
+            Some((StripeTarget::Subscription(id_of(object)?), status))
         }
-        "customer.subscription.deleted" => Some((object.get("id")?.as_str()?, "canceled")),
+        "customer.subscription.deleted" => {
+            Some((StripeTarget::Subscription(id_of(object)?), "canceled"))
+        }
         _ => None,
     }
 }
 
 /// Stores `event` once and applies it, in one transaction (a savepoint when `conn` is already
-/// in one): the event row, the subscription's new status and the processed mark.
-pub async fn handle(
-    conn: &mut PgConnection,
-    event: &Event,
-    payload: &[u8],
-) -> Result<Handled, BillingError> {
-    let payload_json: serde_json::Value = serde_json::from_slice(payload)
-        .map_err(|e| BillingError::Invalid(format!("the event is not JSON: {e}")))?;
+/// in one): the event row (its sanitized payload), the subscription's new status, the invoice
+/// mirror and the processed mark. Errors are the store's ([`BillingError::Database`]); Stripe
+/// retries a delivery that fails, and nothing of it stays.
+pub async fn handle(conn: &mut PgConnection, event: &Event) -> Result<Handled, BillingError> {
     let created: Option<DateTime<Utc>> = event
         .created
         .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0));
@@ -187,7 +286,7 @@ pub async fn handle(
     .bind(&event.id)
     .bind(&event.event_type)
     .bind(created)
-    .bind(&payload_json)
+    .bind(&event.payload)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -195,9 +294,27 @@ pub async fn handle(
         tx.rollback().await?;
         return Ok(Handled::Duplicate);
     }
-    let mut updated = 0;
-    if let Some((subscription, status)) = status_change(event) {
-        updated = subscriptions::apply_stripe_status(&mut *tx, subscription, status).await?;
+    // The mirror first: whether another of the customer's invoices still has a failed
+    // payment is read from it.
+    let invoices_updated =
+        mirror::apply_invoice_event(&mut *tx, &event.event_type, &event.data.object, created)
+            .await?;
+    let mut subscriptions_updated = 0;
+    if let Some((target, status)) = status_change(event) {
+        // Paying one invoice does not make a customer current while another of its invoices
+        // is still open after a failed payment.
+        let still_owing = status == "active"
+            && event.event_type.starts_with("invoice.")
+            && mirror::has_failed_open_invoice(
+                &mut *tx,
+                target,
+                event.data.object.get("id").and_then(|v| v.as_str()),
+            )
+            .await?;
+        if !still_owing {
+            subscriptions_updated =
+                subscriptions::apply_stripe_status(&mut *tx, target, status, created).await?;
+        }
     }
     sqlx::query("UPDATE stripe_events SET processed_at = now() WHERE id = $1")
         .bind(&event.id)
@@ -205,7 +322,8 @@ pub async fn handle(
         .await?;
     tx.commit().await?;
     Ok(Handled::Stored {
-        subscriptions_updated: updated,
+        subscriptions_updated,
+        invoices_updated,
     })
 }
 
@@ -305,23 +423,43 @@ mod tests {
         );
     }
 
+    fn event(body: &serde_json::Value) -> Event {
+        parse_event(body.to_string().as_bytes()).unwrap()
+    }
+
+    fn invoice_event(kind: &str, object: &serde_json::Value) -> Event {
+        event(&serde_json::json!({
+            "id": "evt_1", "type": kind, "created": T, "data": {"object": object}
+        }))
+    }
+
     #[test]
     fn events_parse_minimally_and_name_their_subscription() {
         let failed = parse_event(
             br#"{"id":"evt_1","type":"invoice.payment_failed","created":1790000000,"data":{"object":{"id":"in_1","subscription":"sub_9"}}}"#,
         )
         .unwrap();
-        assert_eq!(status_change(&failed), Some(("sub_9", "past_due")));
+        assert_eq!(failed.created, Some(T));
+        assert_eq!(
+            status_change(&failed),
+            Some((StripeTarget::Subscription("sub_9"), "past_due"))
+        );
         let deleted = parse_event(
             br#"{"id":"evt_2","type":"customer.subscription.deleted","data":{"object":{"id":"sub_9","status":"canceled"}}}"#,
         )
         .unwrap();
-        assert_eq!(status_change(&deleted), Some(("sub_9", "canceled")));
+        assert_eq!(
+            status_change(&deleted),
+            Some((StripeTarget::Subscription("sub_9"), "canceled"))
+        );
         let updated = parse_event(
             br#"{"id":"evt_3","type":"customer.subscription.updated","data":{"object":{"id":"sub_9","status":"unpaid"}}}"#,
         )
         .unwrap();
-        assert_eq!(status_change(&updated), Some(("sub_9", "past_due")));
+        assert_eq!(
+            status_change(&updated),
+            Some((StripeTarget::Subscription("sub_9"), "past_due"))
+        );
         let other = parse_event(
             br#"{"id":"evt_4","type":"customer.deleted","data":{"object":{"id":"cus_x"}}}"#,
         )
@@ -333,8 +471,108 @@ mod tests {
             br#"{"id":"nope","type":"invoice.paid","data":{"object":{}}}"#,
             br#"{"id":"evt_6","type":"invoice.paid"}"#,
             b"not json",
+            // A NUL in the id is no valid id, sanitized or not.
+            br#"{"id":"evt_\u0000","type":"invoice.paid","data":{"object":{}}}"#,
         ] {
             assert!(parse_event(bad).is_none());
         }
+    }
+
+    #[test]
+    fn invoices_name_their_subscription_in_either_api_shape() {
+        use serde_json::json;
+        let sub = |s| Some((StripeTarget::Subscription(s), "past_due"));
+        // Since 2025-03-31: under parent.subscription_details, as an id or expanded.
+        let current = json!({"id": "in_1", "customer": "cus_s1", "parent": {
+            "type": "subscription_details",
+            "subscription_details": {"subscription": "sub_new"}}});
+        assert_eq!(
+            status_change(&invoice_event("invoice.payment_failed", &current)),
+            sub("sub_new")
+        );
+        let expanded = json!({"id": "in_1", "parent": {
+            "subscription_details": {"subscription": {"id": "sub_exp", "object": "subscription"}}}});
+        assert_eq!(
+            status_change(&invoice_event("invoice.payment_failed", &expanded)),
+            sub("sub_exp")
+        );
+        // The current shape wins over the old field when both are there.
+        let both = json!({"subscription": "sub_old", "parent": {
+            "subscription_details": {"subscription": "sub_new"}}});
+        assert_eq!(
+            status_change(&invoice_event("invoice.payment_failed", &both)),
+            sub("sub_new")
+        );
+        // Before: `subscription`, as an id or expanded; a null parent is no subscription.
+        let old = json!({"id": "in_1", "subscription": "sub_old", "parent": null});
+        assert_eq!(
+            status_change(&invoice_event("invoice.payment_failed", &old)),
+            sub("sub_old")
+        );
+        let old_expanded = json!({"subscription": {"id": "sub_oe"}});
+        assert_eq!(
+            status_change(&invoice_event("invoice.paid", &old_expanded)),
+            Some((StripeTarget::Subscription("sub_oe"), "active"))
+        );
+        // No subscription anywhere (a one-off invoice): its customer's, as an id or expanded.
+        for object in [
+            json!({"id": "in_1", "customer": "cus_s1", "subscription": null,
+                   "parent": {"type": "quote_details", "subscription_details": null}}),
+            json!({"id": "in_1", "customer": {"id": "cus_s1", "object": "customer"}}),
+            json!({"customer": "cus_s1", "subscription": ""}),
+        ] {
+            assert_eq!(
+                status_change(&invoice_event("invoice.payment_succeeded", &object)),
+                Some((StripeTarget::Customer("cus_s1"), "active")),
+                "{object}"
+            );
+        }
+        // Neither a subscription nor a customer: nothing to move.
+        assert_eq!(
+            status_change(&invoice_event("invoice.paid", &json!({"id": "in_1"}))),
+            None
+        );
+        assert_eq!(
+            status_change(&invoice_event("invoice.paid", &json!({"customer": null}))),
+            None
+        );
+    }
+
+    #[test]
+    fn nul_is_replaced_in_strings_and_keys_at_any_depth() {
+        let mut value = serde_json::json!({
+            "a\u{0}b": ["x\u{0}", {"k": "\u{0}\u{0}"}, 1, null, true],
+            "clean": "text",
+        });
+        assert_eq!(sanitize_nul(&mut value), 3);
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "a\u{FFFD}b": ["x\u{FFFD}", {"k": "\u{FFFD}\u{FFFD}"}, 1, null, true],
+                "clean": "text",
+            })
+        );
+        // Nothing left to change.
+        assert_eq!(sanitize_nul(&mut value), 0);
+        assert!(!value.to_string().contains("\\u0000"));
+    }
+
+    #[test]
+    fn parsed_events_carry_no_nul_anywhere() {
+        let body = br#"{"id":"evt_nul","type":"invoice.pa\u0000id","created":1790000000,
+            "data":{"object":{"id":"in_1","customer":"cus_\u0000x","description":"a\u0000b",
+            "metadata":{"k\u0000":"v"}}}}"#;
+        let event = parse_event(body).unwrap();
+        assert_eq!(event.id, "evt_nul");
+        assert_eq!(event.event_type, "invoice.pa\u{FFFD}id");
+        assert_eq!(event.data.object["customer"], "cus_\u{FFFD}x");
+        assert_eq!(event.data.object["metadata"]["k\u{FFFD}"], "v");
+        // What is stored is the sanitized whole, and the object read is the stored one.
+        assert_eq!(event.payload["data"]["object"], event.data.object);
+        let stored = event.payload.to_string();
+        assert!(
+            !stored.contains('\0') && !stored.contains("\\u0000"),
+            "{stored}"
+        );
     }
 }

@@ -10,6 +10,8 @@ use apex_core::stores::StoreConfig;
 use apex_stripe::config::StripeConfig;
 
 use crate::clock::Clock;
+use apex_billing::invoices::CloseSettings;
+
 use crate::jobs::{Job, Retention, jobs_from_env};
 
 /// Everything `apex-cron` reads from the environment.
@@ -28,6 +30,8 @@ pub struct CronConfig {
     pub jobs: Vec<Job>,
     /// Maintenance's horizons (`APEX_CRON_MARKER_RETENTION_DAYS`, `APEX_CRON_HISTORY_DAYS`).
     pub retention: Retention,
+    /// The invoice close's revenue wait (`APEX_INVOICE_REVENUE_WAIT_DAYS`).
+    pub invoicing: CloseSettings,
     /// `APEX_CRON_SHUTDOWN_GRACE_MS`, default 30,000: how long runs in flight get at SIGTERM.
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before scheduling.
@@ -62,6 +66,7 @@ impl CronConfig {
             stripe_rate,
             jobs,
             retention,
+            invoicing: CloseSettings::from_env(env)?,
             shutdown_grace: Duration::from_millis(grace_ms),
             migrate_on_start: env.parse_or("APEX_MIGRATE_ON_START", true)?,
             clock: Clock::from_env(env)?,
@@ -102,7 +107,8 @@ mod tests {
             (7, 90)
         );
         assert_eq!(cfg.clock, Clock::Wall);
-        assert_eq!(cfg.jobs.len(), 2);
+        assert_eq!(cfg.jobs.len(), 3);
+        assert_eq!(cfg.invoicing.revenue_wait.num_days(), 5);
     }
 
     #[test]
@@ -115,6 +121,7 @@ mod tests {
             ("APEX_CRON_SHUTDOWN_GRACE_MS", "-5"),
             ("APEX_CRON_SCHEDULE_STRIPE_SYNC", "0 25 * * *"),
             ("APEX_CLOCK_START", "noon"),
+            ("APEX_INVOICE_REVENUE_WAIT_DAYS", "29"),
         ] {
             let err = CronConfig::from_env(&env(&[(name, value)]))
                 .unwrap_err()

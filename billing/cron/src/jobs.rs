@@ -16,10 +16,12 @@
 
 use std::str::FromStr;
 
+use apex_billing::invoices::CloseSettings;
 use apex_core::env::{ConfigError, EnvSource};
 use apex_core::stores::StoreConfig;
 use apex_stripe::client::ClientSettings;
 use apex_stripe::config::StripeConfig;
+use apex_stripe::invoicing::{CloseRequest, close_invoices};
 use apex_stripe::sync::{SyncRequest, sync_usage};
 use chrono::{DateTime, Duration, Utc};
 use croner::Cron;
@@ -36,6 +38,8 @@ pub enum JobKind {
     StripeSync,
     /// Ours: pipeline markers and run history past their horizon removed.
     Maintenance,
+    /// Ours: each ended month's invoice, issued in Stripe (`apex_stripe::invoicing`).
+    InvoiceClose,
     /// A test double: waits `work` of the process's clock, then succeeds (or fails).
     Test {
         /// How long a run takes.
@@ -87,6 +91,18 @@ pub const JOBS: &[JobSpec] = &[
         kind: JobKind::Maintenance,
         schedule_var: "APEX_CRON_SCHEDULE_MAINTENANCE",
         timeout_var: "APEX_CRON_TIMEOUT_SECS_MAINTENANCE",
+    },
+    JobSpec {
+        name: "invoice_close",
+        guide: "Monthly billing (ours)",
+        // After the 02:00 usage sync of the month's last day; daily, because a month whose
+        // revenue is awaited is closed on a later day.
+        schedule: "0 6 * * *",
+        timeout_secs: 2 * 3_600,
+        catch_up: true,
+        kind: JobKind::InvoiceClose,
+        schedule_var: "APEX_CRON_SCHEDULE_INVOICE_CLOSE",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_INVOICE_CLOSE",
     },
 ];
 
@@ -298,6 +314,8 @@ pub struct JobContext {
     pub clock: Clock,
     /// How long maintenance keeps what it removes.
     pub retention: Retention,
+    /// How the invoice close waits for revenue.
+    pub invoicing: CloseSettings,
 }
 
 /// Maintenance's horizons, in days of the process's clock.
@@ -335,6 +353,7 @@ impl Job {
         match self.kind {
             JobKind::StripeSync => stripe_sync(ctx).await,
             JobKind::Maintenance => maintenance(ctx).await,
+            JobKind::InvoiceClose => invoice_close(ctx).await,
             JobKind::Test { work, fails } => {
                 ctx.clock.sleep(work).await;
                 Outcome {
@@ -368,19 +387,59 @@ async fn stripe_sync(ctx: &JobContext) -> Outcome {
     let details = serde_json::to_value(&summary).unwrap_or_else(|_| json!({}));
     // As `apexctl stripe sync` exits 1: anything that needs a person fails the run.
     let error = if !summary.failed.is_empty() || summary.stopped_early {
-        Some(format!(
-            "{} customers failed{}",
-            summary.failed.len(),
-            if summary.stopped_early {
-                "; stopped early: Stripe could not be reached"
-            } else {
-                ""
-            }
-        ))
+        Some(customers_failed(summary.failed.len(), summary.stopped_early))
     } else if !summary.shrunk.is_empty() || !summary.unconfirmed.is_empty() {
         Some(format!(
             "{} days need a person (a total below what was reported, or an unconfirmed event)",
             summary.shrunk.len() + summary.unconfirmed.len()
+        ))
+    } else {
+        None
+    };
+    Outcome { details, error }
+}
+
+/// The error of a Stripe job some customers failed in.
+fn customers_failed(failed: usize, stopped_early: bool) -> String {
+    format!(
+        "{failed} customers failed{}",
+        if stopped_early {
+            "; stopped early: Stripe could not be reached"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Ours, daily 06:00: every ended month's invoice (the last two months), issued in Stripe.
+/// Fails when a customer failed or a review was opened for a person in this run.
+async fn invoice_close(ctx: &JobContext) -> Outcome {
+    let settings = ClientSettings {
+        requests_per_second: ctx.stripe_rate,
+        ..ClientSettings::default()
+    };
+    let client = match apex_stripe::client_from_config(&ctx.stripe, settings) {
+        Ok(client) => client,
+        Err(e) => return Outcome::failed(e.to_string()),
+    };
+    let request = CloseRequest {
+        customer: None,
+        period: None,
+        now: ctx.clock.now(),
+        settings: ctx.invoicing,
+    };
+    let summary = match close_invoices(&ctx.pool, &client, &request).await {
+        Ok(summary) => summary,
+        Err(e) => return Outcome::failed(e.to_string()),
+    };
+    let _ = apex_stripe::invoicing::record_invoice_gauge(&ctx.pool).await;
+    let details = serde_json::to_value(&summary).unwrap_or_else(|_| json!({}));
+    let error = if !summary.failed.is_empty() || summary.stopped_early {
+        Some(customers_failed(summary.failed.len(), summary.stopped_early))
+    } else if !summary.reviews_opened.is_empty() {
+        Some(format!(
+            "{} invoices need a person: apexctl invoices pending-review",
+            summary.reviews_opened.len()
         ))
     } else {
         None
@@ -449,7 +508,7 @@ mod tests {
     fn the_guides_schedules_land_on_their_times() {
         let jobs = jobs_from_env(&EnvSource::from_pairs([])).unwrap();
         let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
-        assert_eq!(names, ["stripe_sync", "maintenance"]);
+        assert_eq!(names, ["stripe_sync", "maintenance", "invoice_close"]);
         let sync = jobs[0].schedule.as_ref().unwrap();
         assert_eq!(
             sync.next_after(at("2026-03-10T01:59:59Z")),
@@ -555,9 +614,10 @@ mod tests {
             "test_tick=* * * * *; test_slow=*/2 * * * *@150~90; test_bad=0 * * * *!",
         )]))
         .unwrap();
-        assert_eq!(jobs[3].timeout, Duration::seconds(90));
-        assert_eq!(jobs[2].timeout, Duration::hours(24));
-        let tests: Vec<(&str, JobKind)> = jobs[2..]
+        let first = JOBS.len();
+        assert_eq!(jobs[first + 1].timeout, Duration::seconds(90));
+        assert_eq!(jobs[first].timeout, Duration::hours(24));
+        let tests: Vec<(&str, JobKind)> = jobs[first..]
             .iter()
             .map(|j| (j.name.as_str(), j.kind))
             .collect();

@@ -97,7 +97,10 @@ pub async fn run(
         stripe_rate: config.stripe_rate,
         clock: config.clock,
         retention: config.retention,
+        invoicing: config.invoicing,
     };
+    // `apex_stripe_invoices{status}` follows the mirror, which webhooks move at any time.
+    let gauge = tokio::spawn(refresh_invoice_gauge(pool.clone(), stopped.clone()));
     let scheduled: Vec<String> = config
         .jobs
         .iter()
@@ -125,7 +128,24 @@ pub async fn run(
     let _ = stop.send(true);
     let _ = scheduler.await;
     let _ = server.await;
+    let _ = gauge.await;
     pool.close().await;
     tracing::info!("apex-cron stopped");
     Ok(())
+}
+
+/// How often the invoice-status gauge is read from the mirror.
+const INVOICE_GAUGE_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Sets `apex_stripe_invoices{status}` from the `invoices` table until `stop` turns true.
+async fn refresh_invoice_gauge(pool: sqlx::PgPool, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = apex_stripe::invoicing::record_invoice_gauge(&pool).await {
+            tracing::warn!(error = %e, "cannot read the invoice statuses for the gauge");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(INVOICE_GAUGE_PERIOD) => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+    }
 }

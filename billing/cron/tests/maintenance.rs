@@ -111,6 +111,7 @@ async fn maintenance_removes_what_is_past_its_horizon_and_keeps_each_logs_newest
             marker_days: 7,
             history_days: 90,
         },
+        invoicing: Default::default(),
     };
     let jobs = jobs_from_env(&EnvSource::from_pairs([])).unwrap();
     let maintenance = jobs.iter().find(|j| j.name == "maintenance").unwrap();

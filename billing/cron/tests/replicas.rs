@@ -91,6 +91,7 @@ async fn two_replicas_run_every_slot_of_a_week_once_and_report_each_day_once() {
         "APEX_CRON_SCHEDULE_MAINTENANCE".into(),
         format!("0 4 {days} * *"),
     ));
+    env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
     let mut first = CronProcess::start(&stores, &env);
     let mut second = CronProcess::start(&stores, &env);
     let end = week + Duration::days(7);
@@ -213,6 +214,7 @@ async fn a_sync_stopped_by_its_timeout_leaves_no_lock_behind() {
     ));
     env.push(("APEX_CRON_TIMEOUT_SECS_STRIPE_SYNC".into(), "60".into()));
     env.push(("APEX_CRON_SCHEDULE_MAINTENANCE".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
     let mut cron = CronProcess::start(&stores, &env);
     let (first, second) = (day + Duration::hours(2), day + Duration::minutes(125));
     clock.sleep_until(second).await;

@@ -17,6 +17,7 @@ fn only(test_jobs: &str, clock: &SimClock) -> Vec<(String, String)> {
     let mut env = clock.env();
     env.push(("APEX_CRON_SCHEDULE_STRIPE_SYNC".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_MAINTENANCE".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
     env.push(("APEX_CRON_TEST_JOBS".into(), test_jobs.into()));
     env
 }
@@ -234,7 +235,7 @@ async fn bad_configuration_stops_the_process_at_start_with_a_clear_line() {
         (
             vec![("APEX_CRON_SCHEDULE_STRIPE_SYNCS", "0 2 * * *")],
             2,
-            "the jobs are stripe_sync, maintenance",
+            "the jobs are stripe_sync, maintenance, invoice_close",
         ),
         (
             vec![("APEX_CRON_TIMEOUT_SECS_MAINTENANCE", "0")],

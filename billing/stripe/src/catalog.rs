@@ -12,10 +12,12 @@
 //! What is mapped:
 //! - one billing meter per metric, event name `apex_<metric>`, summing the payload's `value`
 //!   for the customer in `stripe_customer_id`;
-//! - per plan, a product `apex_plan_<plan>` and its monthly base fee as a Stripe plan
-//!   `apex_<plan>_<cents>_monthly` (plan ids are accepted wherever Stripe takes a price id);
+//! - per plan, a product `apex_plan_<plan>` and a $0 monthly Stripe plan
+//!   `apex_<plan>_0_monthly` for its subscriptions (plan ids are accepted wherever Stripe takes
+//!   a price id): the base fee, like every charge, is a line of the monthly invoice
+//!   ([`crate::invoicing`]);
 //! - per customer, a Stripe customer (metadata `apex_customer_id`) and a subscription to the
-//!   plan's base fee, with the trial end carried over.
+//!   plan's $0 subscription plan, with the trial end carried over.
 
 use std::collections::HashMap;
 
@@ -48,13 +50,13 @@ pub fn event_name(metric: Metric) -> String {
 pub struct CatalogReport {
     /// Meters created or adopted now, by metric.
     pub meters_mapped: Vec<String>,
-    /// Plans whose product and base fee were mapped now.
+    /// Plans whose product and subscription plan were mapped now.
     pub plans_mapped: Vec<String>,
     /// Meters and plans that were already mapped.
     pub unchanged: usize,
 }
 
-/// Maps every metric to a billing meter and every plan to a product and a monthly base fee.
+/// Maps every metric to a billing meter and every plan to a product and its $0 subscription plan.
 pub async fn sync_catalog(
     pool: &PgPool,
     stripe: &StripeClient,
@@ -89,13 +91,17 @@ pub async fn sync_catalog(
         }
     }
 
-    let plans: Vec<(String, String, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT p.id, p.name, p.monthly_base_cents, sp.monthly_base_cents
+    let plans: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        "SELECT p.id, p.name, sp.monthly_base_cents
          FROM plans p LEFT JOIN stripe_plans sp ON sp.plan_id = p.id ORDER BY p.id",
     )
     .fetch_all(pool)
     .await?;
-    for (plan_id, name, base_cents, mapped_cents) in plans {
+    for (plan_id, name, mapped_cents) in plans {
+        // The subscription's Stripe plan is always $0: the base fee is a line of our monthly
+        // invoice (`crate::invoicing`), so Stripe's own subscription invoices never carry money
+        // and cannot charge it twice.
+        let base_cents = 0i64;
         if mapped_cents == Some(base_cents) {
             report.unchanged += 1;
             continue;
@@ -112,7 +118,7 @@ pub async fn sync_catalog(
                 .send::<StripeObject>(&product, Some(&format!("apex_product_{plan_id}")))
                 .await,
         )?;
-        // Stripe prices are immutable, so a changed base fee is a new plan id.
+        // Stripe prices are immutable, so a changed amount is a new plan id.
         let stripe_plan_id = format!("apex_{plan_id}_{base_cents}_monthly");
         let base_fee = CreatePlan::new(
             stripe_types::Currency::USD,
@@ -121,7 +127,9 @@ pub async fn sync_catalog(
         .id(stripe_plan_id.clone())
         .amount(base_cents)
         .product(CreatePlanProduct::Id(product_id.clone()))
-        .nickname(format!("{name} monthly base fee"))
+        .nickname(format!(
+            "{name} subscription (charges on the monthly invoice)"
+        ))
         .metadata(HashMap::from([(
             "apex_plan_id".to_owned(),
             plan_id.clone(),
@@ -220,7 +228,7 @@ pub struct Failure {
 }
 
 /// Gives every customer (or only `only`) without one a Stripe customer, and every open
-/// subscription without one a Stripe subscription to its plan's base fee. Needs the catalogue
+/// subscription without one a Stripe subscription to its plan's $0 Stripe plan. Needs the catalogue
 /// mapped first. One customer failing does not stop the others.
 pub async fn sync_customers(
     pool: &PgPool,
@@ -347,7 +355,7 @@ async fn map_customer(
     Ok(())
 }
 
-/// A subscription of ours not yet in Stripe, with its plan's Stripe base fee if mapped.
+/// A subscription of ours not yet in Stripe, with its plan's Stripe plan if mapped.
 #[derive(sqlx::FromRow)]
 struct OpenSubscription {
     id: i64,
@@ -358,7 +366,7 @@ struct OpenSubscription {
 
 /// The id of the object in `list` whose metadata `key` is `value`: what an earlier run created
 /// and could not record.
-async fn find_by_metadata(
+pub(crate) async fn find_by_metadata(
     stripe: &StripeClient,
     list: &impl stripe_client_core::StripeRequest,
     key: &str,

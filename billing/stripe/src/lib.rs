@@ -1,5 +1,5 @@
 //! Stripe for apex: the HTTP client, the mapping of our catalogue and customers to Stripe
-//! objects, and the nightly usage sync to Billing Meter Events. It owns the `stripe_*` tables;
+//! objects, the nightly usage sync to Billing Meter Events and the monthly invoices. It owns the `stripe_*` tables;
 //! it changes the billing domain's tables only through `apex-billing`'s queries (its
 //! catalogue reads plans and subscriptions joined with its own `stripe_plans`). Its jobs take
 //! the pool rather than a transaction: they commit step by step around Stripe's answers (an
@@ -14,12 +14,14 @@
 //! - [`catalog`]: meters, products and plans, customers and subscriptions, ids in Postgres.
 //! - [`reporting`]: the pure rules of the sync (reportable days, identifiers).
 //! - [`sync`]: the sync job over Postgres and Stripe.
+//! - [`invoicing`]: the monthly invoice close: our lines as a finalized Stripe invoice.
 //! - [`names`]: the crate's metric names.
 //! - `testing` (feature `test-support`): the Stripe stand-in for integration tests.
 
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod invoicing;
 pub mod names;
 pub mod rate;
 pub mod reporting;

@@ -1,7 +1,8 @@
 //! Integration-test support (feature `test-support`): starts `scripts/stripe-standin.py`
-//! (localstripe plus the marked test double for billing meters, meter events, idempotency
-//! keys and fault injection) on a free loopback port, one process per test, and reads what it
-//! recorded. Used by this crate's tests, `apexctl`'s and the edge's webhook tests.
+//! (localstripe plus the marked test double for billing meters, meter events, invoices and
+//! invoice items, idempotency keys and fault injection) on a free loopback port, one process
+//! per test, and reads what it recorded. Used by this crate's tests, `apexctl`'s and the edge's
+//! webhook tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -83,6 +84,24 @@ impl StripeStandIn {
         self.call("POST", "/_config/test/faults", Some(&fault.to_string()));
     }
 
+    /// As [`Self::inject_fault`], for requests of `method` only (a POST to `/v1/invoices`, not
+    /// the GET that lists them).
+    pub fn inject_fault_on(
+        &self,
+        method: &str,
+        path: &str,
+        status: u16,
+        count: u32,
+        retry_after: Option<u32>,
+        after: bool,
+    ) {
+        let fault = serde_json::json!({
+            "method": method, "path": path, "status": status, "count": count,
+            "retry_after": retry_after, "after": after,
+        });
+        self.call("POST", "/_config/test/faults", Some(&fault.to_string()));
+    }
+
     /// Meter events the stand-in accepted, in order.
     pub fn meter_events(&self) -> Vec<serde_json::Value> {
         self.list("/_config/test/meter_events")
@@ -139,6 +158,34 @@ impl StripeStandIn {
             "path": path, "delay": seconds, "count": 1, "after": true,
         });
         self.call("POST", "/_config/test/faults", Some(&fault.to_string()));
+    }
+
+    /// Every invoice the test double holds (not localstripe's own subscription invoices), oldest
+    /// first, each as `GET /v1/invoices/{id}` shows it.
+    pub fn invoices(&self) -> Vec<serde_json::Value> {
+        self.list("/_config/test/invoices")
+    }
+
+    /// `GET /v1/invoices/{id}`: the invoice with its current status, amounts and first 10 lines.
+    pub fn invoice(&self, id: &str) -> serde_json::Value {
+        self.json("GET", &format!("/v1/invoices/{id}"))
+    }
+
+    /// A successful payment of an open or uncollectible invoice: it becomes `paid`, with
+    /// `amount_paid` its `amount_due`. Returns the invoice.
+    pub fn pay_invoice(&self, id: &str) -> serde_json::Value {
+        self.json("POST", &format!("/_config/test/invoices/{id}/pay"))
+    }
+
+    /// A failed payment attempt on an open invoice: `attempt_count` goes up, it stays `open`
+    /// and Stripe's next attempt moves a day on. Returns the invoice.
+    pub fn fail_invoice_payment(&self, id: &str) -> serde_json::Value {
+        self.json("POST", &format!("/_config/test/invoices/{id}/fail_payment"))
+    }
+
+    fn json(&self, method: &str, path: &str) -> serde_json::Value {
+        let body = if method == "POST" { Some("{}") } else { None };
+        serde_json::from_str(&self.call(method, path, body)).expect("stand-in JSON")
     }
 
     fn list(&self, path: &str) -> Vec<serde_json::Value> {
