@@ -387,7 +387,10 @@ async fn stripe_sync(ctx: &JobContext) -> Outcome {
     let details = serde_json::to_value(&summary).unwrap_or_else(|_| json!({}));
     // As `apexctl stripe sync` exits 1: anything that needs a person fails the run.
     let error = if !summary.failed.is_empty() || summary.stopped_early {
-        Some(customers_failed(summary.failed.len(), summary.stopped_early))
+        Some(customers_failed(
+            summary.failed.len(),
+            summary.stopped_early,
+        ))
     } else if !summary.shrunk.is_empty() || !summary.unconfirmed.is_empty() {
         Some(format!(
             "{} days need a person (a total below what was reported, or an unconfirmed event)",
@@ -435,7 +438,10 @@ async fn invoice_close(ctx: &JobContext) -> Outcome {
     let _ = apex_stripe::invoicing::record_invoice_gauge(&ctx.pool).await;
     let details = serde_json::to_value(&summary).unwrap_or_else(|_| json!({}));
     let error = if !summary.failed.is_empty() || summary.stopped_early {
-        Some(customers_failed(summary.failed.len(), summary.stopped_early))
+        Some(customers_failed(
+            summary.failed.len(),
+            summary.stopped_early,
+        ))
     } else if !summary.reviews_opened.is_empty() {
         Some(format!(
             "{} invoices need a person: apexctl invoices pending-review",
