@@ -56,6 +56,17 @@ if [ -z "${STRIPE_SECRET_KEY:-}" ]; then
   cron_env="APEX_CRON_SCHEDULE_STRIPE_SYNC=$APEX_CRON_SCHEDULE_STRIPE_SYNC "
 fi
 
+# Emails go to files a newcomer can open: the welcome email of the demo customer appears
+# there within a minute (the email_queue job).
+export EMAIL_PROVIDER="${EMAIL_PROVIDER:-file}"
+export EMAIL_FILE_DIR="${EMAIL_FILE_DIR:-$PWD/.stack/mail}"
+mail_note=""
+if [ "$EMAIL_PROVIDER" = file ]; then
+  mail_note="emails (the email_queue job, every minute) appear as .eml files in $EMAIL_FILE_DIR:
+  ls $EMAIL_FILE_DIR; $bin/apexctl email recent; $bin/apexctl email preview --type payment_failed
+"
+fi
+
 cat >&2 <<MSG
 
 == apex is starting on http://$listen
@@ -71,7 +82,7 @@ try, from another terminal:
 the cron process runs beside it (log: $cron_log)$cron_note:
   curl -s http://${APEX_CRON_LISTEN:-127.0.0.1:9464}/metrics | grep apex_cron_runs_total
   eval "\$(scripts/stack.sh env)"; ${cron_env}$bin/apexctl cron list
-
+$mail_note
 stop with Ctrl-C; stop the databases with: scripts/stack.sh down
 MSG
 

@@ -16,8 +16,10 @@
 # APEX_STACK_FAST=1 turns off fsync in PostgreSQL (throwaway test data only).
 # `up` also installs the Stripe stand-in's Python (localstripe, pinned) in a virtualenv under
 # APEX_TOOLS_DIR (/var/cache/apex/tools), outside the clone so CI reuses it; tests start
-# scripts/stripe-standin.py with it, one process per test. And promtool (Debian's prometheus
-# package, unpacked there, no daemon), which the tests run on apex-server's /metrics.
+# scripts/stripe-standin.py with it, one process per test. Likewise aiosmtpd (pinned), a real
+# SMTP server the email tests send to (apex_notify::testing::SmtpStandIn). And promtool
+# (Debian's prometheus package, unpacked there, no daemon), which the tests run on
+# apex-server's /metrics.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,6 +32,9 @@ ch_dir="$stack/ch"
 localstripe_version=1.15.10
 tools_dir="${APEX_TOOLS_DIR:-/var/cache/apex/tools}"
 standin_venv="$tools_dir/localstripe-$localstripe_version"
+# aiosmtpd in a virtualenv of its own, so its pins never fight localstripe's.
+aiosmtpd_version=1.4.6
+smtp_venv="$tools_dir/aiosmtpd-$aiosmtpd_version"
 # promtool, from Debian's prometheus package unpacked (no daemon, no service): the tests run
 # `promtool check metrics` on apex-server's /metrics.
 promtool_dir="$tools_dir/prometheus"
@@ -46,6 +51,7 @@ print_env() {
   echo "${prefix}CLICKHOUSE_URL=$clickhouse_url"
   echo "${prefix}CLICKHOUSE_DATABASE=apex"
   echo "${prefix}APEX_STRIPE_STANDIN_PYTHON=$standin_venv/bin/python"
+  echo "${prefix}APEX_SMTP_STANDIN_PYTHON=$smtp_venv/bin/python"
   echo "${prefix}APEX_PROMTOOL=$promtool_dir/usr/bin/promtool"
 }
 
@@ -67,20 +73,37 @@ promtool_up() {
   touch "$promtool_dir/.ready"
 }
 
-# The stand-in's Python: a virtualenv with localstripe, made once (a marker file says done).
-standin_up() {
-  [ -f "$standin_venv/.ready" ] && return 0
+# python3 with venv and ensurepip (Debian splits them into python3-venv).
+need_python_venv() {
   command -v python3 >/dev/null || die "python3 is missing"
   if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
     [ "$(id -u)" = 0 ] || die "python3-venv is missing: run as root to install it"
     log "installing python3-venv"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
   fi
+}
+
+# The stand-in's Python: a virtualenv with localstripe, made once (a marker file says done).
+standin_up() {
+  [ -f "$standin_venv/.ready" ] && return 0
+  need_python_venv
   log "installing localstripe $localstripe_version into $standin_venv"
   rm -rf "$standin_venv"
   python3 -m venv "$standin_venv" >&2
   "$standin_venv/bin/pip" install -q --disable-pip-version-check "localstripe==$localstripe_version" >&2
   touch "$standin_venv/.ready"
+}
+
+# The SMTP stand-in's Python: a virtualenv with aiosmtpd, made once (a marker says done).
+smtp_standin_up() {
+  [ -f "$smtp_venv/.ready" ] && return 0
+  need_python_venv
+  log "installing aiosmtpd $aiosmtpd_version into $smtp_venv"
+  rm -rf "$smtp_venv"
+  python3 -m venv "$smtp_venv" >&2
+  "$smtp_venv/bin/pip" install -q --disable-pip-version-check "aiosmtpd==$aiosmtpd_version" >&2
+  "$smtp_venv/bin/python" -c 'import aiosmtpd.handlers' || die "aiosmtpd does not import"
+  touch "$smtp_venv/.ready"
 }
 
 # ---------- install ----------
@@ -301,6 +324,7 @@ case "${1:-}" in
     pg_up
     ch_up
     standin_up
+    smtp_standin_up
     promtool_up
     if [ "${2:-}" = --export ]; then print_env "export "; else print_env; fi
     ;;

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/cache/apex/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A test run rebuilds from a clean tree: incremental artifacts only fill the disk (tens of GB
+# across clones sharing the target folder).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$CARGO_TARGET_DIR"
 
 step() { printf '\n== %s\n' "$*" >&2; }

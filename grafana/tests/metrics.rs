@@ -16,6 +16,7 @@ fn names_modules() -> Vec<(&'static str, &'static [MetricSpec])> {
         ("apex-pipeline", apex_pipeline::names::ALL),
         ("apex-stripe", apex_stripe::names::ALL),
         ("apex-cron", apex_cron::names::ALL),
+        ("apex-notify", apex_notify::names::ALL),
     ]
 }
 

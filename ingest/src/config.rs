@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub admin_token: Option<Secret>,
     /// `STRIPE_WEBHOOK_SECRET` (optional): one or more `whsec_...`, comma-separated for rotation.
     pub stripe_webhook_secrets: Vec<Secret>,
+    /// `RESEND_WEBHOOK_SECRET` (optional): one or more Svix `whsec_<base64>` secrets,
+    /// comma-separated (two during a rotation).
+    pub resend_webhook_secrets: Vec<Secret>,
     /// `APEX_MAX_CONNECTIONS`, default 10,000: connections served at once; more wait in the backlog.
     pub max_connections: usize,
     /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time.
@@ -123,6 +126,26 @@ impl ServerConfig {
                 reason: "each comma-separated secret must start with whsec_".to_owned(),
             });
         }
+        let resend_webhook_secrets: Vec<Secret> = env
+            .optional("RESEND_WEBHOOK_SECRET")
+            .map(|raw| {
+                raw.split(',')
+                    .map(|s| Secret(s.trim().to_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Checked here, not per request: a secret that is no key would refuse every delivery.
+        if resend_webhook_secrets
+            .iter()
+            .any(|s| apex_billing::email_webhooks::signing_key(&s.0).is_none())
+        {
+            return Err(ConfigError::Invalid {
+                name: "RESEND_WEBHOOK_SECRET",
+                reason:
+                    "each comma-separated secret must be whsec_ and base64 of at least 16 bytes"
+                        .to_owned(),
+            });
+        }
         let max_connections = at_least_one(env, "APEX_MAX_CONNECTIONS", 10_000)?;
         let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
         let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
@@ -159,6 +182,7 @@ impl ServerConfig {
             jwt_secret: Secret(jwt_secret),
             admin_token: admin_token.map(Secret),
             stripe_webhook_secrets,
+            resend_webhook_secrets,
             max_connections,
             header_read_timeout,
             shutdown_grace,
@@ -230,6 +254,7 @@ mod tests {
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.wal_dir, PathBuf::from(".apex/wal"));
         assert!(cfg.admin_token.is_none() && cfg.stripe_webhook_secrets.is_empty());
+        assert!(cfg.resend_webhook_secrets.is_empty());
         assert!(cfg.migrate_on_start);
     }
 
@@ -240,6 +265,11 @@ mod tests {
             ("APEX_JWT_SECRET", "short"),
             ("APEX_ADMIN_TOKEN", "short"),
             ("STRIPE_WEBHOOK_SECRET", "whsec_abcdefgh,sk_live_x"),
+            (
+                "RESEND_WEBHOOK_SECRET",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw,whsec_not-base64",
+            ),
+            ("RESEND_WEBHOOK_SECRET", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ("APEX_MAX_CONNECTIONS", "0"),
             ("APEX_HEADER_READ_TIMEOUT_MS", "-1"),
             ("APEX_SHUTDOWN_GRACE_MS", "0"),
@@ -275,6 +305,12 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.stripe_webhook_secrets.len(), 2);
         assert_eq!(cfg.stripe_webhook_secrets[1].expose(), "whsec_newsecret2");
+        let cfg = ServerConfig::from_env(&env(&[(
+            "RESEND_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw, whsec_YXBleC1yb3RhdGVkLXJlc2VuZC1zZWNyZXQtMjAyNg==",
+        )]))
+        .unwrap();
+        assert_eq!(cfg.resend_webhook_secrets.len(), 2);
         let shown = format!("{cfg:?}");
         assert!(
             !shown.contains("whsec_") && !shown.contains(SECRET),

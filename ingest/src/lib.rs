@@ -1,5 +1,5 @@
 //! The HTTP edge of the system, served by `apex-server`: a bare hyper 1.x server for SDK
-//! telemetry, the dashboard's usage API and Stripe webhooks, with health,
+//! telemetry, the dashboard's usage API and Stripe's and Resend's webhooks, with health,
 //! readiness and Prometheus endpoints. It links the pipeline and the billing domain only:
 //! no Stripe SDK, email, template or scheduler crate (a test checks its dependency tree).
 //!
@@ -22,6 +22,8 @@
 //! - [`names`]: the edge's metric names.
 //! - [`telemetry`]: the Prometheus recorder and cached metric handles.
 //! - [`webhook`]: `POST /webhooks/stripe`, signed Stripe events handed to billing.
+//! - [`resend_webhook`]: `POST /webhooks/resend`, Svix-signed Resend delivery events handed
+//!   to billing.
 
 pub mod auth;
 pub mod body;
@@ -32,6 +34,7 @@ pub mod error;
 pub mod keycache;
 pub mod names;
 pub mod records;
+pub mod resend_webhook;
 pub mod response;
 pub mod routes;
 pub mod server;

@@ -26,6 +26,8 @@ pub const KEY_CACHE_REFRESHES_TOTAL: &str = "apex_ingest_key_cache_refreshes_tot
 pub const DEDUP_IDS: &str = "apex_ingest_dedup_ids";
 /// Event ids forgotten early because the dedup table was full.
 pub const DEDUP_EVICTIONS_TOTAL: &str = "apex_ingest_dedup_evictions_total";
+/// Resend delivery events stored, by `type` (`delivered`, `bounced`, `complained`, `other`).
+pub const EMAIL_EVENTS_TOTAL: &str = "apex_ingest_email_events_total";
 
 /// Every metric of the edge, with its HELP text.
 pub const ALL: &[MetricSpec] = &[
@@ -57,6 +59,10 @@ pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         DEDUP_EVICTIONS_TOTAL,
         "Event ids forgotten before their window ended because the dedup table was full.",
+    ),
+    MetricSpec::counter(
+        EMAIL_EVENTS_TOTAL,
+        "Resend delivery webhook events stored (first deliveries only), by type (delivered, bounced, complained, other).",
     ),
 ];
 

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::error::ApiError;
 use crate::response::{self, Body};
 use crate::state::AppState;
-use crate::{dashboard, names, telemetry, usage, webhook};
+use crate::{dashboard, names, resend_webhook, telemetry, usage, webhook};
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
@@ -79,6 +79,13 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
             "/webhooks/stripe",
             only(&method, &Method::POST, async {
                 webhook::stripe(&state, request).await
+            })
+            .await,
+        ),
+        "/webhooks/resend" => (
+            "/webhooks/resend",
+            only(&method, &Method::POST, async {
+                resend_webhook::resend(&state, request).await
             })
             .await,
         ),

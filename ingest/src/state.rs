@@ -30,4 +30,6 @@ pub struct AppState {
     pub admin_token: Option<Secret>,
     /// Stripe webhook endpoint secrets (two during a rotation); none turns webhooks off.
     pub stripe_webhook_secrets: Vec<Secret>,
+    /// Resend (Svix) webhook endpoint secrets (two during a rotation); none turns them off.
+    pub resend_webhook_secrets: Vec<Secret>,
 }

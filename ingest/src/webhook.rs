@@ -40,6 +40,32 @@ fn signature_error(e: SignatureError) -> ApiError {
     }
 }
 
+/// A Postgres connection to store a webhook event from `source` (`stripe`, `resend`); a 503
+/// when there is none, so the sender delivers it again.
+pub(crate) async fn connection(
+    state: &AppState,
+    event: &str,
+    source: &'static str,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, ApiError> {
+    state.pool.acquire().await.map_err(|e| {
+        tracing::warn!(error = %e, event, source, "webhook not stored: no Postgres connection");
+        ApiError::Unavailable("the event could not be stored; retry")
+    })
+}
+
+/// How a webhook event that could not be stored is answered: 400 for an event billing
+/// refuses, else 503 (Stripe and Resend deliver a 5xx again; the event is applied once it
+/// lands).
+pub(crate) fn not_stored(error: BillingError, event: &str, source: &'static str) -> ApiError {
+    match error {
+        BillingError::Invalid(message) => ApiError::InvalidJson(message),
+        other => {
+            tracing::warn!(error = %other, event, source, "webhook not stored");
+            ApiError::Unavailable("the event could not be stored; retry")
+        }
+    }
+}
+
 /// Handles one delivery.
 pub async fn stripe(
     state: &AppState,
@@ -75,20 +101,10 @@ pub async fn stripe(
         code: "invalid_event",
         message: "the body is not a Stripe event (id evt_..., type, data.object)".into(),
     })?;
-    let mut conn = state.pool.acquire().await.map_err(|e| {
-        tracing::warn!(error = %e, event = %event.id, "webhook not stored: no Postgres connection");
-        ApiError::Unavailable("the event could not be stored; retry")
-    })?;
+    let mut conn = connection(state, &event.id, "stripe").await?;
     let handled = webhooks::handle(&mut conn, &event)
         .await
-        .map_err(|e| match e {
-            BillingError::Invalid(message) => ApiError::InvalidJson(message),
-            other => {
-                // Stripe retries a 5xx delivery; the event is applied once it lands.
-                tracing::warn!(error = %other, event = %event.id, "webhook not stored");
-                ApiError::Unavailable("the event could not be stored; retry")
-            }
-        })?;
+        .map_err(|e| not_stored(e, &event.id, "stripe"))?;
     if let Handled::Stored {
         subscriptions_updated,
         invoices_updated,

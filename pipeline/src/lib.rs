@@ -10,12 +10,14 @@
 //! - [`clickhouse_sink`]: raw events in ClickHouse, with the argument why replay never
 //!   inserts a batch twice.
 //! - [`wal`]: the write-ahead log: framed, checksummed segments, recovery.
-//! - [`failpoint`]: named crash points for the crash tests (`APEX_FAILPOINT`).
+//! - `failpoint`: named crash points for the crash tests (`APEX_FAILPOINT`), from `apex-core`.
 //! - [`names`]: the pipeline's metric names.
 
 pub mod clickhouse_sink;
 pub mod durable;
-pub mod failpoint;
+/// The crash points live in `apex-core` (the email queue has one too); re-exported here for
+/// the pipeline's own points and the crash tests.
+pub use apex_core::failpoint;
 pub mod names;
 pub mod postgres_sink;
 pub mod sink;

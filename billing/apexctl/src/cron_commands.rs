@@ -106,6 +106,8 @@ pub(crate) async fn run(
                 clock: config.clock,
                 retention: config.retention,
                 invoicing: config.invoicing,
+                email: config.email.clone(),
+                runner: runner::runner_id(),
             };
             // A manual run is a slot of its own, at this microsecond (what Postgres keeps).
             let slot = now.trunc_subsecs(6);

@@ -1,11 +1,12 @@
 //! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
-//! Stripe mapping and usage sync, the cron jobs, the monthly invoices). Later work adds the other manual operations
+//! Stripe mapping and usage sync, the cron jobs, the monthly invoices, email). Later work adds the other manual operations
 //! of the operations guide here. Every command reads the process clock of `APEX_CLOCK_*`, as
 //! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
 //! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
 
 mod config;
 mod cron_commands;
+mod email_commands;
 mod invoice_commands;
 mod stripe_commands;
 
@@ -68,6 +69,9 @@ enum Command {
     /// Monthly invoices: list, show, close a month now, review what needs a person.
     #[command(subcommand)]
     Invoices(invoice_commands::InvoicesCommand),
+    /// Email: send a test, see the queue, failures and what went out, retry, drain, preview.
+    #[command(subcommand)]
+    Email(email_commands::EmailCommand),
 }
 
 #[derive(Subcommand)]
@@ -350,6 +354,11 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         }
         Command::Cron(command) => {
             return cron_commands::run(command, pool, &ctl.cron).await;
+        }
+        Command::Email(command) => {
+            let clock = ctl.cron.clock;
+            let now_fn = move || clock.now();
+            return email_commands::run(command, &pool, &ctl.cron.email, now, &now_fn).await;
         }
         Command::Invoices(command) => {
             return invoice_commands::run(

@@ -34,15 +34,17 @@ async fn apexctl_lists_runs_and_reads_the_history_of_the_cron_jobs() {
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     let jobs: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(jobs[0]["job"], "stripe_sync");
-    assert_eq!(jobs[0]["schedule"], "0 2 * * *");
+    assert_eq!(jobs[0]["job"], "email_queue");
+    assert_eq!(jobs[0]["next_slot"], "2026-03-10T01:31:00Z");
+    assert_eq!(jobs[1]["job"], "stripe_sync");
+    assert_eq!(jobs[1]["schedule"], "0 2 * * *");
     // The next slot on the simulated clock, not the wall clock.
-    assert_eq!(jobs[0]["next_slot"], "2026-03-10T02:00:00Z");
-    assert_eq!(jobs[1]["job"], "maintenance");
-    assert_eq!(jobs[1]["next_slot"], "2026-03-10T04:00:00Z");
-    assert_eq!(jobs[2]["job"], "invoice_close");
-    assert_eq!(jobs[2]["next_slot"], "2026-03-10T06:00:00Z");
-    assert_eq!(jobs[0]["last_status"], serde_json::Value::Null);
+    assert_eq!(jobs[1]["next_slot"], "2026-03-10T02:00:00Z");
+    assert_eq!(jobs[2]["job"], "maintenance");
+    assert_eq!(jobs[2]["next_slot"], "2026-03-10T04:00:00Z");
+    assert_eq!(jobs[3]["job"], "invoice_close");
+    assert_eq!(jobs[3]["next_slot"], "2026-03-10T06:00:00Z");
+    assert_eq!(jobs[1]["last_status"], serde_json::Value::Null);
 
     // A manual run succeeds and is recorded; one that fails says why and exits 1.
     let out = apexctl(&stores, &["cron", "run", "maintenance"], CLOCK);
@@ -114,7 +116,7 @@ async fn apexctl_lists_runs_and_reads_the_history_of_the_cron_jobs() {
             vec!["cron", "run", "nope"],
             vec![],
             1,
-            "the jobs are stripe_sync, maintenance, invoice_close",
+            "the jobs are email_queue, stripe_sync, maintenance, invoice_close",
         ),
         (
             vec!["cron", "history", "--job", "nope"],

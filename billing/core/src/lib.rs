@@ -20,6 +20,8 @@
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
 //! - [`invoices`]: monthly invoices (lines, adjustments, reviews) and their Stripe mirror.
+//! - [`email_log`]: what was emailed, opt-outs, suppressed addresses, send counts.
+//! - [`email_webhooks`]: Resend's delivery webhooks (Svix signatures), applied to `email_log`.
 //! - [`events`]: the outbox of events (emails) decisions enqueue.
 //! - [`webhooks`]: Stripe webhook signatures and the events billing acts on.
 //! - [`tokens`]: dashboard JWTs (HS256), minted by `apexctl token`, checked by the edge.
@@ -27,6 +29,8 @@
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
 pub mod customers;
+pub mod email_log;
+pub mod email_webhooks;
 pub mod error;
 pub mod events;
 pub mod ids;

@@ -11,6 +11,7 @@ use apex_stripe::config::StripeConfig;
 
 use crate::clock::Clock;
 use apex_billing::invoices::CloseSettings;
+use apex_notify::config::EmailConfig;
 
 use crate::jobs::{Job, Retention, jobs_from_env};
 
@@ -32,6 +33,8 @@ pub struct CronConfig {
     pub retention: Retention,
     /// The invoice close's revenue wait (`APEX_INVOICE_REVENUE_WAIT_DAYS`).
     pub invoicing: CloseSettings,
+    /// The email provider, sender, caps (`EMAIL_*`, `RESEND_*`, `SMTP_URL`).
+    pub email: EmailConfig,
     /// `APEX_CRON_SHUTDOWN_GRACE_MS`, default 30,000: how long runs in flight get at SIGTERM.
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before scheduling.
@@ -67,6 +70,7 @@ impl CronConfig {
             jobs,
             retention,
             invoicing: CloseSettings::from_env(env)?,
+            email: EmailConfig::from_env(env)?,
             shutdown_grace: Duration::from_millis(grace_ms),
             migrate_on_start: env.parse_or("APEX_MIGRATE_ON_START", true)?,
             clock: Clock::from_env(env)?,
@@ -107,7 +111,7 @@ mod tests {
             (7, 90)
         );
         assert_eq!(cfg.clock, Clock::Wall);
-        assert_eq!(cfg.jobs.len(), 3);
+        assert_eq!(cfg.jobs.len(), 4);
         assert_eq!(cfg.invoicing.revenue_wait.num_days(), 5);
     }
 

@@ -19,6 +19,8 @@ use std::str::FromStr;
 use apex_billing::invoices::CloseSettings;
 use apex_core::env::{ConfigError, EnvSource};
 use apex_core::stores::StoreConfig;
+use apex_notify::config::{EmailConfig, build_provider};
+use apex_notify::queue::{QueueSettings, Worker};
 use apex_stripe::client::ClientSettings;
 use apex_stripe::config::StripeConfig;
 use apex_stripe::invoicing::{CloseRequest, close_invoices};
@@ -34,6 +36,8 @@ use crate::runs;
 /// What a job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
+    /// The guide's Email Queue: due `email.<type>` events sent (`apex_notify::queue`).
+    EmailQueue,
     /// The guide's Stripe Sync: usage of complete days as meter events.
     StripeSync,
     /// Ours: pipeline markers and run history past their horizon removed.
@@ -72,6 +76,18 @@ pub struct JobSpec {
 
 /// The jobs that do their work today, in the order the guide lists them.
 pub const JOBS: &[JobSpec] = &[
+    JobSpec {
+        name: "email_queue",
+        guide: "Email Queue",
+        schedule: "* * * * *",
+        // A drain that outlives its minute skips the next slot rather than run beside it.
+        timeout_secs: 10 * 60,
+        // Every run drains whatever is due, so a missed minute needs no catch-up.
+        catch_up: false,
+        kind: JobKind::EmailQueue,
+        schedule_var: "APEX_CRON_SCHEDULE_EMAIL_QUEUE",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_EMAIL_QUEUE",
+    },
     JobSpec {
         name: "stripe_sync",
         guide: "Stripe Sync",
@@ -316,6 +332,10 @@ pub struct JobContext {
     pub retention: Retention,
     /// How the invoice close waits for revenue.
     pub invoicing: CloseSettings,
+    /// The email provider and queue settings.
+    pub email: EmailConfig,
+    /// This process's name in `events.leased_by`.
+    pub runner: String,
 }
 
 /// Maintenance's horizons, in days of the process's clock.
@@ -351,6 +371,7 @@ impl Job {
     /// Runs the job once, now.
     pub async fn run(&self, ctx: &JobContext) -> Outcome {
         match self.kind {
+            JobKind::EmailQueue => email_queue(ctx).await,
             JobKind::StripeSync => stripe_sync(ctx).await,
             JobKind::Maintenance => maintenance(ctx).await,
             JobKind::InvoiceClose => invoice_close(ctx).await,
@@ -362,6 +383,37 @@ impl Job {
                 }
             }
         }
+    }
+}
+
+/// The guide's every-minute Email Queue: drains every due email event. Fails when the
+/// provider cannot be built or Postgres fails; per-email failures are retried or given up by
+/// the queue itself (its report is the run's details).
+async fn email_queue(ctx: &JobContext) -> Outcome {
+    let provider = match build_provider(&ctx.email) {
+        Ok(provider) => provider,
+        Err(e) => return Outcome::failed(e.to_string()),
+    };
+    let settings = QueueSettings::from_config(&ctx.email);
+    let clock = ctx.clock;
+    let now = move || clock.now();
+    let worker = Worker {
+        pool: &ctx.pool,
+        provider: provider.as_ref(),
+        settings: &settings,
+        name: apex_notify::queue::worker_name(&ctx.runner),
+        now: &now,
+    };
+    match worker.drain(None).await {
+        Ok(report) => Outcome {
+            details: serde_json::to_value(&report).unwrap_or_else(|_| json!({})),
+            // A provider that refuses us fails the run, for the alert.
+            error: report
+                .provider_unavailable
+                .as_ref()
+                .map(|reason| format!("the email provider refuses us: {reason}")),
+        },
+        Err(e) => Outcome::failed(e.to_string()),
     }
 }
 
@@ -514,8 +566,16 @@ mod tests {
     fn the_guides_schedules_land_on_their_times() {
         let jobs = jobs_from_env(&EnvSource::from_pairs([])).unwrap();
         let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
-        assert_eq!(names, ["stripe_sync", "maintenance", "invoice_close"]);
-        let sync = jobs[0].schedule.as_ref().unwrap();
+        assert_eq!(
+            names,
+            ["email_queue", "stripe_sync", "maintenance", "invoice_close"]
+        );
+        let minute = jobs[0].schedule.as_ref().unwrap();
+        assert_eq!(
+            minute.next_after(at("2026-03-10T01:59:59Z")),
+            Some(at("2026-03-10T02:00:00Z"))
+        );
+        let sync = jobs[1].schedule.as_ref().unwrap();
         assert_eq!(
             sync.next_after(at("2026-03-10T01:59:59Z")),
             Some(at("2026-03-10T02:00:00Z"))
@@ -554,11 +614,11 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(
-            jobs[0].schedule.as_ref().unwrap().expression(),
+            jobs[1].schedule.as_ref().unwrap().expression(),
             "30 1 * * *"
         );
-        assert_eq!(jobs[0].timeout, Duration::seconds(60));
-        assert!(jobs[1].schedule.is_none());
+        assert_eq!(jobs[1].timeout, Duration::seconds(60));
+        assert!(jobs[2].schedule.is_none());
     }
 
     #[test]

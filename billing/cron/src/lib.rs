@@ -43,7 +43,7 @@ pub enum CronError {
 }
 
 /// Installs the process-wide Prometheus recorder once (with the HELP text of the cron
-/// process's and the Stripe work's metrics) and returns its handle.
+/// process's, the Stripe work's and the email queue's metrics) and returns its handle.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -53,11 +53,19 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 names::RUN_DURATION_BUCKETS,
             )
             .expect("duration buckets are not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    apex_notify::names::SEND_DURATION_SECONDS.to_owned(),
+                ),
+                apex_notify::names::SEND_DURATION_BUCKETS,
+            )
+            .expect("send buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_ok() {
             apex_core::telemetry::describe(names::ALL);
             apex_core::telemetry::describe(apex_stripe::names::ALL);
+            apex_core::telemetry::describe(apex_notify::names::ALL);
         }
         handle
     })
@@ -98,6 +106,8 @@ pub async fn run(
         clock: config.clock,
         retention: config.retention,
         invoicing: config.invoicing,
+        email: config.email.clone(),
+        runner: runner::runner_id(),
     };
     // `apex_stripe_invoices{status}` follows the mirror, which webhooks move at any time.
     let gauge = tokio::spawn(refresh_invoice_gauge(pool.clone(), stopped.clone()));

@@ -24,6 +24,17 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
+        // The provider is built at every email_queue run; building it once now stops a
+        // missing or bad provider setting (no EMAIL_PROVIDER, a folder that cannot be made, a
+        // key no header can carry) at start, when the job is on.
+        let sends_email = config
+            .jobs
+            .iter()
+            .any(|j| j.name == "email_queue" && j.schedule.is_some());
+        if sends_email && let Err(e) = apex_notify::config::build_provider(&config.email) {
+            eprintln!("apex-cron: {e} (or turn the job off: APEX_CRON_SCHEDULE_EMAIL_QUEUE=off)");
+            return ExitCode::from(2);
+        }
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(listener) => listener,
             Err(e) => {

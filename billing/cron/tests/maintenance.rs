@@ -112,6 +112,8 @@ async fn maintenance_removes_what_is_past_its_horizon_and_keeps_each_logs_newest
             history_days: 90,
         },
         invoicing: Default::default(),
+        email: apex_notify::config::EmailConfig::from_env(&EnvSource::from_pairs([])).unwrap(),
+        runner: "maintenance-test".into(),
     };
     let jobs = jobs_from_env(&EnvSource::from_pairs([])).unwrap();
     let maintenance = jobs.iter().find(|j| j.name == "maintenance").unwrap();

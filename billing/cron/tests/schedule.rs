@@ -15,6 +15,7 @@ use common::{
 /// The real jobs off, so a test sees only its test jobs.
 fn only(test_jobs: &str, clock: &SimClock) -> Vec<(String, String)> {
     let mut env = clock.env();
+    env.push(("APEX_CRON_SCHEDULE_EMAIL_QUEUE".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_STRIPE_SYNC".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_MAINTENANCE".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
@@ -235,7 +236,7 @@ async fn bad_configuration_stops_the_process_at_start_with_a_clear_line() {
         (
             vec![("APEX_CRON_SCHEDULE_STRIPE_SYNCS", "0 2 * * *")],
             2,
-            "the jobs are stripe_sync, maintenance, invoice_close",
+            "the jobs are email_queue, stripe_sync, maintenance, invoice_close",
         ),
         (
             vec![("APEX_CRON_TIMEOUT_SECS_MAINTENANCE", "0")],

@@ -6,6 +6,7 @@
 //!
 //! - [`model`]: metrics and their exact integer units; the record the edge accepts.
 //! - [`env`]: reading typed configuration from environment variables, one-line errors.
+//! - [`failpoint`]: named crash points for the crash tests (`APEX_FAILPOINT`).
 //! - `stores` (feature `stores`): building Postgres pools and ClickHouse clients from
 //!   configuration.
 //! - `migrate` (feature `stores`): Postgres (sqlx) and ClickHouse migrations, each applied
@@ -16,6 +17,7 @@
 //! - `testing` (feature `test-support`): fresh, migrated databases for integration tests.
 
 pub mod env;
+pub mod failpoint;
 #[cfg(feature = "stores")]
 pub mod migrate;
 pub mod model;

@@ -18,6 +18,13 @@ pub(crate) fn apexctl_command(stores: &TestStores) -> Command {
         .env_remove("APEX_CLOCK_START")
         .env_remove("APEX_CLOCK_SPEED")
         .env_remove("APEX_CLOCK_EPOCH")
-        .env_remove("APEX_CRON_TEST_JOBS");
+        .env_remove("APEX_CRON_TEST_JOBS")
+        .env("EMAIL_PROVIDER", "file")
+        .env_remove("EMAIL_DAILY_CAP")
+        .env_remove("EMAIL_MONTHLY_CAP")
+        .env(
+            "EMAIL_FILE_DIR",
+            std::env::temp_dir().join(format!("{}_mail", stores.name)),
+        );
     command
 }

@@ -100,6 +100,15 @@ pub fn base_env(stores: &TestStores) -> Vec<(String, String)> {
         ),
         ("APEX_LOG".into(), "warn".into()),
         ("APEX_CRON_SHUTDOWN_GRACE_MS".into(), "10000".into()),
+        // The email queue runs every minute: its files go to the test's own folder.
+        ("EMAIL_PROVIDER".into(), "file".into()),
+        (
+            "EMAIL_FILE_DIR".into(),
+            std::env::temp_dir()
+                .join(format!("{}_mail", stores.name))
+                .display()
+                .to_string(),
+        ),
     ]
 }
 

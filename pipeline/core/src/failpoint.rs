@@ -7,7 +7,7 @@
 //! `wal_after_fsync` (durable, requests not yet answered), `pg_after_commit` (a batch in
 //! Postgres, not yet in ClickHouse), `ch_after_started`, `ch_mid_insert` and `ch_after_data`
 //! (a ClickHouse batch begun, its rows half streamed, or its rows written, its completion
-//! marker not yet).
+//! marker not yet), `email_after_send` (the email provider accepted, nothing recorded yet).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
