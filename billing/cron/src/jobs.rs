@@ -417,15 +417,21 @@ async fn email_queue(ctx: &JobContext) -> Outcome {
     }
 }
 
-/// The guide's 02:00 Stripe Sync: every complete day of Stripe's window, as of now.
-async fn stripe_sync(ctx: &JobContext) -> Outcome {
+/// The Stripe client of a job, at the process's request rate; a failed outcome without a key.
+fn stripe_client(ctx: &JobContext) -> Result<apex_stripe::client::StripeClient, Outcome> {
     let settings = ClientSettings {
         requests_per_second: ctx.stripe_rate,
         ..ClientSettings::default()
     };
-    let client = match apex_stripe::client_from_config(&ctx.stripe, settings) {
+    apex_stripe::client_from_config(&ctx.stripe, settings)
+        .map_err(|e| Outcome::failed(e.to_string()))
+}
+
+/// The guide's 02:00 Stripe Sync: every complete day of Stripe's window, as of now.
+async fn stripe_sync(ctx: &JobContext) -> Outcome {
+    let client = match stripe_client(ctx) {
         Ok(client) => client,
-        Err(e) => return Outcome::failed(e.to_string()),
+        Err(outcome) => return outcome,
     };
     let request = SyncRequest {
         customer: None,
@@ -469,13 +475,9 @@ fn customers_failed(failed: usize, stopped_early: bool) -> String {
 /// Ours, daily 06:00: every ended month's invoice (the last two months), issued in Stripe.
 /// Fails when a customer failed or a review was opened for a person in this run.
 async fn invoice_close(ctx: &JobContext) -> Outcome {
-    let settings = ClientSettings {
-        requests_per_second: ctx.stripe_rate,
-        ..ClientSettings::default()
-    };
-    let client = match apex_stripe::client_from_config(&ctx.stripe, settings) {
+    let client = match stripe_client(ctx) {
         Ok(client) => client,
-        Err(e) => return Outcome::failed(e.to_string()),
+        Err(outcome) => return outcome,
     };
     let request = CloseRequest {
         customer: None,

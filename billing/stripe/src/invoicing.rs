@@ -46,9 +46,6 @@ use super::catalog::Failure;
 use super::client::StripeClient;
 use super::names;
 
-/// Customers in a row failing on an unreachable Stripe before the run stops.
-const UNAVAILABLE_CUSTOMERS_BEFORE_STOP: usize = 3;
-
 /// What to close.
 #[derive(Debug, Clone)]
 pub struct CloseRequest {
@@ -153,7 +150,7 @@ pub async fn close_invoices(
             .collect(),
         ..CloseSummary::default()
     };
-    let mut unavailable_in_a_row = 0;
+    let mut outage = super::Outage::default();
     for customers::StripeMapping {
         id: customer_id,
         stripe_customer_id,
@@ -186,21 +183,16 @@ pub async fn close_invoices(
             .run(&periods, &request.settings, &mut summary)
             .await
         {
-            Ok(()) => unavailable_in_a_row = 0,
+            Ok(()) => outage.record(None),
             Err(error) => {
                 tracing::warn!(customer_id, %error, "invoice close failed for a customer");
                 metrics::counter!(names::INVOICE_FAILURES_TOTAL).increment(1);
-                let unreachable = matches!(&error, StripeWorkError::Stripe(e) if e.is_retryable());
+                outage.record(Some(&error));
                 summary.failed.push(Failure {
                     customer_id,
                     error: error.to_string(),
                 });
-                unavailable_in_a_row = if unreachable {
-                    unavailable_in_a_row + 1
-                } else {
-                    0
-                };
-                if unavailable_in_a_row >= UNAVAILABLE_CUSTOMERS_BEFORE_STOP {
+                if outage.is_on() {
                     summary.stopped_early = true;
                     break;
                 }

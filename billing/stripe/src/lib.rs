@@ -50,6 +50,31 @@ pub enum StripeWorkError {
     Invalid(String),
 }
 
+/// Customers in a row failing on an unreachable Stripe before a run stops.
+const UNAVAILABLE_CUSTOMERS_BEFORE_STOP: usize = 3;
+
+/// Tells a per-customer run (the usage sync, the invoice close) when Stripe is down rather
+/// than one customer failing: after [`UNAVAILABLE_CUSTOMERS_BEFORE_STOP`] customers in a row
+/// fail on an unreachable Stripe, the run stops instead of spending each remaining customer's
+/// retries on the outage.
+#[derive(Debug, Default)]
+pub(crate) struct Outage {
+    in_a_row: usize,
+}
+
+impl Outage {
+    /// Records one customer's outcome: `None` for success.
+    pub(crate) fn record(&mut self, error: Option<&StripeWorkError>) {
+        let unreachable = matches!(error, Some(StripeWorkError::Stripe(e)) if e.is_retryable());
+        self.in_a_row = if unreachable { self.in_a_row + 1 } else { 0 };
+    }
+
+    /// Whether the run should stop now.
+    pub(crate) fn is_on(&self) -> bool {
+        self.in_a_row >= UNAVAILABLE_CUSTOMERS_BEFORE_STOP
+    }
+}
+
 /// The client for the configured Stripe account, or why there is none.
 pub fn client_from_config(
     config: &StripeConfig,

@@ -37,9 +37,6 @@ use super::catalog::Failure;
 use super::client::{StripeClient, StripeError};
 use super::reporting::{self, DayReport};
 
-/// Customers in a row failing on an unreachable Stripe before the run stops.
-const UNAVAILABLE_CUSTOMERS_BEFORE_STOP: usize = 3;
-
 /// The advisory lock that keeps runs one at a time ("apexsync").
 const SYNC_LOCK: i64 = 0x6170_6578_7379_6e63;
 
@@ -204,7 +201,7 @@ async fn sync_locked(
         days: days.clone(),
         ..SyncSummary::default()
     };
-    let mut unavailable_in_a_row = 0;
+    let mut outage = super::Outage::default();
     for customers::StripeMapping {
         id: customer_id,
         stripe_customer_id,
@@ -225,20 +222,15 @@ async fn sync_locked(
             now: request.now,
         };
         match customer.run(&days, &mut summary).await {
-            Ok(()) => unavailable_in_a_row = 0,
+            Ok(()) => outage.record(None),
             Err(error) => {
                 tracing::warn!(customer_id, %error, "usage sync failed for a customer");
-                let unreachable = matches!(&error, StripeWorkError::Stripe(e) if e.is_retryable());
+                outage.record(Some(&error));
                 summary.failed.push(Failure {
                     customer_id,
                     error: error.to_string(),
                 });
-                unavailable_in_a_row = if unreachable {
-                    unavailable_in_a_row + 1
-                } else {
-                    0
-                };
-                if unavailable_in_a_row >= UNAVAILABLE_CUSTOMERS_BEFORE_STOP {
+                if outage.is_on() {
                     summary.stopped_early = true;
                     break;
                 }
