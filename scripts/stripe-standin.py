@@ -32,9 +32,51 @@ a test double and never shipped:
   Totals are the sum of the lines; finalizing makes an invoice `open` (`paid` at once when its
   total is not above zero). These paths are served here for ids the double made; ids and paths
   of localstripe's own invoices (those of its subscriptions, `/upcoming`) still go to it.
-  No payment is ever attempted: `POST /_config/test/invoices/{id}/pay` and
-  `.../fail_payment` stand for a successful or failed attempt, and `GET /_config/test/invoices`
-  lists every invoice. No invoice webhooks are sent.
+  `POST /_config/test/invoices/{id}/pay` and `.../fail_payment` stand for a successful or
+  failed attempt of Stripe's own (automatic collection, retries), and `GET
+  /_config/test/invoices` lists every invoice.
+- Paying an invoice, `POST /v1/invoices/{id}/pay`, charged to the customer's card as the
+  double sees it: `POST /_config/test/customers/{id}/card` with JSON `{"outcome": "succeed"}`
+  or `{"outcome": "decline", "decline_code"?}` (default `generic_decline`, Stripe's code for a
+  decline without a reason) stands for the customer changing its default card (every
+  customer's card succeeds until then, a customer without any card included; a
+  default payment method or source that localstripe's own rules decline, such as
+  `pm_card_chargeCustomerFail`, declines with `generic_decline` unless the control was used
+  after it became the default). As Stripe: only an `open` or `uncollectible` invoice can be
+  paid; each attempt counts in `attempt_count` and sets `attempted`; success settles the
+  invoice (200, the invoice); a decline leaves its status and `next_payment_attempt` as they
+  were (a manual attempt schedules no retry) and answers 402 `card_error` with the code,
+  decline code and message Stripe gives for that decline code.
+- Invoice webhooks, signed as localstripe signs its own (`Stripe-Signature: t=...,v1=` an
+  HMAC-SHA256 of `t.body` with each endpoint's secret, body in localstripe's JSON layout) and
+  sent to the endpoints `POST /_config/webhooks/{id}` configured: `invoice.finalized`,
+  `invoice.voided`, `invoice.marked_uncollectible`, `invoice.payment_failed` (a declined pay,
+  `.../fail_payment`), `invoice.payment_succeeded` then `invoice.paid` (a successful pay,
+  `.../pay`, an invoice finalized with nothing to collect). An event is `{"id": "evt_...",
+  "object": "event", "api_version": "2025-03-31.basil", "created", "type", "livemode",
+  "pending_webhooks", "request": {"id", "idempotency_key"}, "data": {"object": <the invoice
+  as GET /v1/invoices/{id} showed it then>}}`, kept in localstripe's store (`GET
+  /v1/events`). Delivery starts once the answer to the request that made the event has been
+  written (the receiver may wait for something the caller holds until it has that answer;
+  under an `after` fault, once the request was carried out), the events of one invoice one
+  after the other in the order they were made, each once: a delivery that fails, gets no
+  2xx or no answer within 30 seconds is not retried, as localstripe does. `GET
+  /_config/test/webhooks_sent` lists every event made, in order, as `{"id", "type",
+  "invoice", "status", "delivery", "deliveries"}`: `status` is the endpoint's HTTP status
+  (null until delivered, or when it did not answer; with several endpoints, that of the last
+  one that failed, else of the last), `delivery` one of `pending`, `sent`, `failed` (an
+  endpoint answered other than 2xx or not at all), `no_endpoint`; `deliveries` has each
+  endpoint's `webhook`, `url`, `status` and `error`.
+  Where the double differs from Stripe: no `invoice.created`, `invoice.updated`, charge or
+  payment intent events, and no `charge`, `payment_intent` or `payment_method` in a card
+  error; a paid invoice's pay is refused with Stripe's message "Invoice is already paid" under
+  the code `invoice_not_editable` (Stripe's list of error codes has none for it; which it
+  sends is our assumption), a draft's with `invoice_not_editable` (Stripe may finalize a
+  draft first; our code always finalizes explicitly); `payment_method`, `source`,
+  `paid_out_of_band`, `forgive` and `mandate` of /pay are refused; Stripe retries a failed
+  delivery for days and does not keep events in order; the signature's `t` is the event's
+  `created`, as localstripe signs (Stripe's is the time of sending: the same unless a
+  delivery waits behind a slow one).
 - Inspection: `GET /_config/test/meter_events`, `GET /_config/test/requests` (method, path, idempotency
   key, status and arrival time of every API request).
 
@@ -46,15 +88,20 @@ Usage: stripe-standin.py [--port PORT]   (0 = any free port; prints "listening o
 
 import argparse
 import asyncio
+import contextvars
+import hashlib
+import hmac
 import json
 import re
 import sys
 import time
 import urllib.parse
 
+import aiohttp
 from aiohttp import web
 
 import localstripe.resources as resources
+import localstripe.webhooks as localstripe_webhooks
 from localstripe.server import app, get_post_data
 
 # localstripe saves its whole store to /tmp/localstripe.pickle after every write; parallel
@@ -73,6 +120,15 @@ requests_seen = []
 invoices = {}  # id -> invoice without its lines and amounts (see export_invoice), oldest first
 invoice_lines = {}  # invoice id -> its lines, in order
 invoice_items = {}  # id -> invoice item, oldest first
+cards = {}  # customer id -> its card as the test control set it (see card_decline)
+webhooks_sent = []  # one record per invoice event, in the order they were made
+last_delivery = {}  # invoice id -> the task delivering its latest event
+
+API_VERSION = "2025-03-31.basil"
+# Ours: a receiver that never answers must not hold up the invoice's later events for long.
+DELIVERY_TIMEOUT_SECONDS = 30
+# The events a request made and their request's Stripe `request` field (see answer_first).
+request_scope = contextvars.ContextVar("request_scope", default=None)
 
 
 def stripe_error(status, code, message, kind="invalid_request_error", param=None):
@@ -144,12 +200,115 @@ async def test_double_middleware(request, handler):
     if request.method == "POST" and key is not None:
         idempotent[(request.headers.get("Authorization"), key)] = (body, status, response.body)
     if fault is not None and fault.get("after"):
+        # The request was carried out: Stripe sends its webhooks whatever becomes of the
+        # answer on its way back.
+        release_events()
         await asyncio.sleep(fault.get("delay", 0))
         if "status" in fault:
             entry["status"] = fault["status"]
             return injected(fault)
     entry["status"] = status
     return response
+
+
+@web.middleware
+async def answer_first(request, handler):
+    """The outermost middleware: the webhooks a request made go out only once its answer has
+    been written, so a receiver that waits for something the caller holds until it has the
+    answer (a database lock, say) cannot stall either of them."""
+    scope = {"made": [], "request": {"id": None, "idempotency_key": None}}
+    if request.path.startswith("/v1/"):
+        scope["request"] = {"id": "req_" + resources.random_id(14),
+                            "idempotency_key": request.headers.get("Idempotency-Key")}
+    token = request_scope.set(scope)
+    try:
+        response = await handler(request)
+        if scope["made"]:
+            try:
+                # aiohttp sends a response only after the handler returns; sent here, it is
+                # not sent twice (prepare and write_eof do nothing the second time).
+                await response.prepare(request)
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the caller left; the events go all the same
+        return response
+    finally:
+        release_events()
+        request_scope.reset(token)
+
+
+def release_events():
+    scope = request_scope.get()
+    for released in scope["made"] if scope else ():
+        if not released.done():
+            released.set_result(None)
+
+
+class Snapshot:
+    """What localstripe's Event takes as its object: anything with an `_export`."""
+
+    def __init__(self, exported):
+        self.exported = exported
+
+    def _export(self):
+        return self.exported
+
+
+def invoice_event(event_type, invoice):
+    """Makes an event of one of our invoices, as it is now, and schedules its delivery."""
+    endpoints = [w for w in localstripe_webhooks._webhooks.values()
+                 if w.events is None or event_type in w.events]
+    # localstripe's Event keeps it in its store (GET /v1/events); the fields it gives in its
+    # 2017 shape are brought to Stripe's current one.
+    event = resources.Event(event_type, Snapshot(export_invoice(invoice)))
+    event.api_version = API_VERSION
+    event.pending_webhooks = len(endpoints)
+    scope = request_scope.get()
+    # Test controls stand for Stripe's own doings, which come from no API request.
+    event.request = dict(scope["request"]) if scope else {"id": None, "idempotency_key": None}
+    record = {"id": event.id, "type": event_type, "invoice": invoice["id"], "status": None,
+              "delivery": "pending", "deliveries": []}
+    webhooks_sent.append(record)
+    released = asyncio.get_running_loop().create_future()
+    if scope is None:
+        released.set_result(None)
+    else:
+        scope["made"].append(released)
+    previous = last_delivery.get(invoice["id"])
+    last_delivery[invoice["id"]] = asyncio.ensure_future(
+        deliver(event, record, released, previous))
+
+
+async def deliver(event, record, released, previous):
+    """Sends one event to every endpoint, once, after the answer of its request and after the
+    invoice's earlier events; signed as localstripe's webhooks.py signs its own."""
+    await released
+    if previous is not None:
+        await asyncio.wait([previous])
+    endpoints = [(webhook_id, w) for webhook_id, w in localstripe_webhooks._webhooks.items()
+                 if w.events is None or event.type in w.events]
+    if not endpoints:
+        record["delivery"] = "no_endpoint"
+        return
+    payload = json.dumps(event._export(), indent=2, sort_keys=True).encode("utf-8")
+    signed_payload = b"%d.%s" % (event.created, payload)
+    timeout = aiohttp.ClientTimeout(total=DELIVERY_TIMEOUT_SECONDS)
+    for webhook_id, webhook in endpoints:
+        signature = hmac.new(webhook.secret.encode("utf-8"), signed_payload,
+                             hashlib.sha256).hexdigest()
+        headers = {"Content-Type": "application/json; charset=utf-8",
+                   "Stripe-Signature": "t=%d,v1=%s" % (event.created, signature)}
+        delivery = {"webhook": webhook_id, "url": webhook.url, "status": None}
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.post(webhook.url, data=payload, headers=headers) as r:
+                    delivery["status"] = r.status
+        except Exception as e:  # whatever goes wrong, it is this delivery's failure alone
+            delivery["error"] = str(e) or type(e).__name__
+        record["deliveries"].append(delivery)
+    failed = [d for d in record["deliveries"] if not 200 <= (d["status"] or 0) < 300]
+    record["status"] = (failed or record["deliveries"])[-1]["status"]
+    record["delivery"] = "failed" if failed else "sent"
 
 
 def injected(fault):
@@ -478,6 +637,9 @@ async def finalize_invoice(request, id):
         settle(invoice, now)
     elif invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
         invoice["next_payment_attempt"] = max(invoice["created"] + 3600, now)
+    invoice_event("invoice.finalized", invoice)
+    if invoice["status"] == "paid":
+        paid_events(invoice)
     return web.json_response(export_invoice(invoice))
 
 
@@ -485,6 +647,12 @@ def settle(invoice, now):
     invoice.update(status="paid", amount_paid=export_invoice(invoice)["amount_due"],
                    next_payment_attempt=None, auto_advance=False)
     invoice["status_transitions"]["paid_at"] = now
+
+
+def paid_events(invoice):
+    # Stripe sends both for a payment, even of nothing (a $0 invoice).
+    invoice_event("invoice.payment_succeeded", invoice)
+    invoice_event("invoice.paid", invoice)
 
 
 async def void_invoice(request, id):
@@ -495,6 +663,7 @@ async def void_invoice(request, id):
                           f"{invoice['status']}.")
     invoice.update(status="void", next_payment_attempt=None, auto_advance=False)
     invoice["status_transitions"]["voided_at"] = int(time.time())
+    invoice_event("invoice.voided", invoice)
     return web.json_response(export_invoice(invoice))
 
 
@@ -505,6 +674,7 @@ async def mark_invoice_uncollectible(request, id):
                           f"uncollectible; this one is {invoice['status']}.")
     invoice.update(status="uncollectible", next_payment_attempt=None, auto_advance=False)
     invoice["status_transitions"]["marked_uncollectible_at"] = int(time.time())
+    invoice_event("invoice.marked_uncollectible", invoice)
     return web.json_response(export_invoice(invoice))
 
 
@@ -590,6 +760,85 @@ async def list_invoice_items(request):
     return web.json_response(page(newest_first, query, "/v1/invoiceitems"))
 
 
+# decline code -> (error code, message, param) as Stripe answers a card declined for it; any
+# other decline code is a `card_declined` "Your card was declined." (Stripe gives no more
+# to the payer for lost, stolen or fraudulent cards, or a generic decline).
+DECLINES = {
+    "insufficient_funds": ("card_declined", "Your card has insufficient funds.", None),
+    "expired_card": ("expired_card", "Your card has expired.", "exp_month"),
+    "incorrect_cvc": ("incorrect_cvc", "Your card's security code is incorrect.", "cvc"),
+    "incorrect_number": ("incorrect_number", "Your card number is incorrect.", "number"),
+    "processing_error": ("processing_error", "An error occurred while processing your card. "
+                         "Try again in a little bit.", None),
+}
+# Stripe's own decline code when the bank gives no reason.
+GENERIC_DECLINE = "generic_decline"
+
+
+def default_card(customer_id):
+    """localstripe's default payment method or source of the customer, if any."""
+    try:
+        customer = resources.Customer._api_retrieve(customer_id)
+        return customer._get_default_payment_method_or_source()
+    except Exception:
+        return None  # a deleted customer, a default that no longer exists
+
+
+def card_decline(customer_id):
+    """None when charging the customer's card succeeds, else Stripe's decline code. The test
+    control stands for a new default card, so it counts until localstripe's default changes
+    after it; then that card does, declined only by localstripe's own rules."""
+    card = default_card(customer_id)
+    current = card.id if card is not None else None
+    chosen = cards.get(customer_id)
+    if chosen is not None and chosen["default_then"] == current:
+        return chosen["decline_code"]
+    try:
+        declined = card is not None and card._charging_is_declined()
+    except Exception:
+        declined = False  # a kind of source localstripe has no rule for
+    return GENERIC_DECLINE if declined else None
+
+
+def card_error(decline_code):
+    code, message, param = DECLINES.get(decline_code,
+                                        ("card_declined", "Your card was declined.", None))
+    error = {"type": "card_error", "code": code, "decline_code": decline_code,
+             "message": message,
+             "doc_url": "https://stripe.com/docs/error-codes/" + code.replace("_", "-")}
+    if param is not None:
+        error["param"] = param
+    return web.json_response({"error": error}, status=402)
+
+
+async def pay_invoice(request, id):
+    """`POST /v1/invoices/{id}/pay`: one attempt to charge the customer's card now."""
+    data = await get_post_data(request) or {}
+    for name in ("payment_method", "source", "paid_out_of_band", "forgive", "mandate"):
+        if name in data:
+            raise StripeError(400, "parameter_unknown", f"The test double does not take "
+                              f"{name}: it charges the customer's card as the test control "
+                              f"/_config/test/customers/{{id}}/card set it.", name)
+    boolean(data, "off_session", True)  # checked as Stripe does; it changes nothing here
+    invoice = stored_invoice(id)
+    if invoice["status"] == "paid":
+        raise StripeError(400, "invoice_not_editable", "Invoice is already paid")
+    if invoice["status"] not in ("open", "uncollectible"):
+        raise StripeError(400, "invoice_not_editable",
+                          f"You can only pay open or uncollectible invoices; this one is "
+                          f"{invoice['status']}.")
+    invoice.update(attempt_count=invoice["attempt_count"] + 1, attempted=True)
+    decline_code = card_decline(invoice["customer"])
+    if decline_code is not None:
+        # The status stays and no retry is scheduled: Stripe's retries follow its own
+        # automatic attempts, not one asked for.
+        invoice_event("invoice.payment_failed", invoice)
+        return card_error(decline_code)
+    settle(invoice, int(time.time()))
+    paid_events(invoice)
+    return web.json_response(export_invoice(invoice))
+
+
 # (method, path, localstripe object kind, route). Only `in_`/`ii_` ids match, so localstripe
 # keeps `/v1/invoices/upcoming` and the like; ids it made itself go to it as well.
 INVOICE_ROUTES = [
@@ -603,6 +852,7 @@ INVOICE_ROUTES = [
         ("POST", r"/v1/invoices/(?P<id>in_\w+)/void", "invoice", void_invoice),
         ("POST", r"/v1/invoices/(?P<id>in_\w+)/mark_uncollectible", "invoice",
          mark_invoice_uncollectible),
+        ("POST", r"/v1/invoices/(?P<id>in_\w+)/pay", "invoice", pay_invoice),
         ("POST", r"/v1/invoiceitems", None, create_invoice_item),
         ("GET", r"/v1/invoiceitems", None, list_invoice_items),
         ("GET", r"/v1/invoiceitems/(?P<id>ii_\w+)", "invoiceitem", retrieve_invoice_item),
@@ -627,8 +877,8 @@ async def invoice_middleware(request, handler):
     return await handler(request)
 
 
-async def pay_invoice(request, id):
-    """Test control: a successful payment attempt."""
+async def succeed_invoice_payment(request, id):
+    """Test control: a successful payment attempt of Stripe's own."""
     invoice = stored_invoice(id)
     if invoice["status"] not in ("open", "uncollectible"):
         raise StripeError(400, "invoice_not_editable",
@@ -636,6 +886,7 @@ async def pay_invoice(request, id):
                           f"{invoice['status']}.")
     invoice.update(attempt_count=invoice["attempt_count"] + 1, attempted=True)
     settle(invoice, int(time.time()))
+    paid_events(invoice)
     return web.json_response(export_invoice(invoice))
 
 
@@ -649,11 +900,41 @@ async def fail_invoice_payment(request, id):
     if invoice["collection_method"] == "charge_automatically" and invoice["auto_advance"]:
         now = int(time.time())
         invoice["next_payment_attempt"] = max(invoice["next_payment_attempt"] or now, now) + 86400
+    invoice_event("invoice.payment_failed", invoice)
     return web.json_response(export_invoice(invoice))
 
 
 async def list_all_invoices(request):
     return web.json_response({"data": [export_invoice(i) for i in invoices.values()]})
+
+
+async def set_card(request):
+    """Test control: the customer's default card now succeeds or is declined."""
+    customer = request.match_info["id"]
+    try:
+        resources.Customer._api_retrieve(customer)
+    except Exception:
+        return stripe_error(404, "resource_missing", f"No such customer: '{customer}'", param="id")
+    try:
+        data = await request.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or data.get("outcome") not in ("succeed", "decline"):
+        return stripe_error(400, None, 'outcome must be "succeed" or "decline"', param="outcome")
+    decline_code = data.get("decline_code", GENERIC_DECLINE)
+    if data["outcome"] == "succeed":
+        decline_code = None
+    elif not isinstance(decline_code, str) or not decline_code:
+        return stripe_error(400, None, "decline_code must be a decline code", param="decline_code")
+    card = default_card(customer)
+    cards[customer] = {"decline_code": decline_code,
+                       "default_then": card.id if card is not None else None}
+    return web.json_response({"customer": customer, "outcome": data["outcome"],
+                              "decline_code": decline_code})
+
+
+async def list_webhooks_sent(request):
+    return web.json_response({"data": webhooks_sent})
 
 
 def with_id(route):
@@ -688,6 +969,7 @@ async def list_requests(request):
 
 
 app.middlewares.insert(0, test_double_middleware)
+app.middlewares.insert(0, answer_first)
 app.middlewares.append(invoice_middleware)
 app.router.add_post("/v1/billing/meters", create_meter)
 app.router.add_get("/v1/billing/meters", list_meters)
@@ -697,9 +979,11 @@ app.router.add_post("/_config/test/faults", add_fault)
 app.router.add_get("/_config/test/meter_events", list_meter_events)
 app.router.add_post("/_config/test/forget_keys", forget_keys)
 app.router.add_get("/_config/test/requests", list_requests)
-app.router.add_post("/_config/test/invoices/{id}/pay", with_id(pay_invoice))
+app.router.add_post("/_config/test/invoices/{id}/pay", with_id(succeed_invoice_payment))
 app.router.add_post("/_config/test/invoices/{id}/fail_payment", with_id(fail_invoice_payment))
 app.router.add_get("/_config/test/invoices", list_all_invoices)
+app.router.add_post("/_config/test/customers/{id}/card", set_card)
+app.router.add_get("/_config/test/webhooks_sent", list_webhooks_sent)
 
 
 async def serve(port):

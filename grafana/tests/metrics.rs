@@ -17,6 +17,7 @@ fn names_modules() -> Vec<(&'static str, &'static [MetricSpec])> {
         ("apex-stripe", apex_stripe::names::ALL),
         ("apex-cron", apex_cron::names::ALL),
         ("apex-notify", apex_notify::names::ALL),
+        ("apex-billing", apex_billing::names::ALL),
     ]
 }
 

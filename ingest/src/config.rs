@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// `RESEND_WEBHOOK_SECRET` (optional): one or more Svix `whsec_<base64>` secrets,
     /// comma-separated (two during a rotation).
     pub resend_webhook_secrets: Vec<Secret>,
+    /// `APEX_DUNNING_RETRY_DAYS` (default `3,4,7`) and `APEX_DUNNING_POSTPONE_SECS`: the
+    /// retry schedule a failed-payment webhook opens a case on
+    /// ([`apex_billing::dunning::Policy`]), checked at start.
+    pub dunning: apex_billing::dunning::Policy,
     /// `APEX_MAX_CONNECTIONS`, default 10,000: connections served at once; more wait in the backlog.
     pub max_connections: usize,
     /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time.
@@ -146,6 +150,7 @@ impl ServerConfig {
                         .to_owned(),
             });
         }
+        let dunning = apex_billing::dunning::Policy::from_env(env)?;
         let max_connections = at_least_one(env, "APEX_MAX_CONNECTIONS", 10_000)?;
         let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
         let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
@@ -183,6 +188,7 @@ impl ServerConfig {
             admin_token: admin_token.map(Secret),
             stripe_webhook_secrets,
             resend_webhook_secrets,
+            dunning,
             max_connections,
             header_read_timeout,
             shutdown_grace,

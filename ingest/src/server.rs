@@ -114,6 +114,7 @@ pub async fn run_with_sink(
         admin_token: config.admin_token.clone(),
         stripe_webhook_secrets: config.stripe_webhook_secrets.clone(),
         resend_webhook_secrets: config.resend_webhook_secrets.clone(),
+        dunning: config.dunning.clone(),
     });
     let local_addr = listener.local_addr().ok();
     tracing::info!(addr = ?local_addr, "apex-server listening");

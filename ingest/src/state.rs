@@ -32,4 +32,6 @@ pub struct AppState {
     pub stripe_webhook_secrets: Vec<Secret>,
     /// Resend (Svix) webhook endpoint secrets (two during a rotation); none turns them off.
     pub resend_webhook_secrets: Vec<Secret>,
+    /// The dunning retry schedule Stripe's failed-payment events open cases on.
+    pub dunning: apex_billing::dunning::Policy,
 }

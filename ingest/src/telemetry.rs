@@ -1,6 +1,7 @@
 //! Prometheus metrics of `apex-server`: the process's recorder (installed once, with the HELP
-//! text of every metric it records: the edge's [`crate::names`] and the pipeline's), and
-//! per-thread cached handles for the hot path.
+//! text of every metric it records: the edge's [`crate::names`], the pipeline's and the
+//! billing rules' [`apex_billing::names`], which the Stripe webhooks record), and per-thread
+//! cached handles for the hot path.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -18,8 +19,11 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the process-wide Prometheus recorder once and returns its handle. Later calls
-/// (several servers in one test process) share it.
+/// Installs the process-wide Prometheus recorder once and returns its handle: the request
+/// latency histogram with `LATENCY_BUCKETS`, the dunning recovery-days histogram with
+/// [`apex_billing::names::DUNNING_RECOVERY_SECONDS_BUCKETS`], and the HELP text of the edge's,
+/// the pipeline's and the billing rules' metrics. Later calls (several servers in one test
+/// process) share it.
 pub fn prometheus() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
@@ -28,6 +32,13 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 LATENCY_BUCKETS,
             )
             .expect("latency buckets are not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    apex_billing::names::DUNNING_RECOVERY_SECONDS.to_owned(),
+                ),
+                apex_billing::names::DUNNING_RECOVERY_SECONDS_BUCKETS,
+            )
+            .expect("recovery-days buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed by an embedding program; then ours only
@@ -35,6 +46,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
         if metrics::set_global_recorder(recorder).is_ok() {
             apex_core::telemetry::describe(ALL);
             apex_core::telemetry::describe(apex_pipeline::names::ALL);
+            apex_core::telemetry::describe(apex_billing::names::ALL);
         }
         handle
     })

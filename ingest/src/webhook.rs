@@ -1,7 +1,7 @@
 //! `POST /webhooks/stripe`: checks `Stripe-Signature` over the raw body (forged, stale or
 //! unsigned requests get 400) and hands the event to billing, which stores each event id
-//! once (a second delivery is a 200 no-op) and updates the subscription status and the
-//! invoice mirror. Any validly signed event is stored, whatever its strings hold (billing
+//! once (a second delivery is a 200 no-op) and updates the invoice mirror, dunning (a failed
+//! payment opens a case, a payment reactivates) and the subscription status. Any validly signed event is stored, whatever its strings hold (billing
 //! replaces the U+0000 Postgres refuses), so only a store failure is answered 503 for Stripe
 //! to retry. Without `STRIPE_WEBHOOK_SECRET` the endpoint does not exist (404). Secrets are
 //! never logged.
@@ -102,7 +102,7 @@ pub async fn stripe(
         message: "the body is not a Stripe event (id evt_..., type, data.object)".into(),
     })?;
     let mut conn = connection(state, &event.id, "stripe").await?;
-    let handled = webhooks::handle(&mut conn, &event)
+    let handled = webhooks::handle(&mut conn, &state.dunning, &event)
         .await
         .map_err(|e| not_stored(e, &event.id, "stripe"))?;
     if let Handled::Stored {

@@ -125,3 +125,20 @@ fn bad_configuration_stops_the_binary_with_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_bad_dunning_schedule_stops_the_binary_at_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_apex-server"))
+        .env("DATABASE_URL", "postgres://127.0.0.1:1/x")
+        .env("CLICKHOUSE_URL", "http://127.0.0.1:1")
+        .env("APEX_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .env("APEX_DUNNING_RETRY_DAYS", "3,4,7,9")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.starts_with("apex-server: APEX_DUNNING_RETRY_DAYS is invalid: at most 3 retries"),
+        "{err}"
+    );
+}

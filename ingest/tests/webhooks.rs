@@ -92,7 +92,7 @@ async fn events_move_the_subscription_status_once() {
     let failed = event(
         "evt_failed_1",
         "invoice.payment_failed",
-        &json!({"id": "in_1", "subscription": sub}),
+        &json!({"id": "in_1", "subscription": sub, "amount_due": 4900}),
     );
     let answer = deliver(&server, &failed, signed(SECRET, &failed, now())).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
@@ -118,14 +118,22 @@ async fn events_move_the_subscription_status_once() {
     let failed2 = event(
         "evt_failed_2",
         "invoice.payment_failed",
-        &json!({"subscription": sub}),
+        &json!({"id": "in_2", "subscription": sub, "amount_due": 4900}),
     );
     deliver(&server, &failed2, signed(ROTATED, &failed2, now())).await;
+    assert_eq!(status(&server, &sub).await, "past_due");
+    // Paying one of the two unpaid invoices leaves it past due; paying both, active.
+    let paid0 = event(
+        "evt_paid_0",
+        "invoice.paid",
+        &json!({"id": "in_1", "subscription": sub, "amount_paid": 4900}),
+    );
+    deliver(&server, &paid0, signed(SECRET, &paid0, now())).await;
     assert_eq!(status(&server, &sub).await, "past_due");
     let paid = event(
         "evt_paid_1",
         "invoice.payment_succeeded",
-        &json!({"subscription": sub}),
+        &json!({"id": "in_2", "subscription": sub, "amount_paid": 4900}),
     );
     assert_eq!(
         deliver(&server, &paid, signed(ROTATED, &paid, now()))
@@ -150,7 +158,11 @@ async fn events_move_the_subscription_status_once() {
     deliver(&server, &deleted, signed(SECRET, &deleted, now())).await;
     assert_eq!(status(&server, &sub).await, "canceled");
     // A canceled subscription stays canceled whatever comes later.
-    let late = event("evt_paid_2", "invoice.paid", &json!({"subscription": sub}));
+    let late = event(
+        "evt_paid_2",
+        "invoice.paid",
+        &json!({"id": "in_3", "subscription": sub, "amount_paid": 100}),
+    );
     deliver(&server, &late, signed(SECRET, &late, now())).await;
     assert_eq!(status(&server, &sub).await, "canceled");
 
@@ -166,7 +178,7 @@ async fn events_move_the_subscription_status_once() {
             .status,
         200
     );
-    assert_eq!(stored_events(&server).await, 7);
+    assert_eq!(stored_events(&server).await, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +189,7 @@ async fn a_current_shape_invoice_sets_past_due_through_the_edge() {
     let failed = event(
         "evt_current_1",
         "invoice.payment_failed",
-        &json!({"id": "in_c1", "object": "invoice", "customer": "cus_stripe_x",
+        &json!({"id": "in_c1", "object": "invoice", "customer": "cus_stripe_x", "amount_due": 4900,
                 "parent": {"type": "subscription_details",
                            "subscription_details": {"subscription": sub}}}),
     );
@@ -193,7 +205,7 @@ async fn a_signed_event_carrying_nul_is_stored_once() {
     let body = event(
         "evt_nul_1",
         "invoice.payment_failed",
-        &json!({"id": "in_n1", "subscription": sub, "description": "Acme\u{0}Games",
+        &json!({"id": "in_n1", "subscription": sub, "amount_due": 4900, "description": "Acme\u{0}Games",
                 "metadata": {"k\u{0}": "\u{0}"}}),
     );
     // The body carries the JSON escape Postgres refuses in jsonb and text.

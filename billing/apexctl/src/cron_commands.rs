@@ -98,17 +98,7 @@ pub(crate) async fn run(
         }
         CronCommand::Run { job, json } => {
             let job = find(&config.jobs, &job)?;
-            let ctx = JobContext {
-                pool,
-                stores: config.stores.clone(),
-                stripe: config.stripe.clone(),
-                stripe_rate: config.stripe_rate,
-                clock: config.clock,
-                retention: config.retention,
-                invoicing: config.invoicing,
-                email: config.email.clone(),
-                runner: runner::runner_id(),
-            };
+            let ctx = JobContext::from_config(config, pool);
             // A manual run is a slot of its own, at this microsecond (what Postgres keeps).
             let slot = now.trunc_subsecs(6);
             let locks = runner::lock_pool(&config.stores.database_url, 1)

@@ -1,11 +1,12 @@
 //! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
-//! Stripe mapping and usage sync, the cron jobs, the monthly invoices, email). Later work adds the other manual operations
+//! Stripe mapping and usage sync, the cron jobs, the monthly invoices, email, dunning). Later work adds the other manual operations
 //! of the operations guide here. Every command reads the process clock of `APEX_CLOCK_*`, as
 //! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
 //! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
 
 mod config;
 mod cron_commands;
+mod dunning_commands;
 mod email_commands;
 mod invoice_commands;
 mod stripe_commands;
@@ -72,6 +73,10 @@ enum Command {
     /// Email: send a test, see the queue, failures and what went out, retry, drain, preview.
     #[command(subcommand)]
     Email(email_commands::EmailCommand),
+    /// Dunning: a customer's status and history, make due retries now, reactivate, exempt,
+    /// close a case.
+    #[command(subcommand)]
+    Dunning(dunning_commands::DunningCommand),
 }
 
 #[derive(Subcommand)]
@@ -359,6 +364,10 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
             let clock = ctl.cron.clock;
             let now_fn = move || clock.now();
             return email_commands::run(command, &pool, &ctl.cron.email, now, &now_fn).await;
+        }
+        Command::Dunning(command) => {
+            return dunning_commands::run(command, &pool, &ctl.cron.stripe, &ctl.cron.dunning, now)
+                .await;
         }
         Command::Invoices(command) => {
             return invoice_commands::run(

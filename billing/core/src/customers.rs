@@ -224,6 +224,143 @@ pub async fn set_stripe_customer_id(
     Ok(())
 }
 
+/// What dunning reads of a customer: where its emails go and whether it is dunned.
+#[derive(Debug, Clone, sqlx::FromRow, Serialize)]
+pub struct DunningContact {
+    /// `cus_...` (ours).
+    pub id: String,
+    /// Name, for the emails' greeting.
+    pub name: String,
+    /// Billing contact: where dunning emails go.
+    pub email: String,
+    /// `customers.status`.
+    pub status: String,
+    /// Its Stripe customer, once mapped.
+    pub stripe_customer_id: Option<String>,
+    /// Exempt from dunning by an operator (no retries, no dunning email, never suspended).
+    pub dunning_exempt: bool,
+    /// Who exempted it and why.
+    pub dunning_exempt_note: Option<String>,
+    /// When dunning suspended it.
+    pub suspended_at: Option<DateTime<Utc>>,
+}
+
+/// Which of a customer's ids a lookup matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchedBy {
+    /// Our `customers.id`.
+    CustomerId,
+    /// Its Stripe customer id (`customers.stripe_customer_id`).
+    StripeCustomerId,
+}
+
+/// The customer `id` names: ours first, else the one mapped to Stripe customer `id` (both are
+/// `cus_...`, so an operator may paste either). `None` when neither matches.
+pub async fn dunning_contact(
+    db: impl PgExecutor<'_>,
+    id: &str,
+) -> Result<Option<(DunningContact, MatchedBy)>, BillingError> {
+    let row: Option<(DunningContact, bool)> = sqlx::query_as::<_, DunningContactRow>(
+        "SELECT id, name, email, status, stripe_customer_id, dunning_exempt, dunning_exempt_note, \
+                suspended_at, id = $1 AS by_id \
+         FROM customers WHERE id = $1 OR stripe_customer_id = $1 \
+         ORDER BY (id = $1) DESC LIMIT 1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    .map(|r| (r.contact, r.by_id));
+    Ok(row.map(|(contact, by_id)| {
+        let matched = if by_id {
+            MatchedBy::CustomerId
+        } else {
+            MatchedBy::StripeCustomerId
+        };
+        (contact, matched)
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct DunningContactRow {
+    #[sqlx(flatten)]
+    contact: DunningContact,
+    by_id: bool,
+}
+
+/// Our customer mapped to Stripe customer `stripe_customer_id`.
+pub async fn id_of_stripe_customer(
+    db: impl PgExecutor<'_>,
+    stripe_customer_id: &str,
+) -> Result<Option<String>, BillingError> {
+    Ok(
+        sqlx::query_scalar("SELECT id FROM customers WHERE stripe_customer_id = $1")
+            .bind(stripe_customer_id)
+            .fetch_optional(db)
+            .await?,
+    )
+}
+
+/// Suspends `customer_id` at `now` (dunning's last failed retry): the edge refuses its keys
+/// with 403 `account_suspended` within a second (the `customers_notify` trigger). Only an
+/// active customer moves; returns whether it did.
+pub async fn suspend(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, BillingError> {
+    Ok(sqlx::query(
+        "UPDATE customers SET status = 'suspended', suspended_at = $2, updated_at = $2 \
+         WHERE id = $1 AND status = 'active'",
+    )
+    .bind(customer_id)
+    .bind(now)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Reactivates a suspended `customer_id` at `now`: its keys are accepted again within a
+/// second, with no new key. Returns whether it was suspended.
+pub async fn reactivate(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    now: DateTime<Utc>,
+) -> Result<bool, BillingError> {
+    Ok(sqlx::query(
+        "UPDATE customers SET status = 'active', suspended_at = NULL, updated_at = $2 \
+         WHERE id = $1 AND status = 'suspended'",
+    )
+    .bind(customer_id)
+    .bind(now)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// Sets or clears `customer_id`'s dunning exemption, with `note` (who and why). Returns
+/// whether the customer exists.
+pub async fn set_dunning_exempt(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    exempt: bool,
+    note: Option<&str>,
+) -> Result<bool, BillingError> {
+    Ok(sqlx::query(
+        "UPDATE customers SET dunning_exempt = $2, dunning_exempt_note = $3, updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(customer_id)
+    .bind(exempt)
+    .bind(note)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

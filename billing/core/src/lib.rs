@@ -20,6 +20,8 @@
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
 //! - [`invoices`]: monthly invoices (lines, adjustments, reviews) and their Stripe mirror.
+//! - [`dunning`]: failed payments retried on the guide's timeline, suspension, reactivation.
+//! - [`names`]: the metric names of the billing rules.
 //! - [`email_log`]: what was emailed, opt-outs, suppressed addresses, send counts.
 //! - [`email_webhooks`]: Resend's delivery webhooks (Svix signatures), applied to `email_log`.
 //! - [`events`]: the outbox of events (emails) decisions enqueue.
@@ -29,6 +31,7 @@
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
 pub mod customers;
+pub mod dunning;
 pub mod email_log;
 pub mod email_webhooks;
 pub mod error;
@@ -36,6 +39,7 @@ pub mod events;
 pub mod ids;
 pub mod invoices;
 pub mod keys;
+pub mod names;
 pub mod plans;
 pub mod pricing;
 pub mod statement;

@@ -53,9 +53,13 @@ pub enum StripeTarget<'a> {
 ///   `active` (a failure and a success in the same second mean the retry succeeded);
 /// - an event without a time (`event_at` None) applies and leaves `stripe_event_at` alone.
 ///
-/// And as before: a canceled subscription stays canceled, and a suspended one is not set
-/// back to `past_due` (dunning lifts a suspension on payment).
+/// And: a canceled subscription stays canceled; a suspended one leaves `suspended` only for
+/// `canceled` (only dunning's reactivation, which moves the customer too, lifts a
+/// suspension: see [`crate::dunning`]); and Stripe's `active` does not replace `past_due`
+/// while the customer has an open dunning case (our own invoices are one-off invoices, so
+/// Stripe's subscription knows nothing of them and calls itself active).
 ///
+/// Invoice events do not come here: [`crate::dunning`] decides what they do to the status.
 /// Returns how many subscriptions the event moved (0 or 1; one with the status it already
 /// had counts).
 pub async fn apply_stripe_status(
@@ -75,7 +79,10 @@ pub async fn apply_stripe_status(
                                    ELSE canceled_at END, \
                      stripe_event_at = greatest(stripe_event_at, $3) \
                  WHERE status <> 'canceled' \
-                   AND NOT (status = 'suspended' AND $2 = 'past_due') \
+                   AND NOT (status = 'suspended' AND $2 <> 'canceled') \
+                   AND NOT ($2 = 'active' AND status = 'past_due' AND EXISTS ( \
+                       SELECT 1 FROM dunning_attempts d WHERE d.customer_id = subscriptions.customer_id \
+                         AND d.attempt_number = 0 AND d.resolved_at IS NULL)) \
                    AND ($3::timestamptz IS NULL OR stripe_event_at IS NULL \
                         OR stripe_event_at <= $3 OR $2 = 'canceled') \
                    AND NOT coalesce(stripe_event_at = $3 AND status = 'active' AND $2 = 'past_due', false) \
@@ -98,6 +105,79 @@ pub async fn apply_stripe_status(
         .execute(db)
         .await?
         .rows_affected())
+}
+
+/// Moves `customer_id`'s live subscription to `status` as dunning decides it, at `now`:
+/// `past_due` from `active`, `trialing` or `suspended` (a case is open, none suspends it),
+/// `suspended` from anything but `canceled` (a case's last retry failed), `active` from
+/// `past_due` or `suspended` (no case holds it any more). With `customer_suspended` a
+/// suspended subscription stays suspended: the customer and its subscription leave
+/// `suspended` together. Returns whether it moved.
+pub async fn apply_dunning_status(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    status: DunningStatus,
+    customer_suspended: bool,
+    now: DateTime<Utc>,
+) -> Result<bool, BillingError> {
+    let (to, from): (&str, &[&str]) = match (status, customer_suspended) {
+        (DunningStatus::PastDue, false) => ("past_due", &["active", "trialing", "suspended"]),
+        (DunningStatus::PastDue, true) => ("past_due", &["active", "trialing"]),
+        (DunningStatus::Suspended, _) => ("suspended", &["trialing", "active", "past_due"]),
+        (DunningStatus::Active, false) => ("active", &["past_due", "suspended"]),
+        (DunningStatus::Active, true) => ("active", &["past_due"]),
+    };
+    Ok(sqlx::query(
+        "UPDATE subscriptions SET status = $2, updated_at = $4 \
+         WHERE customer_id = $1 AND status <> 'canceled' AND status = ANY($3)",
+    )
+    .bind(customer_id)
+    .bind(to)
+    .bind(from)
+    .bind(now)
+    .execute(db)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// The statuses dunning sets on a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DunningStatus {
+    /// A case is open: the customer owes.
+    PastDue,
+    /// A case's last retry failed.
+    Suspended,
+    /// No case holds it.
+    Active,
+}
+
+/// The live (not canceled) subscription of `customer_id`: its id, our status and its Stripe
+/// id. `None` when it has none.
+pub async fn live(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+) -> Result<Option<(i64, String, Option<String>)>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT id, status, stripe_subscription_id FROM subscriptions \
+         WHERE customer_id = $1 AND status <> 'canceled'",
+    )
+    .bind(customer_id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// The customer whose subscription Stripe knows as `stripe_subscription_id`.
+pub async fn customer_of_stripe_subscription(
+    db: impl PgExecutor<'_>,
+    stripe_subscription_id: &str,
+) -> Result<Option<String>, BillingError> {
+    Ok(sqlx::query_scalar(
+        "SELECT customer_id FROM subscriptions WHERE stripe_subscription_id = $1",
+    )
+    .bind(stripe_subscription_id)
+    .fetch_optional(db)
+    .await?)
 }
 
 /// Records the Stripe subscription and customer of subscription `id`.

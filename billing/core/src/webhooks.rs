@@ -15,11 +15,13 @@
 //! signature is checked on the raw bytes, before that.
 //!
 //! Each event id is stored once in `stripe_events`; a second delivery changes nothing. What
-//! the event moves (the subscription status, the invoice mirror in
-//! [`crate::invoices::mirror`]) follows in the same transaction as the event row, so an event
-//! is never stored without its effect, nor applied twice. Stripe does not deliver events in
-//! order: each effect keeps the `created` time of the latest event applied, and an older one
-//! changes nothing (see [`subscriptions::apply_stripe_status`]).
+//! the event moves (the invoice mirror in [`crate::invoices::mirror`], then dunning in
+//! [`crate::dunning`] for invoice events, the subscription status for subscription events)
+//! follows in the same transaction as the event row, so an event is never stored without its
+//! effect, nor applied twice. Stripe does not deliver events in order: the mirror and the
+//! subscription keep the `created` time of the latest event applied, and an older one
+//! changes nothing (see [`subscriptions::apply_stripe_status`]); dunning finds a case by its
+//! invoice and never opens a second one.
 
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
@@ -28,6 +30,7 @@ use serde_json::Value;
 use sha2::Sha256;
 use sqlx::{Connection, PgConnection};
 
+use crate::dunning::{self, Policy};
 use crate::error::BillingError;
 use crate::invoices::mirror;
 use crate::subscriptions::{self, StripeTarget};
@@ -204,7 +207,8 @@ pub fn sanitize_nul(value: &mut Value) -> usize {
 pub enum Handled {
     /// First delivery: stored, and applied if it is a type billing acts on.
     Stored {
-        /// Subscriptions the event moved (0 or 1; see [`subscriptions::apply_stripe_status`]).
+        /// Subscriptions the event moved (0 or 1; see [`subscriptions::apply_stripe_status`]
+        /// and [`dunning::apply_invoice_event`]).
         subscriptions_updated: u64,
         /// Invoice rows the event updated (0 or 1; see [`mirror::apply_invoice_event`]).
         invoices_updated: u64,
@@ -227,7 +231,7 @@ fn id_of(value: &Value) -> Option<&str> {
 /// version 2025-03-31 under `parent.subscription_details.subscription` and before that
 /// under `subscription`; else its customer's (`customer`), as our own monthly invoices are
 /// one-off invoices with no subscription.
-fn invoice_target(invoice: &Value) -> Option<StripeTarget<'_>> {
+pub fn invoice_target(invoice: &Value) -> Option<StripeTarget<'_>> {
     let current = invoice
         .get("parent")
         .and_then(|p| p.get("subscription_details"))
@@ -240,19 +244,11 @@ fn invoice_target(invoice: &Value) -> Option<StripeTarget<'_>> {
     }
 }
 
-/// The subscription status an event sets, and which subscription it names.
+/// The subscription status a subscription event sets, and which subscription it names.
+/// Invoice events are dunning's ([`dunning::apply_invoice_event`]).
 fn status_change(event: &Event) -> Option<(StripeTarget<'_>, &'static str)> {
     let object = &event.data.object;
     match event.event_type.as_str() {
-        "invoice.payment_failed" => Some((invoice_target(object)?, "past_due")),
-        // A paid invoice that collected nothing (Stripe's own $0 subscription renewals: the
-        // money is on our monthly invoice) says nothing about whether the customer pays.
-        "invoice.paid" | "invoice.payment_succeeded"
-            if object.get("amount_paid").and_then(|v| v.as_i64()) == Some(0) =>
-        {
-            None
-        }
-        "invoice.paid" | "invoice.payment_succeeded" => Some((invoice_target(object)?, "active")),
         "customer.subscription.updated" => {
             let status = match object.get("status")?.as_str()? {
                 "trialing" => "trialing",
@@ -270,11 +266,35 @@ fn status_change(event: &Event) -> Option<(StripeTarget<'_>, &'static str)> {
     }
 }
 
+/// True when a stored event says Stripe invoice `invoice_id` was paid (with money) or
+/// voided: a `payment_failed` that arrives after it is older news.
+pub async fn invoice_settled_by_event(
+    db: impl sqlx::PgExecutor<'_>,
+    invoice_id: &str,
+) -> Result<bool, BillingError> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM stripe_events \
+         WHERE event_type LIKE 'invoice.%' AND payload -> 'data' -> 'object' ->> 'id' = $1 \
+           AND (event_type = 'invoice.voided' OR (event_type IN ('invoice.paid', \
+                'invoice.payment_succeeded') \
+                AND coalesce((payload -> 'data' -> 'object' ->> 'amount_paid')::numeric, 1) > 0)))",
+    )
+    .bind(invoice_id)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Stores `event` once and applies it, in one transaction (a savepoint when `conn` is already
-/// in one): the event row (its sanitized payload), the subscription's new status, the invoice
-/// mirror and the processed mark. Errors are the store's ([`BillingError::Database`]); Stripe
-/// retries a delivery that fails, and nothing of it stays.
-pub async fn handle(conn: &mut PgConnection, event: &Event) -> Result<Handled, BillingError> {
+/// in one): the event row (its sanitized payload), the invoice mirror, dunning under
+/// `policy` (a failure opens a case, a payment or a void closes it, each with its statuses
+/// and emails) or the subscription's new status, and the processed mark. Errors are the
+/// store's ([`BillingError::Database`]); Stripe retries a delivery that fails, and nothing
+/// of it stays.
+pub async fn handle(
+    conn: &mut PgConnection,
+    policy: &Policy,
+    event: &Event,
+) -> Result<Handled, BillingError> {
     let created: Option<DateTime<Utc>> = event
         .created
         .and_then(|t| DateTime::<Utc>::from_timestamp(t, 0));
@@ -294,27 +314,25 @@ pub async fn handle(conn: &mut PgConnection, event: &Event) -> Result<Handled, B
         tx.rollback().await?;
         return Ok(Handled::Duplicate);
     }
-    // The mirror first: whether another of the customer's invoices still has a failed
-    // payment is read from it.
+    // The mirror first: dunning reads whether the invoice is settled from it.
     let invoices_updated =
         mirror::apply_invoice_event(&mut *tx, &event.event_type, &event.data.object, created)
             .await?;
     let mut subscriptions_updated = 0;
-    if let Some((target, status)) = status_change(event) {
-        // Paying one invoice does not make a customer current while another of its invoices
-        // is still open after a failed payment.
-        let still_owing = status == "active"
-            && event.event_type.starts_with("invoice.")
-            && mirror::has_failed_open_invoice(
-                &mut *tx,
-                target,
-                event.data.object.get("id").and_then(|v| v.as_str()),
-            )
-            .await?;
-        if !still_owing {
-            subscriptions_updated =
-                subscriptions::apply_stripe_status(&mut *tx, target, status, created).await?;
-        }
+    if event.event_type.starts_with("invoice.") {
+        let effect = dunning::apply_invoice_event(
+            &mut tx,
+            policy,
+            &event.event_type,
+            &event.data.object,
+            created,
+            Utc::now(),
+        )
+        .await?;
+        subscriptions_updated = u64::from(effect.subscription_moved);
+    } else if let Some((target, status)) = status_change(event) {
+        subscriptions_updated =
+            subscriptions::apply_stripe_status(&mut *tx, target, status, created).await?;
     }
     sqlx::query("UPDATE stripe_events SET processed_at = now() WHERE id = $1")
         .bind(&event.id)
@@ -423,16 +441,6 @@ mod tests {
         );
     }
 
-    fn event(body: &serde_json::Value) -> Event {
-        parse_event(body.to_string().as_bytes()).unwrap()
-    }
-
-    fn invoice_event(kind: &str, object: &serde_json::Value) -> Event {
-        event(&serde_json::json!({
-            "id": "evt_1", "type": kind, "created": T, "data": {"object": object}
-        }))
-    }
-
     #[test]
     fn events_parse_minimally_and_name_their_subscription() {
         let failed = parse_event(
@@ -440,9 +448,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(failed.created, Some(T));
+        // Invoice events are dunning's; the invoice names its subscription.
+        assert_eq!(status_change(&failed), None);
         assert_eq!(
-            status_change(&failed),
-            Some((StripeTarget::Subscription("sub_9"), "past_due"))
+            invoice_target(&failed.data.object),
+            Some(StripeTarget::Subscription("sub_9"))
         );
         let deleted = parse_event(
             br#"{"id":"evt_2","type":"customer.subscription.deleted","data":{"object":{"id":"sub_9","status":"canceled"}}}"#,
@@ -481,38 +491,26 @@ mod tests {
     #[test]
     fn invoices_name_their_subscription_in_either_api_shape() {
         use serde_json::json;
-        let sub = |s| Some((StripeTarget::Subscription(s), "past_due"));
+        let sub = |s| Some(StripeTarget::Subscription(s));
         // Since 2025-03-31: under parent.subscription_details, as an id or expanded.
         let current = json!({"id": "in_1", "customer": "cus_s1", "parent": {
             "type": "subscription_details",
             "subscription_details": {"subscription": "sub_new"}}});
-        assert_eq!(
-            status_change(&invoice_event("invoice.payment_failed", &current)),
-            sub("sub_new")
-        );
+        assert_eq!(invoice_target(&current), sub("sub_new"));
         let expanded = json!({"id": "in_1", "parent": {
             "subscription_details": {"subscription": {"id": "sub_exp", "object": "subscription"}}}});
-        assert_eq!(
-            status_change(&invoice_event("invoice.payment_failed", &expanded)),
-            sub("sub_exp")
-        );
+        assert_eq!(invoice_target(&expanded), sub("sub_exp"));
         // The current shape wins over the old field when both are there.
         let both = json!({"subscription": "sub_old", "parent": {
             "subscription_details": {"subscription": "sub_new"}}});
-        assert_eq!(
-            status_change(&invoice_event("invoice.payment_failed", &both)),
-            sub("sub_new")
-        );
+        assert_eq!(invoice_target(&both), sub("sub_new"));
         // Before: `subscription`, as an id or expanded; a null parent is no subscription.
         let old = json!({"id": "in_1", "subscription": "sub_old", "parent": null});
-        assert_eq!(
-            status_change(&invoice_event("invoice.payment_failed", &old)),
-            sub("sub_old")
-        );
+        assert_eq!(invoice_target(&old), sub("sub_old"));
         let old_expanded = json!({"subscription": {"id": "sub_oe"}});
         assert_eq!(
-            status_change(&invoice_event("invoice.paid", &old_expanded)),
-            Some((StripeTarget::Subscription("sub_oe"), "active"))
+            invoice_target(&old_expanded),
+            Some(StripeTarget::Subscription("sub_oe"))
         );
         // No subscription anywhere (a one-off invoice): its customer's, as an id or expanded.
         for object in [
@@ -522,20 +520,14 @@ mod tests {
             json!({"customer": "cus_s1", "subscription": ""}),
         ] {
             assert_eq!(
-                status_change(&invoice_event("invoice.payment_succeeded", &object)),
-                Some((StripeTarget::Customer("cus_s1"), "active")),
+                invoice_target(&object),
+                Some(StripeTarget::Customer("cus_s1")),
                 "{object}"
             );
         }
         // Neither a subscription nor a customer: nothing to move.
-        assert_eq!(
-            status_change(&invoice_event("invoice.paid", &json!({"id": "in_1"}))),
-            None
-        );
-        assert_eq!(
-            status_change(&invoice_event("invoice.paid", &json!({"customer": null}))),
-            None
-        );
+        assert_eq!(invoice_target(&json!({"id": "in_1"})), None);
+        assert_eq!(invoice_target(&json!({"customer": null})), None);
     }
 
     #[test]

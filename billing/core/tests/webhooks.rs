@@ -51,9 +51,13 @@ async fn subscribed(stores: &TestStores, n: u32) -> String {
 /// Parses and handles one event body as the edge does.
 async fn deliver(stores: &TestStores, body: &str) -> Handled {
     let event = webhooks::parse_event(body.as_bytes()).expect("a Stripe event");
-    webhooks::handle(&mut stores.pool.acquire().await.unwrap(), &event)
-        .await
-        .unwrap()
+    webhooks::handle(
+        &mut stores.pool.acquire().await.unwrap(),
+        &Default::default(),
+        &event,
+    )
+    .await
+    .unwrap()
 }
 
 fn event(id: &str, kind: &str, created: Option<i64>, object: Value) -> String {
@@ -97,16 +101,14 @@ fn stored(subscriptions_updated: u64, invoices_updated: u64) -> Handled {
 async fn a_current_shape_payment_failure_sets_past_due() {
     let stores = TestStores::migrated().await;
     let customer = subscribed(&stores, 1).await;
-    let failed = event(
-        "evt_f1",
-        "invoice.payment_failed",
-        Some(T),
-        current_invoice("sub_S1"),
-    );
+    let mut invoice = current_invoice("sub_S1");
+    invoice["amount_due"] = json!(4900);
+    let failed = event("evt_f1", "invoice.payment_failed", Some(T), invoice);
     assert_eq!(deliver(&stores, &failed).await, stored(1, 0));
+    // Dunning decides invoice events: the subscription's Stripe time is its own events'.
     assert_eq!(
         subscription(&stores, &customer).await,
-        ("past_due".into(), Some(at(T)))
+        ("past_due".into(), None)
     );
     // A second delivery is a no-op.
     assert_eq!(deliver(&stores, &failed).await, Handled::Duplicate);
@@ -116,13 +118,11 @@ async fn a_current_shape_payment_failure_sets_past_due() {
         "evt_p1",
         "invoice.paid",
         Some(T + 1),
-        json!({"id": "in_sub_1", "subscription": {"id": "sub_S1", "object": "subscription"}}),
+        json!({"id": "in_sub_1", "amount_paid": 4900,
+               "subscription": {"id": "sub_S1", "object": "subscription"}}),
     );
     assert_eq!(deliver(&stores, &paid).await, stored(1, 0));
-    assert_eq!(
-        subscription(&stores, &customer).await,
-        ("active".into(), Some(at(T + 1)))
-    );
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
 }
 
 #[tokio::test]
@@ -140,8 +140,8 @@ async fn an_invoice_without_a_subscription_moves_its_customers_live_subscription
     .unwrap();
     // Our monthly invoices are one-off: no subscription, no parent.
     let one_off = |customer: Value| {
-        json!({"id": "in_own_1", "object": "invoice", "customer": customer,
-               "subscription": null, "parent": null, "status": "open"})
+        json!({"id": "in_own_1", "object": "invoice", "customer": customer, "amount_due": 2900,
+               "amount_paid": 2900, "subscription": null, "parent": null, "status": "open"})
     };
     let failed = event(
         "evt_c1",
@@ -158,10 +158,7 @@ async fn an_invoice_without_a_subscription_moves_its_customers_live_subscription
         one_off(json!({"id": "cus_S2", "object": "customer"})),
     );
     assert_eq!(deliver(&stores, &paid).await, stored(1, 0));
-    assert_eq!(
-        subscription(&stores, &customer).await,
-        ("active".into(), Some(at(T + 60)))
-    );
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
     let canceled: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM subscriptions WHERE customer_id = $1 AND status = 'canceled'",
     )
@@ -172,12 +169,9 @@ async fn an_invoice_without_a_subscription_moves_its_customers_live_subscription
     assert_eq!(canceled, 1);
 
     // A Stripe customer we do not know: stored, nothing moved.
-    let stranger = event(
-        "evt_c3",
-        "invoice.payment_failed",
-        Some(T + 120),
-        one_off(json!("cus_unknown")),
-    );
+    let mut stranger = one_off(json!("cus_unknown"));
+    stranger["id"] = json!("in_own_2");
+    let stranger = event("evt_c3", "invoice.payment_failed", Some(T + 120), stranger);
     assert_eq!(deliver(&stores, &stranger).await, stored(0, 0));
     assert_eq!(subscription(&stores, &customer).await.0, "active");
 }
@@ -185,21 +179,29 @@ async fn an_invoice_without_a_subscription_moves_its_customers_live_subscription
 #[tokio::test]
 async fn an_older_failure_never_undoes_a_newer_payment() {
     let stores = TestStores::migrated().await;
+    let invoice = |id: &str, sub: &str| json!({"id": id, "subscription": sub, "amount_due": 4900, "amount_paid": 4900});
 
-    // Newer paid first, then the older failure: stays active.
+    // Newer paid first, then the older failure of the same invoice: stays active, no case.
     let customer = subscribed(&stores, 3).await;
-    let sub = json!({"subscription": "sub_S3"});
     deliver(
         &stores,
-        &event("evt_o1", "invoice.paid", Some(T + 10), sub.clone()),
+        &event(
+            "evt_o1",
+            "invoice.paid",
+            Some(T + 10),
+            invoice("in_o", "sub_S3"),
+        ),
     )
     .await;
-    let late = event("evt_o2", "invoice.payment_failed", Some(T), sub.clone());
-    assert_eq!(deliver(&stores, &late).await, stored(0, 0));
-    assert_eq!(
-        subscription(&stores, &customer).await,
-        ("active".into(), Some(at(T + 10)))
+    let late = event(
+        "evt_o2",
+        "invoice.payment_failed",
+        Some(T),
+        invoice("in_o", "sub_S3"),
     );
+    assert_eq!(deliver(&stores, &late).await, stored(0, 0));
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
+    assert_eq!(cases(&stores, &customer).await, 0);
     // Both stored and processed.
     let processed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM stripe_events WHERE processed_at IS NOT NULL AND id LIKE 'evt_o%'",
@@ -211,65 +213,103 @@ async fn an_older_failure_never_undoes_a_newer_payment() {
 
     // In order: failure then payment ends active too.
     let customer = subscribed(&stores, 4).await;
-    let sub = json!({"subscription": "sub_S4"});
     deliver(
         &stores,
-        &event("evt_r1", "invoice.payment_failed", Some(T), sub.clone()),
+        &event(
+            "evt_r1",
+            "invoice.payment_failed",
+            Some(T),
+            invoice("in_r1", "sub_S4"),
+        ),
     )
     .await;
     assert_eq!(subscription(&stores, &customer).await.0, "past_due");
     deliver(
         &stores,
-        &event("evt_r2", "invoice.paid", Some(T + 10), sub.clone()),
+        &event(
+            "evt_r2",
+            "invoice.paid",
+            Some(T + 10),
+            invoice("in_r1", "sub_S4"),
+        ),
     )
     .await;
-    assert_eq!(
-        subscription(&stores, &customer).await,
-        ("active".into(), Some(at(T + 10)))
-    );
-    // A newer failure still applies.
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
+    // The same invoice failing again later (a late event, our own retry) opens nothing; a
+    // newer failure of another invoice opens its own case.
     deliver(
         &stores,
         &event(
             "evt_r3",
             "invoice.payment_failed",
             Some(T + 20),
-            sub.clone(),
+            invoice("in_r1", "sub_S4"),
+        ),
+    )
+    .await;
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
+    deliver(
+        &stores,
+        &event(
+            "evt_r4",
+            "invoice.payment_failed",
+            Some(T + 30),
+            invoice("in_r2", "sub_S4"),
         ),
     )
     .await;
     assert_eq!(subscription(&stores, &customer).await.0, "past_due");
-    // An event without a time applies as before and leaves the time alone.
-    deliver(&stores, &event("evt_r4", "invoice.paid", None, sub.clone())).await;
-    assert_eq!(
-        subscription(&stores, &customer).await,
-        ("active".into(), Some(at(T + 20)))
-    );
+    assert_eq!(cases(&stores, &customer).await, 2);
+    // An event without a time applies.
+    deliver(
+        &stores,
+        &event("evt_r5", "invoice.paid", None, invoice("in_r2", "sub_S4")),
+    )
+    .await;
+    assert_eq!(subscription(&stores, &customer).await.0, "active");
 
     // Same second, either order: the success wins.
     let customer = subscribed(&stores, 5).await;
-    let sub = json!({"subscription": "sub_S5"});
     deliver(
         &stores,
-        &event("evt_t1", "invoice.paid", Some(T), sub.clone()),
+        &event(
+            "evt_t1",
+            "invoice.paid",
+            Some(T),
+            invoice("in_t1", "sub_S5"),
+        ),
     )
     .await;
     deliver(
         &stores,
-        &event("evt_t2", "invoice.payment_failed", Some(T), sub.clone()),
+        &event(
+            "evt_t2",
+            "invoice.payment_failed",
+            Some(T),
+            invoice("in_t1", "sub_S5"),
+        ),
     )
     .await;
     assert_eq!(subscription(&stores, &customer).await.0, "active");
     let customer = subscribed(&stores, 6).await;
-    let sub = json!({"subscription": "sub_S6"});
     deliver(
         &stores,
-        &event("evt_t3", "invoice.payment_failed", Some(T), sub.clone()),
+        &event(
+            "evt_t3",
+            "invoice.payment_failed",
+            Some(T),
+            invoice("in_t3", "sub_S6"),
+        ),
     )
     .await;
     deliver(
         &stores,
-        &event("evt_t4", "invoice.paid", Some(T), sub.clone()),
+        &event(
+            "evt_t4",
+            "invoice.paid",
+            Some(T),
+            invoice("in_t3", "sub_S6"),
+        ),
     )
     .await;
     assert_eq!(subscription(&stores, &customer).await.0, "active");
@@ -279,10 +319,10 @@ async fn an_older_failure_never_undoes_a_newer_payment() {
     deliver(
         &stores,
         &event(
-            "evt_k1",
-            "invoice.paid",
+            "evt_k0",
+            "customer.subscription.updated",
             Some(T + 10),
-            json!({"subscription": "sub_S7"}),
+            json!({"id": "sub_S7", "status": "active"}),
         ),
     )
     .await;
@@ -300,6 +340,17 @@ async fn an_older_failure_never_undoes_a_newer_payment() {
         subscription(&stores, &customer).await,
         ("canceled".into(), Some(at(T + 10)))
     );
+}
+
+/// The dunning cases of a customer.
+async fn cases(stores: &TestStores, customer: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM dunning_attempts WHERE customer_id = $1 AND attempt_number = 0",
+    )
+    .bind(customer)
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap()
 }
 
 /// What the mirror keeps of an invoice row.
@@ -432,7 +483,8 @@ async fn the_mirror_follows_an_invoice_from_open_to_paid() {
     );
     assert_eq!(
         deliver(&stores, &event("evt_m2", "invoice.paid", Some(T + 5), paid)).await,
-        stored(1, 1)
+        // The subscription was active (no dunning case): nothing to move.
+        stored(0, 1)
     );
     let after_paid = mirrored(&stores, id).await;
     assert_eq!(after_paid.status, "paid");
@@ -570,6 +622,7 @@ async fn an_event_carrying_nul_is_stored_and_applied() {
     let mut object = current_invoice("sub_S11");
     object["description"] = json!("Acme\u{0}Games");
     object["metadata"] = json!({"note\u{0}": "\u{0}"});
+    object["amount_due"] = json!(4900);
     let body = event("evt_nul1", "invoice.payment_failed", Some(T), object);
     // serde_json writes U+0000 as the escape Postgres refuses in jsonb.
     assert!(body.contains(r"\u0000"), "{body}");

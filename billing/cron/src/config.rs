@@ -35,6 +35,9 @@ pub struct CronConfig {
     pub invoicing: CloseSettings,
     /// The email provider, sender, caps (`EMAIL_*`, `RESEND_*`, `SMTP_URL`).
     pub email: EmailConfig,
+    /// The dunning retry schedule (`APEX_DUNNING_RETRY_DAYS`, `APEX_DUNNING_POSTPONE_SECS`),
+    /// checked at start.
+    pub dunning: apex_billing::dunning::Policy,
     /// `APEX_CRON_SHUTDOWN_GRACE_MS`, default 30,000: how long runs in flight get at SIGTERM.
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before scheduling.
@@ -71,6 +74,7 @@ impl CronConfig {
             retention,
             invoicing: CloseSettings::from_env(env)?,
             email: EmailConfig::from_env(env)?,
+            dunning: apex_billing::dunning::Policy::from_env(env)?,
             shutdown_grace: Duration::from_millis(grace_ms),
             migrate_on_start: env.parse_or("APEX_MIGRATE_ON_START", true)?,
             clock: Clock::from_env(env)?,
@@ -111,7 +115,7 @@ mod tests {
             (7, 90)
         );
         assert_eq!(cfg.clock, Clock::Wall);
-        assert_eq!(cfg.jobs.len(), 4);
+        assert_eq!(cfg.jobs.len(), 6);
         assert_eq!(cfg.invoicing.revenue_wait.num_days(), 5);
     }
 

@@ -1,7 +1,8 @@
 //! The jobs of the cron process: the operations guide's table (`email_queue` every minute,
 //! `usage_limits` hourly, `stripe_sync` daily 02:00, `dunning_retries` daily 03:00,
 //! `trial_reminders` daily 09:00, `monthly_summaries` 1st 10:00, all UTC), of which a job is
-//! listed here only once it does its work, plus our own `maintenance`. Each job's schedule
+//! listed here only once it does its work, plus our own `maintenance`, `invoice_close` and
+//! `dunning_postponed`. Each job's schedule
 //! can be overridden (`APEX_CRON_SCHEDULE_<JOB>`: a cron expression, or `off`), and so can
 //! its timeout (`APEX_CRON_TIMEOUT_SECS_<JOB>`).
 //!
@@ -16,6 +17,7 @@
 
 use std::str::FromStr;
 
+use apex_billing::dunning::Policy;
 use apex_billing::invoices::CloseSettings;
 use apex_core::env::{ConfigError, EnvSource};
 use apex_core::stores::StoreConfig;
@@ -44,6 +46,12 @@ pub enum JobKind {
     Maintenance,
     /// Ours: each ended month's invoice, issued in Stripe (`apex_stripe::invoicing`).
     InvoiceClose,
+    /// The guide's Dunning Retries: due payment retries made (`apex_stripe::dunning`), and
+    /// the retry emails of the next 24 hours.
+    DunningRetries,
+    /// Ours: the hourly follow-up of dunning retries Stripe could not take (put off by
+    /// `APEX_DUNNING_POSTPONE_SECS`, default an hour).
+    DunningPostponed,
     /// A test double: waits `work` of the process's clock, then succeeds (or fails).
     Test {
         /// How long a run takes.
@@ -119,6 +127,29 @@ pub const JOBS: &[JobSpec] = &[
         kind: JobKind::InvoiceClose,
         schedule_var: "APEX_CRON_SCHEDULE_INVOICE_CLOSE",
         timeout_var: "APEX_CRON_TIMEOUT_SECS_INVOICE_CLOSE",
+    },
+    JobSpec {
+        name: "dunning_retries",
+        guide: "Dunning Retries",
+        schedule: "0 3 * * *",
+        timeout_secs: 2 * 3_600,
+        // A missed 03:00 is made up at start: the retries of that day are still due.
+        catch_up: true,
+        kind: JobKind::DunningRetries,
+        schedule_var: "APEX_CRON_SCHEDULE_DUNNING_RETRIES",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_DUNNING_RETRIES",
+    },
+    JobSpec {
+        name: "dunning_postponed",
+        guide: "Dunning retries put off (ours)",
+        // Between the daily runs: a retry Stripe could not take is put off by an hour, and
+        // this makes it when it is due (only those; the others wait for 03:00).
+        schedule: "30 * * * *",
+        timeout_secs: 3_600,
+        catch_up: false,
+        kind: JobKind::DunningPostponed,
+        schedule_var: "APEX_CRON_SCHEDULE_DUNNING_POSTPONED",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_DUNNING_POSTPONED",
     },
 ];
 
@@ -334,8 +365,28 @@ pub struct JobContext {
     pub invoicing: CloseSettings,
     /// The email provider and queue settings.
     pub email: EmailConfig,
+    /// The dunning retry schedule.
+    pub dunning: Policy,
     /// This process's name in `events.leased_by`.
     pub runner: String,
+}
+
+impl JobContext {
+    /// The context of the jobs of `config`, over `pool`, for this process.
+    pub fn from_config(config: &crate::config::CronConfig, pool: PgPool) -> Self {
+        Self {
+            pool,
+            stores: config.stores.clone(),
+            stripe: config.stripe.clone(),
+            stripe_rate: config.stripe_rate,
+            clock: config.clock,
+            retention: config.retention,
+            invoicing: config.invoicing,
+            email: config.email.clone(),
+            dunning: config.dunning.clone(),
+            runner: crate::runner::runner_id(),
+        }
+    }
 }
 
 /// Maintenance's horizons, in days of the process's clock.
@@ -375,6 +426,8 @@ impl Job {
             JobKind::StripeSync => stripe_sync(ctx).await,
             JobKind::Maintenance => maintenance(ctx).await,
             JobKind::InvoiceClose => invoice_close(ctx).await,
+            JobKind::DunningRetries => dunning_retries(ctx, false).await,
+            JobKind::DunningPostponed => dunning_retries(ctx, true).await,
             JobKind::Test { work, fails } => {
                 ctx.clock.sleep(work).await;
                 Outcome {
@@ -412,6 +465,29 @@ async fn email_queue(ctx: &JobContext) -> Outcome {
                 .provider_unavailable
                 .as_ref()
                 .map(|reason| format!("the email provider refuses us: {reason}")),
+        },
+        Err(e) => Outcome::failed(e.to_string()),
+    }
+}
+
+/// The guide's 03:00 Dunning Retries (`only_postponed`: the hourly follow-up of retries put
+/// off). Fails when Postgres fails, Stripe has no key, or Stripe could not be reached (the
+/// retries are put off, never skipped; the failed run is the alert).
+async fn dunning_retries(ctx: &JobContext, only_postponed: bool) -> Outcome {
+    let client = match stripe_client(ctx) {
+        Ok(client) => client,
+        Err(outcome) => return outcome,
+    };
+    let request = apex_stripe::dunning::RunRequest {
+        now: ctx.clock.now(),
+        only_postponed,
+    };
+    match apex_stripe::dunning::process(&ctx.pool, &client, &ctx.dunning, request).await {
+        Ok(summary) => Outcome {
+            details: serde_json::to_value(&summary).unwrap_or_else(|_| json!({})),
+            error: summary
+                .stripe_unreachable
+                .then(|| "Stripe could not be reached: the retries were put off".to_owned()),
         },
         Err(e) => Outcome::failed(e.to_string()),
     }
@@ -570,7 +646,31 @@ mod tests {
         let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
         assert_eq!(
             names,
-            ["email_queue", "stripe_sync", "maintenance", "invoice_close"]
+            [
+                "email_queue",
+                "stripe_sync",
+                "maintenance",
+                "invoice_close",
+                "dunning_retries",
+                "dunning_postponed"
+            ]
+        );
+        // The guide's Dunning Retries at 03:00; its follow-up at half past every hour.
+        assert_eq!(
+            jobs[4]
+                .schedule
+                .as_ref()
+                .unwrap()
+                .next_after(at("2026-03-10T02:59:59Z")),
+            Some(at("2026-03-10T03:00:00Z"))
+        );
+        assert_eq!(
+            jobs[5]
+                .schedule
+                .as_ref()
+                .unwrap()
+                .next_after(at("2026-03-10T03:00:00Z")),
+            Some(at("2026-03-10T03:30:00Z"))
         );
         let minute = jobs[0].schedule.as_ref().unwrap();
         assert_eq!(

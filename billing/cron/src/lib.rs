@@ -42,8 +42,9 @@ pub enum CronError {
     Migrate(#[from] apex_core::migrate::MigrateError),
 }
 
-/// Installs the process-wide Prometheus recorder once (with the HELP text of the cron
-/// process's, the Stripe work's and the email queue's metrics) and returns its handle.
+/// Installs the process-wide Prometheus recorder once (the buckets of the run-time, send-time
+/// and dunning recovery-days histograms, and the HELP text of the cron process's, the Stripe
+/// work's, the email queue's and the billing rules' dunning metrics) and returns its handle.
 pub fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
     HANDLE.get_or_init(|| {
@@ -60,12 +61,20 @@ pub fn prometheus() -> &'static PrometheusHandle {
                 apex_notify::names::SEND_DURATION_BUCKETS,
             )
             .expect("send buckets are not empty")
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(
+                    apex_billing::names::DUNNING_RECOVERY_SECONDS.to_owned(),
+                ),
+                apex_billing::names::DUNNING_RECOVERY_SECONDS_BUCKETS,
+            )
+            .expect("recovery-days buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_ok() {
             apex_core::telemetry::describe(names::ALL);
             apex_core::telemetry::describe(apex_stripe::names::ALL);
             apex_core::telemetry::describe(apex_notify::names::ALL);
+            apex_core::telemetry::describe(apex_billing::names::ALL);
         }
         handle
     })
@@ -98,17 +107,7 @@ pub async fn run(
     }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(server::serve(listener, metrics.clone(), stopped.clone()));
-    let ctx = JobContext {
-        pool: pool.clone(),
-        stores: config.stores.clone(),
-        stripe: config.stripe.clone(),
-        stripe_rate: config.stripe_rate,
-        clock: config.clock,
-        retention: config.retention,
-        invoicing: config.invoicing,
-        email: config.email.clone(),
-        runner: runner::runner_id(),
-    };
+    let ctx = JobContext::from_config(&config, pool.clone());
     // `apex_stripe_invoices{status}` follows the mirror, which webhooks move at any time.
     let gauge = tokio::spawn(refresh_invoice_gauge(pool.clone(), stopped.clone()));
     let scheduled: Vec<String> = config

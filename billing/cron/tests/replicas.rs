@@ -37,6 +37,8 @@ fn stripe_env(standin: &StripeStandIn, clock: &SimClock) -> Vec<(String, String)
     env.push(("STRIPE_API_BASE".into(), standin.base_url()));
     // The Stripe work alone: the sign-up's welcome email is not these tests' business.
     env.push(("APEX_CRON_SCHEDULE_EMAIL_QUEUE".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_DUNNING_RETRIES".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_DUNNING_POSTPONED".into(), "off".into()));
     env
 }
 

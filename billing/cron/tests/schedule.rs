@@ -19,6 +19,8 @@ fn only(test_jobs: &str, clock: &SimClock) -> Vec<(String, String)> {
     env.push(("APEX_CRON_SCHEDULE_STRIPE_SYNC".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_MAINTENANCE".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_DUNNING_RETRIES".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_DUNNING_POSTPONED".into(), "off".into()));
     env.push(("APEX_CRON_TEST_JOBS".into(), test_jobs.into()));
     env
 }
@@ -247,6 +249,11 @@ async fn bad_configuration_stops_the_process_at_start_with_a_clear_line() {
             vec![("APEX_CLOCK_SPEED", "100")],
             2,
             "APEX_CLOCK_SPEED is invalid",
+        ),
+        (
+            vec![("APEX_DUNNING_RETRY_DAYS", "7,4")],
+            2,
+            "APEX_DUNNING_RETRY_DAYS is invalid: retry days must be strictly increasing",
         ),
         (
             vec![("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none")],

@@ -42,7 +42,8 @@
 //!   dates, or text such as "Days 1, 3, 7 (after grace period)").
 //! - `payment_retry_1` to `_3`: `days_until_retry` (integer ≥ 0: 0 "today", 1 "tomorrow"),
 //!   `attempts_remaining` (integer ≥ 0), `amount_due_cents` (integer), `update_payment_url`
-//!   (URL). The attempt comes from the kind; the third has the final-retry warning.
+//!   (URL), `attempts_total` (integer 1 to 3, optional, default 3: the configured number of
+//!   retries). The attempt comes from the kind; the last has the final-retry warning.
 //! - `payment_succeeded`: `amount_paid_cents` (integer), `service_status` (text, optional,
 //!   default `active`).
 //! - `subscription_suspended`: `amount_due_cents` (integer), `update_payment_url` (URL).
@@ -194,6 +195,7 @@ const PAYMENT_RETRY: Spec = Spec {
     fields: &[
         ("days_until_retry", Ty::Count),
         ("attempts_remaining", Ty::Count),
+        ("attempts_total", Ty::Count),
         ("amount_due_cents", Ty::Cents),
         ("update_payment_url", Ty::Url),
     ],
@@ -476,8 +478,15 @@ fn context(kind: EmailKind, data: &Value) -> Result<Map<String, Value>, Template
         }
         EmailKind::TrialEnding { days } => defaults.push(("days_left", json!(days))),
         EmailKind::PaymentRetry { attempt } => {
+            // The guide's schedule has three retries; a shorter configured one says so.
+            let total = data
+                .get("attempts_total")
+                .and_then(Value::as_u64)
+                .filter(|t| (1..=3).contains(t))
+                .unwrap_or(3);
             derived.push(("attempt", json!(attempt)));
-            derived.push(("final_attempt", json!(attempt >= 3)));
+            derived.push(("attempts_total", json!(total)));
+            derived.push(("final_attempt", json!(u64::from(attempt) >= total)));
         }
         EmailKind::PaymentSucceeded => defaults.push(("service_status", json!("active"))),
         EmailKind::UsageAlert { threshold } => {

@@ -417,3 +417,21 @@ fn data_must_be_an_object() {
         ));
     }
 }
+
+#[test]
+fn a_shorter_retry_schedule_names_its_own_last_attempt() {
+    let second = EmailKind::PaymentRetry { attempt: 2 };
+    // The guide's three retries: the second is not the last.
+    let default = rendered(second, &sample_data(second));
+    assert_eq!(default.subject, "Payment retry 2 of 3");
+    assert!(!default.text.contains("final attempt"), "{}", default.text);
+    // Two configured retries: the second is the last, with the warning.
+    let short = rendered(second, &sample_with(second, "attempts_total", json!(2)));
+    assert_eq!(short.subject, "Payment retry 2 of 2");
+    assert!(
+        short.text.contains("This is the final attempt"),
+        "{}",
+        short.text
+    );
+    assert!(short.html.contains("This is the final attempt"));
+}

@@ -43,6 +43,9 @@ pub enum StripeError {
         code: Option<String>,
         /// Stripe's `error.message`, or the body when it is not Stripe's error shape.
         message: String,
+        /// Stripe's `error.decline_code` of a declined card (`insufficient_funds`), when
+        /// given.
+        decline_code: Option<String>,
         /// The `Retry-After` header (seconds), when given.
         retry_after: Option<Duration>,
         /// Stripe's `Stripe-Should-Retry` header, when given: its word on whether the same
@@ -341,11 +344,12 @@ impl StripeClient {
         if (200..300).contains(&status) {
             return Ok(bytes);
         }
-        let (code, message) = error_parts(&bytes);
+        let (code, message, decline_code) = error_parts(&bytes);
         Err(StripeError::Api {
             status,
             code,
             message,
+            decline_code,
             retry_after,
             should_retry,
         })
@@ -361,8 +365,9 @@ fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// Stripe's `{"error": {"code", "message"}}`, or the start of whatever else came back.
-fn error_parts(body: &[u8]) -> (Option<String>, String) {
+/// Stripe's `{"error": {"code", "message", "decline_code"}}`, or the start of whatever else
+/// came back.
+fn error_parts(body: &[u8]) -> (Option<String>, String, Option<String>) {
     #[derive(serde::Deserialize)]
     struct Envelope {
         error: Detail,
@@ -371,15 +376,18 @@ fn error_parts(body: &[u8]) -> (Option<String>, String) {
     struct Detail {
         code: Option<String>,
         message: Option<String>,
+        decline_code: Option<String>,
     }
     match serde_json::from_slice::<Envelope>(body) {
         Ok(Envelope { error }) => (
             error.code,
             error.message.unwrap_or_else(|| "no message".into()),
+            error.decline_code,
         ),
         Err(_) => (
             None,
             String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            None,
         ),
     }
 }
@@ -405,6 +413,7 @@ mod tests {
             status,
             code: None,
             message: String::new(),
+            decline_code: None,
             retry_after: None,
             should_retry: None,
         };
@@ -420,6 +429,7 @@ mod tests {
             status,
             code: None,
             message: String::new(),
+            decline_code: None,
             retry_after: None,
             should_retry: Some(retry),
         };
@@ -448,11 +458,17 @@ mod tests {
 
     #[test]
     fn stripe_errors_are_read_and_other_bodies_quoted() {
-        let (code, message) =
+        let (code, message, decline) =
             error_parts(br#"{"error":{"type":"invalid_request_error","code":"resource_missing","message":"No such customer"}}"#);
         assert_eq!(code.as_deref(), Some("resource_missing"));
         assert_eq!(message, "No such customer");
-        let (code, message) = error_parts(b"<html>bad gateway</html>");
+        assert_eq!(decline, None);
+        let (code, _, decline) = error_parts(
+            br#"{"error":{"type":"card_error","code":"card_declined","decline_code":"insufficient_funds","message":"Your card has insufficient funds."}}"#,
+        );
+        assert_eq!(code.as_deref(), Some("card_declined"));
+        assert_eq!(decline.as_deref(), Some("insufficient_funds"));
+        let (code, message, _) = error_parts(b"<html>bad gateway</html>");
         assert_eq!(code, None);
         assert_eq!(message, "<html>bad gateway</html>");
     }

@@ -15,12 +15,14 @@
 //! - [`reporting`]: the pure rules of the sync (reportable days, identifiers).
 //! - [`sync`]: the sync job over Postgres and Stripe.
 //! - [`invoicing`]: the monthly invoice close: our lines as a finalized Stripe invoice.
+//! - [`dunning`]: the payment retries of dunning (`POST /v1/invoices/{id}/pay`).
 //! - [`names`]: the crate's metric names.
 //! - `testing` (feature `test-support`): the Stripe stand-in for integration tests.
 
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod dunning;
 pub mod invoicing;
 pub mod names;
 pub mod rate;

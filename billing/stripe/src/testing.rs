@@ -1,8 +1,8 @@
 //! Integration-test support (feature `test-support`): starts `scripts/stripe-standin.py`
 //! (localstripe plus the marked test double for billing meters, meter events, invoices and
-//! invoice items, idempotency keys and fault injection) on a free loopback port, one process
-//! per test, and reads what it recorded. Used by this crate's tests, `apexctl`'s and the edge's
-//! webhook tests.
+//! invoice items with their payment and webhooks, customers' cards, idempotency keys and fault
+//! injection) on a free loopback port, one process per test, and reads what it recorded. Used
+//! by this crate's tests, `apexctl`'s and the edge's webhook tests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -23,6 +23,17 @@ const STANDIN_SCRIPT: &str = include_str!("../../../scripts/stripe-standin.py");
 
 /// The secret key tests use; the stand-in accepts any key.
 pub const TEST_KEY: &str = "sk_test_apex_standin";
+
+/// A customer's default card as the stand-in charges it on `POST /v1/invoices/{id}/pay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CardOutcome {
+    /// Charges succeed, as every customer's do until a test says otherwise.
+    Succeed,
+    /// Charges are declined with this Stripe decline code (`insufficient_funds`,
+    /// `generic_decline`, `expired_card`, ...): the pay answers 402 `card_error` with
+    /// Stripe's code and message for it.
+    Decline(&'static str),
+}
 
 impl StripeStandIn {
     /// Starts a stand-in. Panics (never skips) when its Python is missing: run
@@ -131,7 +142,10 @@ impl StripeStandIn {
         self.list(&format!("/v1/{plural}?limit=100"))
     }
 
-    /// Has localstripe deliver its events to `url`, signed with `secret` by its own code.
+    /// Has localstripe deliver its events to `url`, signed with `secret` by its own code, and the
+    /// test double its invoice events (`invoice.finalized`, `.voided`, `.marked_uncollectible`,
+    /// `.payment_failed`, `.payment_succeeded`, `.paid`), signed the same way. Deliveries are
+    /// asynchronous and never retried; see [`Self::webhooks_sent`].
     pub fn deliver_webhooks_to(&self, url: &str, secret: &str) {
         let config = serde_json::json!({"url": url, "secret": secret});
         self.call("POST", "/_config/webhooks/apex", Some(&config.to_string()));
@@ -171,16 +185,46 @@ impl StripeStandIn {
         self.json("GET", &format!("/v1/invoices/{id}"))
     }
 
-    /// A successful payment of an open or uncollectible invoice: it becomes `paid`, with
-    /// `amount_paid` its `amount_due`. Returns the invoice.
+    /// A successful payment attempt of Stripe's own on an open or uncollectible invoice,
+    /// whatever the customer's card: `attempt_count` goes up and it becomes `paid`, with
+    /// `amount_paid` its `amount_due`. Sends `invoice.payment_succeeded` then `invoice.paid`
+    /// (asynchronously, to the endpoint of [`Self::deliver_webhooks_to`]). Returns the invoice.
     pub fn pay_invoice(&self, id: &str) -> serde_json::Value {
         self.json("POST", &format!("/_config/test/invoices/{id}/pay"))
     }
 
-    /// A failed payment attempt on an open invoice: `attempt_count` goes up, it stays `open`
-    /// and Stripe's next attempt moves a day on. Returns the invoice.
+    /// A failed payment attempt of Stripe's own on an open invoice: `attempt_count` goes up, it
+    /// stays `open` and Stripe's next attempt moves a day on (when Stripe collects it). Sends
+    /// `invoice.payment_failed` (asynchronously, to the endpoint of
+    /// [`Self::deliver_webhooks_to`]). Returns the invoice.
     pub fn fail_invoice_payment(&self, id: &str) -> serde_json::Value {
         self.json("POST", &format!("/_config/test/invoices/{id}/fail_payment"))
+    }
+
+    /// The customer changes its default card: from now on `POST /v1/invoices/{id}/pay` on its
+    /// invoices succeeds or is declined as `outcome` says (until its default payment method in
+    /// localstripe changes again).
+    pub fn set_card(&self, customer: &str, outcome: CardOutcome) {
+        let body = match outcome {
+            CardOutcome::Succeed => serde_json::json!({"outcome": "succeed"}),
+            CardOutcome::Decline(code) => {
+                serde_json::json!({"outcome": "decline", "decline_code": code})
+            }
+        };
+        self.call(
+            "POST",
+            &format!("/_config/test/customers/{customer}/card"),
+            Some(&body.to_string()),
+        );
+    }
+
+    /// Every invoice event the test double made, in order: `id`, `type`, `invoice`, `status`
+    /// (the endpoint's HTTP status, null until delivered or when none answered) and `delivery`
+    /// (`pending`, `sent`, `failed`, `no_endpoint`). Delivery is asynchronous: a test waits
+    /// for it by polling this with an async sleep in between, never a blocking one, which would
+    /// stall a receiver on the test's own runtime.
+    pub fn webhooks_sent(&self) -> Vec<serde_json::Value> {
+        self.list("/_config/test/webhooks_sent")
     }
 
     fn json(&self, method: &str, path: &str) -> serde_json::Value {

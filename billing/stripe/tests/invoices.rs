@@ -671,9 +671,13 @@ fn event(id: &str, kind: &str, created: i64, object: &serde_json::Value) -> Vec<
 
 async fn deliver(stores: &TestStores, payload: &[u8]) {
     let event = webhooks::parse_event(payload).expect("a Stripe event");
-    webhooks::handle(&mut stores.pool.acquire().await.unwrap(), &event)
-        .await
-        .unwrap();
+    webhooks::handle(
+        &mut stores.pool.acquire().await.unwrap(),
+        &Default::default(),
+        &event,
+    )
+    .await
+    .unwrap();
 }
 
 async fn subscription_status(stores: &TestStores, customer: &str) -> String {

@@ -29,7 +29,6 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 
 use crate::error::BillingError;
-use crate::subscriptions::StripeTarget;
 
 /// The invoice events the mirror follows.
 pub const EVENT_TYPES: [&str; 6] = [
@@ -209,35 +208,56 @@ pub async fn apply_invoice_event(
     .rows_affected())
 }
 
-/// True when the customer `target` names (by its Stripe customer id, or by one of its Stripe
-/// subscriptions) has an invoice other than `except` (a Stripe invoice id) that is still
-/// `open` after a failed payment: the customer still owes, whatever another invoice says.
-pub async fn has_failed_open_invoice(
+/// The customer of our invoice row for Stripe invoice `stripe_invoice_id` (or, while the row
+/// has no Stripe id yet, the one the invoice's metadata `apex_invoice_id` names); `None`
+/// when the invoice is not ours.
+pub async fn customer_of(
     db: impl PgExecutor<'_>,
-    target: StripeTarget<'_>,
-    except: Option<&str>,
+    stripe_invoice_id: &str,
+    invoice: &Value,
+) -> Result<Option<String>, BillingError> {
+    let apex_id: Option<i64> = invoice
+        .get("metadata")
+        .and_then(|m| m.get("apex_invoice_id"))
+        .and_then(Value::as_str)
+        .and_then(|id| id.parse().ok());
+    Ok(sqlx::query_scalar(
+        "SELECT customer_id FROM invoices WHERE stripe_invoice_id = $1 \
+         UNION ALL SELECT customer_id FROM invoices WHERE id = $2 AND stripe_invoice_id IS NULL \
+         LIMIT 1",
+    )
+    .bind(stripe_invoice_id)
+    .bind(apex_id)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// True when our row of Stripe invoice `stripe_invoice_id` is `paid` or `void`.
+pub async fn is_settled(
+    db: impl PgExecutor<'_>,
+    stripe_invoice_id: &str,
 ) -> Result<bool, BillingError> {
-    let customer = match target {
-        StripeTarget::Customer(id) => {
-            ("SELECT id FROM customers WHERE stripe_customer_id = $1", id)
-        }
-        StripeTarget::Subscription(id) => (
-            "SELECT customer_id FROM subscriptions WHERE stripe_subscription_id = $1",
-            id,
-        ),
-    };
-    let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM invoices WHERE status = 'open' \
-             AND payment_failed_at IS NOT NULL \
-             AND stripe_invoice_id IS DISTINCT FROM $2 \
-             AND customer_id IN ({}))",
-        customer.0
-    );
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
-        .bind(customer.1)
-        .bind(except)
-        .fetch_one(db)
-        .await?)
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM invoices WHERE stripe_invoice_id = $1 \
+             AND status IN ('paid', 'void'))",
+    )
+    .bind(stripe_invoice_id)
+    .fetch_one(db)
+    .await?)
+}
+
+/// The hosted invoice page of our row of Stripe invoice `stripe_invoice_id`, when known.
+pub async fn hosted_invoice_url(
+    db: impl PgExecutor<'_>,
+    stripe_invoice_id: &str,
+) -> Result<Option<String>, BillingError> {
+    Ok(
+        sqlx::query_scalar("SELECT hosted_invoice_url FROM invoices WHERE stripe_invoice_id = $1")
+            .bind(stripe_invoice_id)
+            .fetch_optional(db)
+            .await?
+            .flatten(),
+    )
 }
 
 /// The order of invoice statuses on a tie: a later state never gives way to an earlier one.
