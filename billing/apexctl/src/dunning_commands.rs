@@ -36,7 +36,7 @@ pub(crate) enum DunningCommand {
     },
     /// Make every due payment retry now, as the 03:00 `dunning_retries` job does (the guide's
     /// `processDunningRetries()`; safe to run again: each attempt is made once). Exits 1 when
-    /// Stripe could not be reached (the retries are put off, never skipped).
+    /// a retry was put off because Stripe could not be reached or refused us (never skipped).
     Process {
         /// Stripe requests per second at most.
         #[arg(long, env = "APEX_STRIPE_RATE", default_value_t = 50.0)]
@@ -232,8 +232,8 @@ pub(crate) async fn run(
                     summary.open_cases.1
                 );
             }
-            if summary.stripe_unreachable {
-                eprintln!("apexctl: Stripe could not be reached; the retries were put off");
+            if let Some(failure) = summary.failure() {
+                eprintln!("apexctl: {failure}");
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -301,6 +301,20 @@ pub async fn id_of_stripe_customer(
     )
 }
 
+/// Locks `customer_id`'s row until the transaction ends (`FOR UPDATE`): dunning takes it
+/// first in every step, so two steps on one customer (two invoices paid at once, a payment
+/// while a retry suspends) run one after the other and each sees the other's outcome.
+/// Returns whether the customer exists.
+pub async fn lock(db: impl PgExecutor<'_>, customer_id: &str) -> Result<bool, BillingError> {
+    Ok(
+        sqlx::query_scalar::<_, i32>("SELECT 1 FROM customers WHERE id = $1 FOR UPDATE")
+            .bind(customer_id)
+            .fetch_optional(db)
+            .await?
+            .is_some(),
+    )
+}
+
 /// Suspends `customer_id` at `now` (dunning's last failed retry): the edge refuses its keys
 /// with 403 `account_suspended` within a second (the `customers_notify` trigger). Only an
 /// active customer moves; returns whether it did.

@@ -65,9 +65,10 @@ pub const DEFAULT_POSTPONE: Duration = Duration::hours(1);
 /// A retry's email goes once the retry is due within this long.
 pub const NOTICE_WINDOW: Duration = Duration::hours(24);
 /// A `retrying` attempt older than this was left by a process that died; another run takes
-/// it up again with the same idempotency key. Longer than a `/pay` call with all its
-/// retries can take.
-pub const RETRY_LEASE: Duration = Duration::minutes(10);
+/// it up again with the same idempotency key. Longer than a retry can take: the read and the
+/// `/pay`, each with the client's six tries of up to 30 s, its backoff and Stripe's
+/// `Retry-After` pauses (about 16 minutes at worst).
+pub const RETRY_LEASE: Duration = Duration::minutes(30);
 /// Where the emails send the customer when Stripe gave no hosted invoice page.
 pub const DEFAULT_UPDATE_PAYMENT_URL: &str = "https://dashboard.apexmediation.com/billing";
 
@@ -284,20 +285,38 @@ pub struct EventEffect {
     pub customer_reactivated: bool,
 }
 
-/// Applies Stripe's invoice event `event_type` about `invoice` (the event's `data.object`),
-/// created at `created` (Day 0 for a failure; now when the event has no time), to dunning, in
-/// the caller's transaction (the webhook's, after the invoice mirror was updated):
-/// `invoice.payment_failed` opens a case, `invoice.paid` / `invoice.payment_succeeded` (with
-/// money paid) and `invoice.voided` close it. Other events, invoices of customers we do not
-/// know, and invoices with nothing due change nothing.
+/// A Stripe invoice event, as dunning reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct InvoiceEvent<'a> {
+    /// `invoice.payment_failed`, `invoice.paid`, ...
+    pub event_type: &'a str,
+    /// The event's `data.object`: the invoice.
+    pub invoice: &'a Value,
+    /// The event's `created` (Day 0 for a failure); `None` when it has none (now is used).
+    pub created: Option<DateTime<Utc>>,
+    /// The event's `request.idempotency_key`: the key of the API request that caused it
+    /// (ours for a payment our retry made, `apex-dunning-<invoice>-<attempt>`).
+    pub request_key: Option<&'a str>,
+}
+
+/// Applies Stripe's invoice event to dunning, in the caller's transaction (the webhook's,
+/// after the invoice mirror was updated): `invoice.payment_failed` opens a case,
+/// `invoice.paid` / `invoice.payment_succeeded` and `invoice.voided` close it. Other events,
+/// invoices of customers we do not know, and failures with nothing due change nothing; a
+/// paid invoice that collected nothing closes its case if it has one (a credit note settled
+/// it) and is otherwise ignored (Stripe's own $0 subscription renewals).
 pub async fn apply_invoice_event(
     conn: &mut PgConnection,
     policy: &Policy,
-    event_type: &str,
-    invoice: &Value,
-    created: Option<DateTime<Utc>>,
+    event: &InvoiceEvent<'_>,
     now: DateTime<Utc>,
 ) -> Result<EventEffect, BillingError> {
+    let InvoiceEvent {
+        event_type,
+        invoice,
+        created,
+        request_key,
+    } = *event;
     let Some(invoice_id) = invoice
         .get("id")
         .and_then(Value::as_str)
@@ -321,18 +340,40 @@ pub async fn apply_invoice_event(
             let paid = invoice.get("amount_paid").and_then(Value::as_i64);
             // A paid invoice that collected nothing (Stripe's own $0 subscription renewals:
             // the money is on our monthly invoice) says nothing about whether the customer
-            // pays.
-            if paid == Some(0) {
+            // pays, unless it settles a case (a credit note brought it to zero).
+            if paid == Some(0) && case_row(&mut *conn, invoice_id).await?.is_none() {
                 return Ok(EventEffect::default());
             }
-            if event_type == "invoice.paid" {
+            if event_type == "invoice.paid" && paid != Some(0) {
                 metrics::counter!(names::INVOICE_PAYMENTS_TOTAL, "outcome" => "succeeded")
                     .increment(1);
             }
-            on_settled(conn, invoice_id, invoice, Resolution::Paid, paid, now).await
+            // Our retry's payment names our key; a payment by hand or by Stripe does not.
+            let by_retry = request_key
+                .and_then(|key| key.strip_prefix(&format!("apex-dunning-{invoice_id}-")))
+                .and_then(|attempt| attempt.parse::<i32>().ok());
+            on_settled(
+                conn,
+                invoice_id,
+                invoice,
+                Resolution::Paid,
+                paid,
+                by_retry,
+                now,
+            )
+            .await
         }
         "invoice.voided" => {
-            on_settled(conn, invoice_id, invoice, Resolution::Voided, None, now).await
+            on_settled(
+                conn,
+                invoice_id,
+                invoice,
+                Resolution::Voided,
+                None,
+                None,
+                now,
+            )
+            .await
         }
         _ => Ok(EventEffect::default()),
     }
@@ -398,6 +439,8 @@ async fn on_payment_failed(
         );
         return Ok(effect);
     };
+    // Every step on a customer's cases takes its row first (see `customers::lock`).
+    customers::lock(&mut *conn, &customer_id).await?;
     if case_for_update(&mut *conn, invoice_id).await?.is_some() {
         // A redelivery, a late event, or our own retry failing: the case already follows it.
         return Ok(effect);
@@ -495,29 +538,52 @@ async fn on_payment_failed(
     Ok(effect)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn on_settled(
     conn: &mut PgConnection,
     invoice_id: &str,
     invoice: &Value,
     resolution: Resolution,
     amount_paid: Option<i64>,
+    by_retry: Option<i32>,
     now: DateTime<Utc>,
 ) -> Result<EventEffect, BillingError> {
     let mut effect = EventEffect::default();
-    let Some(customer_id) = customer_of(conn, invoice_id, invoice).await? else {
-        return Ok(effect);
+    // The case is found by its invoice first: it names its customer even if the Stripe
+    // mapping has changed since.
+    let customer_id = match case_row(&mut *conn, invoice_id).await? {
+        Some(case) => case.customer_id,
+        None => match customer_of(conn, invoice_id, invoice).await? {
+            Some(customer) => customer,
+            None => return Ok(effect),
+        },
     };
+    customers::lock(&mut *conn, &customer_id).await?;
     match case_for_update(&mut *conn, invoice_id).await? {
         Some(case) if case.resolved_at.is_none() => {
-            // Paid while our retry was in flight: most likely by that retry.
-            let resolution = if resolution == Resolution::Paid
-                && retry_in_flight(&mut *conn, invoice_id).await?
-            {
-                Resolution::RetrySucceeded
-            } else {
-                resolution
+            // Our retry paid it (its key is on the event); without a key (an event that
+            // names no request), a retry in flight most likely did.
+            let attempt = match by_retry {
+                Some(attempt) => Some(attempt),
+                None if resolution == Resolution::Paid => {
+                    retry_in_flight(&mut *conn, invoice_id).await?
+                }
+                None => None,
             };
-            let closed = close_case(&mut *conn, &case, resolution, amount_paid, None, now).await?;
+            let resolution = match attempt {
+                Some(_) if resolution == Resolution::Paid => Resolution::RetrySucceeded,
+                _ => resolution,
+            };
+            let closed = close_case(
+                &mut *conn,
+                &case,
+                resolution,
+                amount_paid,
+                attempt,
+                None,
+                now,
+            )
+            .await?;
             effect.case_closed = Some(resolution);
             effect.subscription_moved = closed.subscription_moved;
             effect.customer_reactivated = closed.customer_reactivated;
@@ -549,13 +615,17 @@ async fn case_for_update(
         .await?)
 }
 
-async fn retry_in_flight(db: impl PgExecutor<'_>, invoice_id: &str) -> Result<bool, BillingError> {
+/// The retry of `invoice_id` sent to Stripe and not yet recorded, if any.
+async fn retry_in_flight(
+    db: impl PgExecutor<'_>,
+    invoice_id: &str,
+) -> Result<Option<i32>, BillingError> {
     Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM dunning_attempts WHERE invoice_id = $1 \
-             AND attempt_number > 0 AND status = 'retrying')",
+        "SELECT attempt_number FROM dunning_attempts WHERE invoice_id = $1 \
+             AND attempt_number > 0 AND status = 'retrying'",
     )
     .bind(invoice_id)
-    .fetch_one(db)
+    .fetch_optional(db)
     .await?)
 }
 
@@ -638,25 +708,28 @@ async fn settle_statuses(
     Ok(settled)
 }
 
-/// Closes the open case `case` as `resolution` at `now` (a retry in flight succeeded with it
-/// when the resolution is [`Resolution::RetrySucceeded`]; pending retries are canceled),
-/// settles the customer's statuses, and for a payment enqueues "Payment successful"
-/// (`amount_paid`, cents, else the amount due). `by` is (who, why) for an operator's close.
+/// Closes the open case `case` as `resolution` at `now`: retry `paid_by` (the one whose
+/// payment closed it) succeeded, the other pending ones are canceled; settles the customer's
+/// statuses; for a payment that collected money (`amount_paid` cents, `None`: the amount
+/// due) enqueues "Payment successful". `by` is (who, why) for an operator's close. The
+/// caller holds the customer's lock and the case's.
 async fn close_case(
     conn: &mut PgConnection,
     case: &DunningRow,
     resolution: Resolution,
     amount_paid: Option<i64>,
+    paid_by: Option<i32>,
     by: Option<(&str, Option<&str>)>,
     now: DateTime<Utc>,
 ) -> Result<Settled, BillingError> {
     sqlx::query(
         "UPDATE dunning_attempts SET updated_at = $3, \
-             status = CASE WHEN status = 'retrying' AND $2 THEN 'succeeded' ELSE 'canceled' END \
-         WHERE invoice_id = $1 AND attempt_number > 0 AND status IN ('pending', 'retrying')",
+             status = CASE WHEN attempt_number = $2 THEN 'succeeded' ELSE 'canceled' END \
+         WHERE invoice_id = $1 AND attempt_number > 0 \
+           AND (status IN ('pending', 'retrying') OR attempt_number = $2)",
     )
     .bind(&case.invoice_id)
-    .bind(resolution == Resolution::RetrySucceeded)
+    .bind(paid_by)
     .bind(now)
     .execute(&mut *conn)
     .await?;
@@ -690,7 +763,7 @@ async fn close_case(
         metrics::counter!(names::DUNNING_REACTIVATIONS_TOTAL, "cause" => resolution.as_str())
             .increment(1);
     }
-    if resolution.is_payment() {
+    if resolution.is_payment() && amount_paid != Some(0) {
         if let Some(failed_at) = case.failed_at {
             let seconds = (now - failed_at).num_seconds().max(0) as f64;
             metrics::histogram!(names::DUNNING_RECOVERY_SECONDS).record(seconds);
@@ -706,7 +779,7 @@ async fn close_case(
                     "customer_id": case.customer_id,
                     "name": contact.name,
                     "invoice_id": case.invoice_id,
-                    "amount_paid_cents": amount_paid.filter(|a| *a > 0).unwrap_or(case.amount_due_cents),
+                    "amount_paid_cents": amount_paid.unwrap_or(case.amount_due_cents),
                     "currency": case.currency,
                     "service_status": contact.status,
                 }),
@@ -904,12 +977,13 @@ pub async fn record_attempt(
 ) -> Result<Recorded, BillingError> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
+    customers::lock(&mut *tx, &claim.customer_id).await?;
     let Some(case) = case_for_update(&mut *tx, &claim.invoice_id).await? else {
         return Ok(Recorded::Stale);
     };
     let current: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
         "SELECT status, attempted_at FROM dunning_attempts \
-         WHERE invoice_id = $1 AND attempt_number = $2",
+         WHERE invoice_id = $1 AND attempt_number = $2 FOR UPDATE",
     )
     .bind(&claim.invoice_id)
     .bind(claim.attempt_number)
@@ -942,6 +1016,7 @@ pub async fn record_attempt(
                 &case,
                 Resolution::RetrySucceeded,
                 *amount_paid_cents,
+                Some(claim.attempt_number),
                 None,
                 now,
             )
@@ -951,7 +1026,7 @@ pub async fn record_attempt(
         }
         AttemptResult::Voided => {
             set_attempt(&mut tx, claim, "canceled", None, None, now).await?;
-            close_case(&mut tx, &case, Resolution::Voided, None, None, now).await?;
+            close_case(&mut tx, &case, Resolution::Voided, None, None, None, now).await?;
             outcome("canceled");
             Recorded::Canceled
         }
@@ -1082,20 +1157,22 @@ pub async fn close_exempt_cases(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
 ) -> Result<u64, BillingError> {
-    let invoices: Vec<String> = sqlx::query_scalar(
-        "SELECT d.invoice_id FROM dunning_attempts d JOIN customers c ON c.id = d.customer_id \
+    let invoices: Vec<(String, String)> = sqlx::query_as(
+        "SELECT d.invoice_id, d.customer_id FROM dunning_attempts d \
+         JOIN customers c ON c.id = d.customer_id \
          WHERE d.attempt_number = 0 AND d.resolved_at IS NULL AND c.dunning_exempt",
     )
     .fetch_all(&mut *conn)
     .await?;
     let mut closed = 0;
-    for invoice_id in invoices {
+    for (invoice_id, customer_id) in invoices {
         use sqlx::Connection;
         let mut tx = conn.begin().await?;
+        customers::lock(&mut *tx, &customer_id).await?;
         if let Some(case) = case_for_update(&mut *tx, &invoice_id).await?
             && case.resolved_at.is_none()
         {
-            close_case(&mut tx, &case, Resolution::Exempt, None, None, now).await?;
+            close_case(&mut tx, &case, Resolution::Exempt, None, None, None, now).await?;
             closed += 1;
         }
         tx.commit().await?;
@@ -1144,11 +1221,16 @@ pub async fn close_by_operator(
 ) -> Result<Settled, BillingError> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
+    let not_found = || BillingError::NotFound {
+        what: format!("dunning case of invoice {invoice_id}"),
+    };
+    let customer = case_row(&mut *tx, invoice_id)
+        .await?
+        .ok_or_else(not_found)?;
+    customers::lock(&mut *tx, &customer.customer_id).await?;
     let case = case_for_update(&mut *tx, invoice_id)
         .await?
-        .ok_or_else(|| BillingError::NotFound {
-            what: format!("dunning case of invoice {invoice_id}"),
-        })?;
+        .ok_or_else(not_found)?;
     if let Some(resolution) = &case.resolution {
         return Err(BillingError::Invalid(format!(
             "the dunning case of invoice {invoice_id} is closed already ({resolution})"
@@ -1158,6 +1240,7 @@ pub async fn close_by_operator(
         &mut tx,
         &case,
         Resolution::Closed,
+        None,
         None,
         Some((by, note)),
         now,
@@ -1194,6 +1277,7 @@ pub async fn reactivate_by_operator(
 ) -> Result<Reactivation, BillingError> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
+    customers::lock(&mut *tx, customer_id).await?;
     let Some((sub_id, _, stripe_sub)) = subscriptions::live(&mut *tx, customer_id).await? else {
         return Err(BillingError::Invalid(format!(
             "customer {customer_id} has no live subscription"
@@ -1223,6 +1307,7 @@ pub async fn reactivate_by_operator(
                 &mut tx,
                 &case,
                 Resolution::Reactivated,
+                None,
                 None,
                 Some((by, note)),
                 now,
@@ -1308,6 +1393,7 @@ pub async fn set_exempt(
                     &mut tx,
                     &case,
                     Resolution::Exempt,
+                    None,
                     None,
                     Some((by, note)),
                     now,

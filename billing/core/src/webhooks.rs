@@ -266,8 +266,8 @@ fn status_change(event: &Event) -> Option<(StripeTarget<'_>, &'static str)> {
     }
 }
 
-/// True when a stored event says Stripe invoice `invoice_id` was paid (with money) or
-/// voided: a `payment_failed` that arrives after it is older news.
+/// True when a stored event says Stripe invoice `invoice_id` was paid or voided: a
+/// `payment_failed` that arrives after it is older news.
 pub async fn invoice_settled_by_event(
     db: impl sqlx::PgExecutor<'_>,
     invoice_id: &str,
@@ -275,9 +275,7 @@ pub async fn invoice_settled_by_event(
     Ok(sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM stripe_events \
          WHERE event_type LIKE 'invoice.%' AND payload -> 'data' -> 'object' ->> 'id' = $1 \
-           AND (event_type = 'invoice.voided' OR (event_type IN ('invoice.paid', \
-                'invoice.payment_succeeded') \
-                AND coalesce((payload -> 'data' -> 'object' ->> 'amount_paid')::numeric, 1) > 0)))",
+           AND event_type IN ('invoice.voided', 'invoice.paid', 'invoice.payment_succeeded'))",
     )
     .bind(invoice_id)
     .fetch_one(db)
@@ -320,15 +318,18 @@ pub async fn handle(
             .await?;
     let mut subscriptions_updated = 0;
     if event.event_type.starts_with("invoice.") {
-        let effect = dunning::apply_invoice_event(
-            &mut tx,
-            policy,
-            &event.event_type,
-            &event.data.object,
+        let invoice_event = dunning::InvoiceEvent {
+            event_type: &event.event_type,
+            invoice: &event.data.object,
             created,
-            Utc::now(),
-        )
-        .await?;
+            request_key: event
+                .payload
+                .get("request")
+                .and_then(|r| r.get("idempotency_key"))
+                .and_then(Value::as_str),
+        };
+        let effect =
+            dunning::apply_invoice_event(&mut tx, policy, &invoice_event, Utc::now()).await?;
         subscriptions_updated = u64::from(effect.subscription_moved);
     } else if let Some((target, status)) = status_change(event) {
         subscriptions_updated =

@@ -633,12 +633,17 @@ async fn a_retry_put_off_waits_for_the_follow_up_and_a_dead_runs_retry_is_taken_
     // does, with the same idempotency key; the dead run's answer is then stale.
     let later = now + Duration::hours(1);
     assert!(
-        dunning::claim_next(&stores.pool, later + Duration::minutes(5), false)
-            .await
-            .unwrap()
-            .is_none()
+        dunning::claim_next(
+            &stores.pool,
+            later + dunning::RETRY_LEASE - Duration::minutes(1),
+            false
+        )
+        .await
+        .unwrap()
+        .is_none()
     );
-    let taken = dunning::claim_next(&stores.pool, later + Duration::minutes(11), false)
+    let taken_at = later + dunning::RETRY_LEASE + Duration::minutes(1);
+    let taken = dunning::claim_next(&stores.pool, taken_at, false)
         .await
         .unwrap()
         .unwrap();
@@ -656,7 +661,7 @@ async fn a_retry_put_off_waits_for_the_follow_up_and_a_dead_runs_retry_is_taken_
         &AttemptResult::Paid {
             amount_paid_cents: Some(4900),
         },
-        later + Duration::minutes(11),
+        taken_at,
     )
     .await
     .unwrap();
@@ -775,4 +780,149 @@ async fn the_guides_dunning_queries_return_meaningful_rows() {
     // Attempt 0: both cases, one recovered (by hand, after suspension); retries 1 to 3 of the
     // first case failed; the second's first retry is still pending.
     assert_eq!(table, [(0, 2, 1), (1, 2, 0), (2, 1, 0), (3, 1, 0)]);
+}
+
+#[tokio::test]
+async fn two_invoices_paid_at_once_reactivate_the_customer() {
+    let stores = TestStores::migrated().await;
+    let customer = subscribed(&stores, 20).await;
+    let t0 = Utc::now() - Duration::days(10);
+    for id in ["in_x", "in_y"] {
+        deliver(
+            &stores,
+            &event(
+                &format!("evt_{id}"),
+                "invoice.payment_failed",
+                t0,
+                invoice(id, 20),
+            ),
+        )
+        .await;
+    }
+    decline_to_suspension(&stores, t0).await;
+    assert_eq!(statuses(&stores, &customer).await.0, "suspended");
+    // Both payments at the same moment, each on its own connection: each step takes the
+    // customer's row first, so the second sees the first's case closed.
+    let (x, y) = (
+        event("evt_px", "invoice.paid", Utc::now(), paid("in_x", 20)),
+        event("evt_py", "invoice.paid", Utc::now(), paid("in_y", 20)),
+    );
+    tokio::join!(deliver(&stores, &x), deliver(&stores, &y));
+    assert_eq!(
+        statuses(&stores, &customer).await,
+        ("active".into(), "active".into())
+    );
+}
+
+#[tokio::test]
+async fn a_credit_that_settles_the_invoice_closes_its_case_without_a_payment_email() {
+    let stores = TestStores::migrated().await;
+    let customer = subscribed(&stores, 21).await;
+    let t0 = Utc::now() - Duration::days(10);
+    deliver(
+        &stores,
+        &event("evt_cf", "invoice.payment_failed", t0, invoice("in_cr", 21)),
+    )
+    .await;
+    decline_to_suspension(&stores, t0).await;
+    // A credit note brings the amount due to zero: Stripe marks it paid, collecting nothing.
+    let mut settled = paid("in_cr", 21);
+    settled["amount_paid"] = json!(0);
+    deliver(
+        &stores,
+        &event("evt_cp", "invoice.paid", Utc::now(), settled),
+    )
+    .await;
+    assert_eq!(
+        statuses(&stores, &customer).await,
+        ("active".into(), "active".into())
+    );
+    assert!(
+        !emails(&stores, &customer)
+            .await
+            .contains(&"email.payment_succeeded".to_owned())
+    );
+    // A $0 paid invoice with no case (Stripe's own renewals) still changes nothing.
+    deliver(
+        &stores,
+        &event("evt_c0", "invoice.paid", Utc::now(), {
+            let mut zero = paid("in_zero", 21);
+            zero["amount_paid"] = json!(0);
+            zero
+        }),
+    )
+    .await;
+    assert!(rows(&stores, "in_zero").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_payment_naming_our_retrys_key_is_that_retrys_success() {
+    let stores = TestStores::migrated().await;
+    subscribed(&stores, 22).await;
+    let t0 = Utc::now() - Duration::days(5);
+    deliver(
+        &stores,
+        &event("evt_kf", "invoice.payment_failed", t0, invoice("in_k", 22)),
+    )
+    .await;
+    // The retry's answer is lost and its run put it off; Stripe's event of that payment names
+    // the retry's idempotency key.
+    let now = day(t0, 3);
+    let claim = dunning::claim_next(&stores.pool, now, false)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut conn = stores.pool.acquire().await.unwrap();
+    dunning::record_attempt(
+        &mut conn,
+        &Policy::default(),
+        &claim,
+        &AttemptResult::Postponed {
+            reason: "timeout".into(),
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    let mut body: Value = serde_json::from_str(&event(
+        "evt_kp",
+        "invoice.paid",
+        Utc::now(),
+        paid("in_k", 22),
+    ))
+    .unwrap();
+    body["request"] = json!({"id": "req_1", "idempotency_key": claim.idempotency_key()});
+    deliver(&stores, &body.to_string()).await;
+    let resolution: Option<String> = sqlx::query_scalar(
+        "SELECT resolution FROM dunning_attempts WHERE invoice_id = 'in_k' AND attempt_number = 0",
+    )
+    .fetch_one(&stores.pool)
+    .await
+    .unwrap();
+    assert_eq!(resolution.as_deref(), Some("retry_succeeded"));
+    assert_eq!(
+        rows(&stores, "in_k").await,
+        [(0, "succeeded".to_owned()), (1, "succeeded".to_owned())]
+    );
+    // A payment by hand (no key of ours) while nothing is in flight is the customer's.
+    subscribed(&stores, 23).await;
+    deliver(
+        &stores,
+        &event(
+            "evt_hf",
+            "invoice.payment_failed",
+            t0,
+            invoice("in_hand", 23),
+        ),
+    )
+    .await;
+    deliver(
+        &stores,
+        &event("evt_hp", "invoice.paid", Utc::now(), paid("in_hand", 23)),
+    )
+    .await;
+    assert_eq!(
+        rows(&stores, "in_hand").await,
+        [(0, "succeeded".to_owned()), (1, "canceled".to_owned())]
+    );
 }

@@ -471,8 +471,8 @@ async fn email_queue(ctx: &JobContext) -> Outcome {
 }
 
 /// The guide's 03:00 Dunning Retries (`only_postponed`: the hourly follow-up of retries put
-/// off). Fails when Postgres fails, Stripe has no key, or Stripe could not be reached (the
-/// retries are put off, never skipped; the failed run is the alert).
+/// off). Fails when Postgres fails, Stripe has no key, or a retry was put off because Stripe
+/// could not be reached or refused us (never skipped; the failed run is the alert).
 async fn dunning_retries(ctx: &JobContext, only_postponed: bool) -> Outcome {
     let client = match stripe_client(ctx) {
         Ok(client) => client,
@@ -485,9 +485,7 @@ async fn dunning_retries(ctx: &JobContext, only_postponed: bool) -> Outcome {
     match apex_stripe::dunning::process(&ctx.pool, &client, &ctx.dunning, request).await {
         Ok(summary) => Outcome {
             details: serde_json::to_value(&summary).unwrap_or_else(|_| json!({})),
-            error: summary
-                .stripe_unreachable
-                .then(|| "Stripe could not be reached: the retries were put off".to_owned()),
+            error: summary.failure(),
         },
         Err(e) => Outcome::failed(e.to_string()),
     }

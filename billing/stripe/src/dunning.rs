@@ -12,7 +12,8 @@
 //! that is not paid yet) puts the attempt off by the policy's postponement, never skips it
 //! and never counts as a decline: a customer is never suspended for our or Stripe's
 //! trouble. After three retries in a row could not reach Stripe, the run stops calling it
-//! and puts off the rest.
+//! and puts off the rest. A run that put anything off for Stripe's sake (or could not record
+//! a retry) fails, for the alert ([`RunSummary::failure`]).
 
 use apex_billing::dunning::{self, AttemptResult, Claim, Policy, Recorded};
 use chrono::{DateTime, Utc};
@@ -43,11 +44,43 @@ pub struct RunSummary {
     pub exempt_closed: u64,
     /// The run stopped calling Stripe after it could not be reached.
     pub stripe_unreachable: bool,
+    /// Retries put off because Stripe could not be reached or refused us (a 5xx, a timeout,
+    /// a 429 after the client's own tries; or a 401, 404 or other 4xx that is not a
+    /// decline): the run fails for the alert.
+    pub stripe_errors: usize,
+    /// The last of those errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_stripe_error: Option<String>,
+    /// Retries whose outcome could not be recorded (Postgres failed): each is taken up
+    /// again once its lease has passed; the run fails.
+    pub record_errors: Vec<String>,
     /// Open cases after the run: retrying, suspended.
     pub open_cases: (i64, i64),
 }
 
 impl RunSummary {
+    /// Why the run should fail (for the cron job's alert and `apexctl dunning process`'s
+    /// exit status), if it should: Stripe trouble or a retry that could not be recorded.
+    pub fn failure(&self) -> Option<String> {
+        if !self.record_errors.is_empty() {
+            return Some(format!(
+                "{} retries could not be recorded (they are taken up again): {}",
+                self.record_errors.len(),
+                self.record_errors.join("; ")
+            ));
+        }
+        (self.stripe_errors > 0 || self.stripe_unreachable).then(|| {
+            format!(
+                "{} retries were put off: Stripe could not be reached or refused us{}",
+                self.stripe_errors.max(1),
+                self.last_stripe_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
     /// Retries put off.
     pub fn postponed(&self) -> usize {
         self.attempts
@@ -104,12 +137,39 @@ pub async fn process(
             }
         } else {
             let (result, error) = attempt(stripe, &claim).await;
-            outage.record(error.map(StripeWorkError::Stripe).as_ref());
+            if let Some(error) = &error {
+                summary.stripe_errors += 1;
+                summary.last_stripe_error = Some(error.to_string());
+            }
+            outage.record(
+                error
+                    .filter(StripeError::is_retryable)
+                    .map(StripeWorkError::Stripe)
+                    .as_ref(),
+            );
             result
         };
-        let recorded =
-            dunning::record_attempt(&mut *pool.acquire().await?, policy, &claim, &result, now)
-                .await?;
+        let recorded = match dunning::record_attempt(
+            &mut *pool.acquire().await?,
+            policy,
+            &claim,
+            &result,
+            now,
+        )
+        .await
+        {
+            Ok(recorded) => recorded,
+            // The claim stays `retrying`: another run takes it up after the lease, with the
+            // same key; the other due retries of this run go on.
+            Err(e) => {
+                tracing::error!(invoice = %claim.invoice_id, error = %e, "cannot record a dunning retry");
+                summary.record_errors.push(format!(
+                    "{} attempt {}: {e}",
+                    claim.invoice_id, claim.attempt_number
+                ));
+                continue;
+            }
+        };
         let detail = match &result {
             AttemptResult::Declined { code, message } => Some(match code {
                 Some(code) => format!("{code}: {message}"),
@@ -127,8 +187,12 @@ pub async fn process(
             detail,
         });
     }
-    summary.notices =
-        dunning::send_due_notices(&mut *pool.acquire().await?, policy, now, None).await?;
+    // The retry emails go with the daily run (the day before each retry, at 03:00); the
+    // hourly follow-up only makes retries that were put off.
+    if !request.only_postponed {
+        summary.notices =
+            dunning::send_due_notices(&mut *pool.acquire().await?, policy, now, None).await?;
+    }
     summary.open_cases = record_open_cases(pool).await?;
     Ok(summary)
 }
@@ -164,7 +228,7 @@ fn log(claim: &Claim, recorded: &Recorded, detail: Option<&str>) {
 }
 
 /// Makes one retry: reads the invoice, pays it if it is still open. Returns the result and,
-/// when Stripe could not be reached, the error (for the run's outage rule).
+/// when Stripe could not be reached or refused us (anything but a decline), the error.
 async fn attempt(stripe: &StripeClient, claim: &Claim) -> (AttemptResult, Option<StripeError>) {
     let current: InvoiceState = match stripe
         .send(&RetrieveInvoice::new(claim.invoice_id.as_str()), None)
@@ -237,6 +301,5 @@ async fn attempt(stripe: &StripeClient, claim: &Claim) -> (AttemptResult, Option
 
 fn postponed(doing: &str, error: StripeError) -> (AttemptResult, Option<StripeError>) {
     let reason = format!("{doing}: {error}");
-    let unreachable = error.is_retryable().then_some(error);
-    (AttemptResult::Postponed { reason }, unreachable)
+    (AttemptResult::Postponed { reason }, Some(error))
 }
