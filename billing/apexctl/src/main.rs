@@ -4,12 +4,16 @@
 //! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
 //! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
 
+mod alert_commands;
 mod config;
 mod cron_commands;
 mod dunning_commands;
 mod email_commands;
 mod invoice_commands;
+mod notify_commands;
+mod sdk_telemetry;
 mod stripe_commands;
+mod trial_commands;
 
 use std::process::ExitCode;
 
@@ -77,6 +81,15 @@ enum Command {
     /// close a case.
     #[command(subcommand)]
     Dunning(dunning_commands::DunningCommand),
+    /// Usage alerts: list them, run the hourly check now.
+    #[command(subcommand)]
+    Alerts(alert_commands::AlertsCommand),
+    /// Trials ending soon.
+    #[command(subcommand)]
+    Trials(trial_commands::TrialsCommand),
+    /// Notices to customers: SDK updates.
+    #[command(subcommand)]
+    Notify(notify_commands::NotifyCommand),
 }
 
 #[derive(Subcommand)]
@@ -364,6 +377,15 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
             let clock = ctl.cron.clock;
             let now_fn = move || clock.now();
             return email_commands::run(command, &pool, &ctl.cron.email, now, &now_fn).await;
+        }
+        Command::Alerts(command) => {
+            return alert_commands::run(command, &ctl, &pool, now).await;
+        }
+        Command::Trials(command) => {
+            return trial_commands::run(command, &pool, now).await;
+        }
+        Command::Notify(command) => {
+            return notify_commands::run(command, &ctl, &pool, now).await;
         }
         Command::Dunning(command) => {
             return dunning_commands::run(command, &pool, &ctl.cron.stripe, &ctl.cron.dunning, now)

@@ -20,6 +20,10 @@
 //! - [`pricing`]: overages, the platform fee, billing periods and projections, as pure functions.
 //! - [`statement`]: a customer's period usage, limits and invoice preview; mediated revenue.
 //! - [`invoices`]: monthly invoices (lines, adjustments, reviews) and their Stripe mirror.
+//! - [`alerts`]: usage alerts at 80, 90, 100 and 110 % of a plan's limits.
+//! - [`trials`]: trial-ending reminders.
+//! - [`summaries`]: monthly usage summaries.
+//! - [`sdk_notices`]: SDK update notices.
 //! - [`dunning`]: failed payments retried on the guide's timeline, suspension, reactivation.
 //! - [`names`]: the metric names of the billing rules.
 //! - [`email_log`]: what was emailed, opt-outs, suppressed addresses, send counts.
@@ -30,6 +34,7 @@
 //! - [`ids`]: random identifiers (`cus_...`, `key_...`, `rsk_...`) and the customer id shape.
 //! - [`error`]: the crate's error type, retryable and permanent cases apart.
 
+pub mod alerts;
 pub mod customers;
 pub mod dunning;
 pub mod email_log;
@@ -42,10 +47,13 @@ pub mod keys;
 pub mod names;
 pub mod plans;
 pub mod pricing;
+pub mod sdk_notices;
 pub mod statement;
 pub mod status;
 pub mod subscriptions;
+pub mod summaries;
 pub mod tokens;
+pub mod trials;
 pub mod webhooks;
 
 pub use error::BillingError;

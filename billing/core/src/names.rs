@@ -1,5 +1,6 @@
 //! Metric names of the billing rules, `apex_billing_<noun>_<unit>[_total]`, with bounded
-//! labels (`outcome`, `resolution` and `cause` fixed words, `attempt` a retry number 1 to 3),
+//! labels (`outcome`, `resolution`, `cause` and `threshold` fixed words, `attempt` a retry
+//! number 1 to 3, `metric` one of the three metrics, `days` 7, 3 or 1),
 //! and [`ALL`], their descriptions. They are recorded by whichever process applies the rule:
 //! `apex-server` for what Stripe's webhooks decide (a case opened, a payment closing one),
 //! `apex-cron` for the `dunning_retries` job (attempts, suspensions, the open-cases gauge).
@@ -45,6 +46,15 @@ pub const DUNNING_RECOVERY_SECONDS_BUCKETS: &[f64] = &[
 /// Stripe would retry beside our dunning.
 pub const STRIPE_SCHEDULED_RETRIES_TOTAL: &str = "apex_billing_stripe_scheduled_retries_total";
 
+/// Usage alerts recorded, by `threshold` (`80`, `90`, `100`, `overage`).
+pub const USAGE_ALERTS_TOTAL: &str = "apex_billing_usage_alerts_total";
+/// Customers at or above 80 % of a limit at the last check, by `metric`.
+pub const USAGE_CUSTOMERS_ABOVE_80: &str = "apex_billing_usage_customers_above_80";
+/// Trial reminders enqueued, by `days` (`7`, `3`, `1`).
+pub const TRIAL_REMINDERS_TOTAL: &str = "apex_billing_trial_reminders_total";
+/// Monthly summaries enqueued.
+pub const MONTHLY_SUMMARIES_TOTAL: &str = "apex_billing_monthly_summaries_total";
+
 /// Every metric of the billing rules, with its HELP text.
 pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
@@ -76,6 +86,19 @@ pub const ALL: &[MetricSpec] = &[
         DUNNING_RECOVERY_SECONDS,
         "Seconds from a failed payment to the payment that closed its dunning case.",
     ),
+    MetricSpec::counter(
+        USAGE_ALERTS_TOTAL,
+        "Usage alerts recorded, by threshold (80, 90, 100, overage).",
+    ),
+    MetricSpec::gauge(
+        USAGE_CUSTOMERS_ABOVE_80,
+        "Customers at or above 80 % of a plan limit at the last usage check, by metric.",
+    ),
+    MetricSpec::counter(
+        TRIAL_REMINDERS_TOTAL,
+        "Trial-ending reminders enqueued, by days before the end (7, 3, 1).",
+    ),
+    MetricSpec::counter(MONTHLY_SUMMARIES_TOTAL, "Monthly usage summaries enqueued."),
     MetricSpec::counter(
         STRIPE_SCHEDULED_RETRIES_TOTAL,
         "Failed-payment events showing Stripe scheduled its own retry (turn Smart Retries off).",

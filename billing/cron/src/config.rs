@@ -38,6 +38,8 @@ pub struct CronConfig {
     /// The dunning retry schedule (`APEX_DUNNING_RETRY_DAYS`, `APEX_DUNNING_POSTPONE_SECS`),
     /// checked at start.
     pub dunning: apex_billing::dunning::Policy,
+    /// The usage alert thresholds (`APEX_USAGE_ALERT_THRESHOLDS`), checked at start.
+    pub alert_thresholds: apex_billing::alerts::Thresholds,
     /// `APEX_CRON_SHUTDOWN_GRACE_MS`, default 30,000: how long runs in flight get at SIGTERM.
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before scheduling.
@@ -75,6 +77,7 @@ impl CronConfig {
             invoicing: CloseSettings::from_env(env)?,
             email: EmailConfig::from_env(env)?,
             dunning: apex_billing::dunning::Policy::from_env(env)?,
+            alert_thresholds: apex_billing::alerts::Thresholds::from_env(env)?,
             shutdown_grace: Duration::from_millis(grace_ms),
             migrate_on_start: env.parse_or("APEX_MIGRATE_ON_START", true)?,
             clock: Clock::from_env(env)?,
@@ -115,7 +118,7 @@ mod tests {
             (7, 90)
         );
         assert_eq!(cfg.clock, Clock::Wall);
-        assert_eq!(cfg.jobs.len(), 6);
+        assert_eq!(cfg.jobs.len(), 9);
         assert_eq!(cfg.invoicing.revenue_wait.num_days(), 5);
     }
 

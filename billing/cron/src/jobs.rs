@@ -1,8 +1,8 @@
 //! The jobs of the cron process: the operations guide's table (`email_queue` every minute,
 //! `usage_limits` hourly, `stripe_sync` daily 02:00, `dunning_retries` daily 03:00,
 //! `trial_reminders` daily 09:00, `monthly_summaries` 1st 10:00, all UTC), of which a job is
-//! listed here only once it does its work, plus our own `maintenance`, `invoice_close` and
-//! `dunning_postponed`. Each job's schedule
+//! listed here only once it does its work (all of them now), plus our own `maintenance`,
+//! `invoice_close` and `dunning_postponed`. Each job's schedule
 //! can be overridden (`APEX_CRON_SCHEDULE_<JOB>`: a cron expression, or `off`), and so can
 //! its timeout (`APEX_CRON_TIMEOUT_SECS_<JOB>`).
 //!
@@ -52,6 +52,13 @@ pub enum JobKind {
     /// Ours: the hourly follow-up of dunning retries Stripe could not take (put off by
     /// `APEX_DUNNING_POSTPONE_SECS`, default an hour).
     DunningPostponed,
+    /// The guide's Usage Limits: thresholds crossed recorded, alert emails enqueued
+    /// (`apex_billing::alerts`).
+    UsageLimits,
+    /// The guide's Trial Reminders (`apex_billing::trials`).
+    TrialReminders,
+    /// The guide's Monthly Summaries (`apex_billing::summaries`).
+    MonthlySummaries,
     /// A test double: waits `work` of the process's clock, then succeeds (or fails).
     Test {
         /// How long a run takes.
@@ -138,6 +145,38 @@ pub const JOBS: &[JobSpec] = &[
         kind: JobKind::DunningRetries,
         schedule_var: "APEX_CRON_SCHEDULE_DUNNING_RETRIES",
         timeout_var: "APEX_CRON_TIMEOUT_SECS_DUNNING_RETRIES",
+    },
+    JobSpec {
+        name: "usage_limits",
+        guide: "Usage Limits",
+        schedule: "0 * * * *",
+        timeout_secs: 30 * 60,
+        // Every run checks the period as of now: a missed hour needs no catch-up.
+        catch_up: false,
+        kind: JobKind::UsageLimits,
+        schedule_var: "APEX_CRON_SCHEDULE_USAGE_LIMITS",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_USAGE_LIMITS",
+    },
+    JobSpec {
+        name: "trial_reminders",
+        guide: "Trial Reminders",
+        schedule: "0 9 * * *",
+        timeout_secs: 30 * 60,
+        catch_up: true,
+        kind: JobKind::TrialReminders,
+        schedule_var: "APEX_CRON_SCHEDULE_TRIAL_REMINDERS",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_TRIAL_REMINDERS",
+    },
+    JobSpec {
+        name: "monthly_summaries",
+        guide: "Monthly Summaries",
+        schedule: "0 10 1 * *",
+        timeout_secs: 2 * 3_600,
+        // A summary missed on the 1st goes when the process is back (once per month).
+        catch_up: true,
+        kind: JobKind::MonthlySummaries,
+        schedule_var: "APEX_CRON_SCHEDULE_MONTHLY_SUMMARIES",
+        timeout_var: "APEX_CRON_TIMEOUT_SECS_MONTHLY_SUMMARIES",
     },
     JobSpec {
         name: "dunning_postponed",
@@ -367,6 +406,8 @@ pub struct JobContext {
     pub email: EmailConfig,
     /// The dunning retry schedule.
     pub dunning: Policy,
+    /// The usage alert thresholds.
+    pub alert_thresholds: apex_billing::alerts::Thresholds,
     /// This process's name in `events.leased_by`.
     pub runner: String,
 }
@@ -384,6 +425,7 @@ impl JobContext {
             invoicing: config.invoicing,
             email: config.email.clone(),
             dunning: config.dunning.clone(),
+            alert_thresholds: config.alert_thresholds.clone(),
             runner: crate::runner::runner_id(),
         }
     }
@@ -428,6 +470,9 @@ impl Job {
             JobKind::InvoiceClose => invoice_close(ctx).await,
             JobKind::DunningRetries => dunning_retries(ctx, false).await,
             JobKind::DunningPostponed => dunning_retries(ctx, true).await,
+            JobKind::UsageLimits => usage_limits(ctx).await,
+            JobKind::TrialReminders => trial_reminders(ctx).await,
+            JobKind::MonthlySummaries => monthly_summaries(ctx).await,
             JobKind::Test { work, fails } => {
                 ctx.clock.sleep(work).await;
                 Outcome {
@@ -488,6 +533,71 @@ async fn dunning_retries(ctx: &JobContext, only_postponed: bool) -> Outcome {
             error: summary.failure(),
         },
         Err(e) => Outcome::failed(e.to_string()),
+    }
+}
+
+/// A job's summary as the run's details, or the error that failed it.
+fn outcome_of<T: serde::Serialize>(result: Result<T, impl std::fmt::Display>) -> Outcome {
+    match result {
+        Ok(summary) => Outcome {
+            details: serde_json::to_value(&summary).unwrap_or_else(|_| json!({})),
+            error: None,
+        },
+        Err(e) => Outcome::failed(e.to_string()),
+    }
+}
+
+/// A pooled connection, or the failed outcome.
+async fn connection(
+    ctx: &JobContext,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, Outcome> {
+    ctx.pool
+        .acquire()
+        .await
+        .map_err(|e| Outcome::failed(format!("cannot reach Postgres: {e}")))
+}
+
+/// The guide's hourly Usage Limits check (`apexctl alerts check`).
+async fn usage_limits(ctx: &JobContext) -> Outcome {
+    match connection(ctx).await {
+        Ok(mut conn) => outcome_of(
+            apex_billing::alerts::check_usage_limits(
+                &mut conn,
+                &ctx.alert_thresholds,
+                ctx.clock.now(),
+            )
+            .await,
+        ),
+        Err(outcome) => outcome,
+    }
+}
+
+/// The guide's 09:00 Trial Reminders.
+async fn trial_reminders(ctx: &JobContext) -> Outcome {
+    match connection(ctx).await {
+        Ok(mut conn) => {
+            outcome_of(apex_billing::trials::send_trial_reminders(&mut conn, ctx.clock.now()).await)
+        }
+        Err(outcome) => outcome,
+    }
+}
+
+/// The guide's Monthly Summaries, on the 1st at 10:00: the month before, once per customer.
+async fn monthly_summaries(ctx: &JobContext) -> Outcome {
+    match connection(ctx).await {
+        Ok(mut conn) => {
+            match apex_billing::summaries::send_monthly_summaries(&mut conn, ctx.clock.now()).await
+            {
+                // A customer whose month could not be summarised fails the run (for the
+                // alert); the others went, and a rerun makes only what is missing.
+                Ok(summary) => Outcome {
+                    details: serde_json::to_value(&summary).unwrap_or_else(|_| json!({})),
+                    error: summary.failure(),
+                },
+                Err(e) => Outcome::failed(e.to_string()),
+            }
+        }
+        Err(outcome) => outcome,
     }
 }
 
@@ -650,6 +760,9 @@ mod tests {
                 "maintenance",
                 "invoice_close",
                 "dunning_retries",
+                "usage_limits",
+                "trial_reminders",
+                "monthly_summaries",
                 "dunning_postponed"
             ]
         );

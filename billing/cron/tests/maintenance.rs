@@ -114,6 +114,7 @@ async fn maintenance_removes_what_is_past_its_horizon_and_keeps_each_logs_newest
         invoicing: Default::default(),
         email: apex_notify::config::EmailConfig::from_env(&EnvSource::from_pairs([])).unwrap(),
         dunning: Default::default(),
+        alert_thresholds: Default::default(),
         runner: "maintenance-test".into(),
     };
     let jobs = jobs_from_env(&EnvSource::from_pairs([])).unwrap();

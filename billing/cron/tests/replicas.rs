@@ -39,6 +39,9 @@ fn stripe_env(standin: &StripeStandIn, clock: &SimClock) -> Vec<(String, String)
     env.push(("APEX_CRON_SCHEDULE_EMAIL_QUEUE".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_DUNNING_RETRIES".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_DUNNING_POSTPONED".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_USAGE_LIMITS".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_TRIAL_REMINDERS".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_MONTHLY_SUMMARIES".into(), "off".into()));
     env
 }
 

@@ -21,6 +21,9 @@ fn only(test_jobs: &str, clock: &SimClock) -> Vec<(String, String)> {
     env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_DUNNING_RETRIES".into(), "off".into()));
     env.push(("APEX_CRON_SCHEDULE_DUNNING_POSTPONED".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_USAGE_LIMITS".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_TRIAL_REMINDERS".into(), "off".into()));
+    env.push(("APEX_CRON_SCHEDULE_MONTHLY_SUMMARIES".into(), "off".into()));
     env.push(("APEX_CRON_TEST_JOBS".into(), test_jobs.into()));
     env
 }

@@ -51,7 +51,17 @@
 //!   `data_transfer_gb`), `used`, `limit`, `percent` (numbers ≥ 0), `period_end` (date);
 //!   `usage_alert_overage` also `overage_cost_cents` (integer).
 //! - `monthly_summary`: `month` (`YYYY-MM`), `impressions`, `api_calls` (integers ≥ 0),
-//!   `data_transfer_gb` (number ≥ 0), `total_cents` (integer), `invoice_url` (URL, optional).
+//!   `data_transfer_gb` (number ≥ 0), `total_cents` (integer: the invoice's total, or the
+//!   month's estimate before it is issued), and optionally (`apex_billing::summaries` sends
+//!   them all): `plan_type`, `plan_name` (text; with `plan_name` the email shows the full
+//!   table), `previous_month` (`YYYY-MM`); per metric `<m>` (`impressions`, `api_calls`,
+//!   `data_transfer_gb`, the last in GB) `<m>_included` (absent or `null`: unlimited),
+//!   `<m>_overage` (same unit), `<m>_overage_cost_cents` (integer), `<m>_previous` (the
+//!   month before's usage), `<m>_change_percent` (whole percent, negative when down; absent
+//!   when the month before had none); `overage_cost_cents` (their sum),
+//!   `mediated_revenue_cents`, `platform_fee_cents` (integers) and `platform_fee_bps`
+//!   (integer ≥ 0; absent: revenue not reported yet), `invoice_total_cents` (integer, when
+//!   the month's invoice exists), `invoice_url` (URL).
 //! - `sdk_update`: `sdk` (`ios` or `android`), `version` (text), `release_notes_url` (URL),
 //!   `notes` (text, optional; its line breaks are kept).
 //!
@@ -259,12 +269,36 @@ const MONTHLY_SUMMARY: Spec = Spec {
         "data_transfer_gb",
         "total_cents",
     ],
+    // `Ty::Cents` is the signed-integer check: it also types the change percentages.
     fields: &[
         ("month", Ty::Month),
+        ("previous_month", Ty::Month),
+        ("plan_type", Ty::Text),
+        ("plan_name", Ty::Text),
         ("impressions", Ty::Count),
+        ("impressions_included", Ty::Count),
+        ("impressions_overage", Ty::Count),
+        ("impressions_overage_cost_cents", Ty::Cents),
+        ("impressions_previous", Ty::Count),
+        ("impressions_change_percent", Ty::Cents),
         ("api_calls", Ty::Count),
+        ("api_calls_included", Ty::Count),
+        ("api_calls_overage", Ty::Count),
+        ("api_calls_overage_cost_cents", Ty::Cents),
+        ("api_calls_previous", Ty::Count),
+        ("api_calls_change_percent", Ty::Cents),
         ("data_transfer_gb", Ty::Quantity),
+        ("data_transfer_gb_included", Ty::Quantity),
+        ("data_transfer_gb_overage", Ty::Quantity),
+        ("data_transfer_gb_overage_cost_cents", Ty::Cents),
+        ("data_transfer_gb_previous", Ty::Quantity),
+        ("data_transfer_gb_change_percent", Ty::Cents),
+        ("overage_cost_cents", Ty::Cents),
+        ("mediated_revenue_cents", Ty::Cents),
+        ("platform_fee_cents", Ty::Cents),
+        ("platform_fee_bps", Ty::Count),
         ("total_cents", Ty::Cents),
+        ("invoice_total_cents", Ty::Cents),
         ("invoice_url", Ty::Url),
     ],
 };
@@ -716,11 +750,37 @@ pub fn sample_data(kind: EmailKind) -> Value {
             alert
         }
         EmailKind::MonthlySummary => json!({
+            // A Growth customer's October as `apex_billing::summaries` enqueues it: API calls
+            // over the allowance, the platform fee on $50,000 of revenue, the invoice issued.
             "month": "2025-10",
+            "previous_month": "2025-09",
+            "plan_type": "growth",
+            "plan_name": "Growth",
+            "currency": "usd",
             "impressions": 9_482_113,
+            "impressions_included": 10_000_000,
+            "impressions_overage": 0,
+            "impressions_overage_cost_cents": 0,
+            "impressions_previous": 8_431_950,
+            "impressions_change_percent": 12,
             "api_calls": 1_204_877,
+            "api_calls_included": 1_000_000,
+            "api_calls_overage": 204_877,
+            "api_calls_overage_cost_cents": 820,
+            "api_calls_previous": 1_242_310,
+            "api_calls_change_percent": -3,
             "data_transfer_gb": 48.7,
-            "total_cents": 124_950,
+            "data_transfer_gb_included": 500,
+            "data_transfer_gb_overage": 0,
+            "data_transfer_gb_overage_cost_cents": 0,
+            "data_transfer_gb_previous": 0,
+            "data_transfer_gb_change_percent": null,
+            "overage_cost_cents": 820,
+            "mediated_revenue_cents": 5_000_000,
+            "platform_fee_cents": 125_000,
+            "platform_fee_bps": 250,
+            "total_cents": 125_820,
+            "invoice_total_cents": 125_820,
             "invoice_url": "https://invoice.stripe.com/i/acct_1Apex/test_b2N0b2Jlcg",
             "unsubscribe_url":
                 "https://app.apexmediation.com/settings/email?customer=cus_Q8x2LmN4pR&category=monthly_summary",
