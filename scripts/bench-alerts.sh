@@ -2,8 +2,10 @@
 # The hourly usage check (`apexctl alerts check`, the `usage_limits` job's work; release build)
 # over N active customers (default 10,000) on Starter, in a fresh database of the stack, with
 # hourly rollups of all three metrics for the first DAYS days of the month (default 15: about
-# 10.8 million rows for 10,000 customers); a third of the customers are past 80 % of their
-# impressions limit. ROUNDS runs (default 3): the first records the alerts and enqueues the
+# 10.8 million rows for 10,000 customers; DAYS=30 is a month's end, 21.6 million), written
+# hour by hour across all customers as the pipeline writes them; every third customer is at
+# 105 % of its impressions limit when the check runs (80, 90 and 100 % crossed), the others at
+# 30 %. ROUNDS runs (default 3): the first records the alerts and enqueues the
 # emails, the later ones find nothing new (the check is idempotent); prints each run's time
 # and the median. The goal (issue 17): 10,000 customers in seconds.
 # Usage: scripts/bench-alerts.sh [N] [DAYS] [ROUNDS]
@@ -33,13 +35,14 @@ INSERT INTO customers (id, name, email, created_at)
   FROM generate_series(1, $n) i;
 INSERT INTO subscriptions (customer_id, plan_id, status)
   SELECT 'cus_b' || i, 'starter', 'active' FROM generate_series(1, $n) i;
--- Per hour: every third customer at 1.2x its monthly impressions limit over the month, the
--- others at 0.3x; API calls and data transfer low.
+-- Per hour, hour by hour: every third customer reaches 105 % of its 1,000,000 impressions by
+-- the check, the others 30 %; API calls and data transfer stay low.
 INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity)
   SELECT 'cus_b' || i, m, '$month'::timestamptz + h * interval '1 hour',
-         CASE m WHEN 'impressions' THEN CASE WHEN i % 3 = 0 THEN 1667 ELSE 417 END
+         CASE m WHEN 'impressions' THEN CASE WHEN i % 3 = 0 THEN ceil(1050000.0 / ($days * 24))
+                                             ELSE ceil(300000.0 / ($days * 24)) END
                 WHEN 'api_calls' THEN 20 ELSE 1000000 END
-  FROM generate_series(1, $n) i, generate_series(0, $days * 24 - 1) h,
+  FROM generate_series(0, $days * 24 - 1) h, generate_series(1, $n) i,
        unnest(ARRAY['impressions', 'api_calls', 'data_transfer']) m;
 ANALYZE;
 SQL

@@ -9,8 +9,15 @@ use apex_billing::customers::{NewCustomer, create_customer};
 use apex_core::testing::TestStores;
 use chrono::Utc;
 
+/// The simulated time of every command: mid-month, so no run straddles a month's end.
+const NOW: &str = "2026-05-14T12:00:00Z";
+
 fn apexctl(stores: &TestStores, args: &[&str]) -> (i32, String, String) {
-    let out = common::apexctl_command(stores).args(args).output().unwrap();
+    let out = common::apexctl_command(stores)
+        .args(args)
+        .env("APEX_CLOCK_START", NOW)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -35,24 +42,29 @@ async fn a_check_records_the_thresholds_and_its_email_goes_out_once() {
     .unwrap()
     .customer
     .id;
-    // 930,000 of Starter's 1,000,000 impressions this month: 80 and 90 %.
-    sqlx::query(
-        "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity) \
-         VALUES ($1, 'impressions', date_trunc('hour', now()), 930000)",
-    )
-    .bind(&customer)
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    // 930,000 of Starter's 1,000,000 impressions this month (80 and 90 %), and 85,000 of its
+    // 100,000 API calls (80 %), both crossed in the same run.
+    for (metric, quantity) in [("impressions", 930_000), ("api_calls", 85_000)] {
+        sqlx::query(
+            "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity) \
+             VALUES ($1, $2, '2026-05-14T09:00:00Z', $3)",
+        )
+        .bind(&customer)
+        .bind(metric)
+        .bind(quantity)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    }
 
     let (code, out, err) = apexctl(&stores, &["alerts", "check", "--json"]);
     assert_eq!(code, 0, "{err}");
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         summary["alerts_recorded"],
-        serde_json::json!({"80": 1, "90": 1})
+        serde_json::json!({"80": 2, "90": 1})
     );
-    assert_eq!(summary["emails_enqueued"], 1);
+    assert_eq!(summary["emails_enqueued"], 2);
     // Again, and as the cron job: nothing new.
     let (_, out, _) = apexctl(&stores, &["alerts", "check"]);
     assert!(out.contains("0 alerts recorded"), "{out}");
@@ -62,9 +74,10 @@ async fn a_check_records_the_thresholds_and_its_email_goes_out_once() {
         .fetch_one(&stores.pool)
         .await
         .unwrap();
-    assert_eq!(recorded, 2);
+    assert_eq!(recorded, 3);
 
-    // The email renders and goes: one, for 90 %.
+    // The emails render and go, one per metric for its highest threshold, both the same day:
+    // each was decided once (the queue's 24-hour rule is for undeduplicated events).
     let (code, _, err) = apexctl(&stores, &["email", "process", "--json"]);
     assert_eq!(code, 0, "{err}");
     let dir = std::env::temp_dir().join(format!("{}_mail", stores.name));
@@ -73,20 +86,24 @@ async fn a_check_records_the_thresholds_and_its_email_goes_out_once() {
         .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
         .filter(|m| m.contains("X-Apex-Email-Type: usage_alert"))
         .collect();
-    assert_eq!(mails.len(), 1, "{mails:?}");
-    assert!(
-        mails[0].contains("Subject: Usage alert: 90% of your impressions limit"),
-        "{}",
-        mails[0]
-    );
+    assert_eq!(mails.len(), 2, "{mails:?}");
+    for subject in [
+        "Subject: Usage alert: 90% of your impressions limit",
+        "Subject: Usage alert: 80% of your API calls limit",
+    ] {
+        assert!(
+            mails.iter().any(|m| m.contains(subject)),
+            "{subject}: {mails:?}"
+        );
+    }
 
     let (code, out, _) = apexctl(&stores, &["alerts", "list", "--customer", &customer]);
     assert_eq!(code, 0);
     assert!(out.contains("90%") && out.contains("80%"), "{out}");
     let (_, out, _) = apexctl(&stores, &["alerts", "list", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(list["alerts"].as_array().unwrap().len(), 2);
-    assert_eq!(list["per_customer"][&customer], 2);
+    assert_eq!(list["alerts"].as_array().unwrap().len(), 3);
+    assert_eq!(list["per_customer"][&customer], 3);
 
     for bad in [
         &["alerts", "list", "--days", "0"][..],

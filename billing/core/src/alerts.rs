@@ -123,7 +123,7 @@ struct Candidate {
 /// What a check did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CheckSummary {
-    /// Customer and metric pairs at or above the lowest threshold.
+    /// Customer and metric pairs at or above the lowest threshold (or 80 %, if lower).
     pub at_or_above_lowest: usize,
     /// `usage_alerts` rows recorded, by threshold.
     pub alerts_recorded: BTreeMap<i32, u64>,
@@ -141,7 +141,8 @@ pub async fn check_usage_limits(
     thresholds: &Thresholds,
     now: DateTime<Utc>,
 ) -> Result<CheckSummary, BillingError> {
-    let lowest = thresholds.percents()[0];
+    // Rows from 80 % (the dashboard's gauge) or the lowest threshold, if lower.
+    let lowest = thresholds.percents()[0].min(80);
     let month = pricing::calendar_month(now);
     let mut tx = conn.begin().await?;
     // The period is the subscription's when it holds `now`, else the calendar month; a
@@ -232,16 +233,16 @@ pub async fn check_usage_limits(
     let mut highest: BTreeMap<(String, String), i32> = BTreeMap::new();
     for (customer, metric, threshold) in new {
         *summary.alerts_recorded.entry(threshold).or_default() += 1;
-        metrics::counter!(names::USAGE_ALERTS_TOTAL, "threshold" => threshold_label(threshold))
-            .increment(1);
         let entry = highest.entry((customer, metric)).or_insert(threshold);
         *entry = (*entry).max(threshold);
     }
-    for ((customer, metric), threshold) in highest {
-        let Some(c) = candidates
-            .iter()
-            .find(|c| c.customer_id == customer && c.metric_type == metric)
-        else {
+    let by_key: std::collections::HashMap<(&str, &str), &Candidate> = candidates
+        .iter()
+        .map(|c| ((c.customer_id.as_str(), c.metric_type.as_str()), c))
+        .collect();
+    for ((customer, metric), threshold) in &highest {
+        let threshold = *threshold;
+        let Some(c) = by_key.get(&(customer.as_str(), metric.as_str())) else {
             continue;
         };
         let data = email_data(c, threshold)?;
@@ -259,6 +260,11 @@ pub async fn check_usage_limits(
         summary.emails_enqueued += 1;
     }
     tx.commit().await?;
+    // Counted once committed: a rolled-back check recorded nothing.
+    for (threshold, n) in &summary.alerts_recorded {
+        metrics::counter!(names::USAGE_ALERTS_TOTAL, "threshold" => threshold_label(*threshold))
+            .increment(*n);
+    }
     for metric in Metric::ALL {
         let above = summary
             .customers_above_80

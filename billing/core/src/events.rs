@@ -41,6 +41,10 @@ pub struct ClaimedEvent {
     pub created_at: DateTime<Utc>,
     /// The queue's order (0 payment and suspension, 1 welcome and trial, 2 the rest).
     pub priority: i16,
+    /// The key the deciding job enqueued it under (`usage_alert:<customer>:<metric>:...`),
+    /// if any: such an event was deduplicated by its decision, so the queue's 24-hour rule
+    /// (one email of a type per customer a day) does not apply to it.
+    pub dedup_key: Option<String>,
 }
 
 /// Claims up to `limit` due email events for `worker` until `lease_until`: not processed,
@@ -66,7 +70,7 @@ pub async fn claim_email_batch(
              ORDER BY priority, created_at, id \
              LIMIT $4 \
              FOR UPDATE SKIP LOCKED) \
-         RETURNING id, event_type, data, attempts, created_at, priority",
+         RETURNING id, event_type, data, attempts, created_at, priority, dedup_key",
     )
     .bind(worker)
     .bind(now)
@@ -95,7 +99,7 @@ pub async fn claim_email_event(
          WHERE id = $1 AND processed_at IS NULL AND event_type LIKE 'email.%' \
            AND (next_attempt_at IS NULL OR next_attempt_at <= $3) \
            AND (lease_until IS NULL OR lease_until < $3) \
-         RETURNING id, event_type, data, attempts, created_at, priority",
+         RETURNING id, event_type, data, attempts, created_at, priority, dedup_key",
     )
     .bind(id)
     .bind(worker)

@@ -8,8 +8,9 @@
 //! # Rules
 //!
 //! - **Platforms** are `ios` and `android`, matched without regard to case (the SDKs send
-//!   `iOS` and `Android`; `IOS`, `ios` are the same) and surrounding blanks
-//!   ([`Platform::parse`]).
+//!   `iOS` and `Android`; `IOS`, `ios` are the same); blanks around the flag's value are
+//!   ignored ([`Platform::parse`]), but telemetry's own value must be the name alone (a
+//!   `" iOS"` in metadata is not read as iOS).
 //! - **Versions** compare as versions, with semver's precedence ([`SdkVersion`]): numerically
 //!   per component (`1.10.0` is newer than `1.9.2`), a missing patch is 0 (`1.2` is `1.2.0`),
 //!   a pre-release sorts before its release (`1.10.0-beta.1` < `1.10.0-rc.1` < `1.10.0`),

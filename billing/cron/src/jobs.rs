@@ -775,13 +775,23 @@ mod tests {
                 .next_after(at("2026-03-10T02:59:59Z")),
             Some(at("2026-03-10T03:00:00Z"))
         );
+        let next = |i: usize, after: &str| jobs[i].schedule.as_ref().unwrap().next_after(at(after));
         assert_eq!(
-            jobs[5]
-                .schedule
-                .as_ref()
-                .unwrap()
-                .next_after(at("2026-03-10T03:00:00Z")),
+            next(8, "2026-03-10T03:00:00Z"),
             Some(at("2026-03-10T03:30:00Z"))
+        );
+        // Usage Limits hourly, Trial Reminders at 09:00, Monthly Summaries on the 1st at 10:00.
+        assert_eq!(
+            next(5, "2026-03-10T03:00:00Z"),
+            Some(at("2026-03-10T04:00:00Z"))
+        );
+        assert_eq!(
+            next(6, "2026-03-10T03:00:00Z"),
+            Some(at("2026-03-10T09:00:00Z"))
+        );
+        assert_eq!(
+            next(7, "2026-03-10T03:00:00Z"),
+            Some(at("2026-04-01T10:00:00Z"))
         );
         let minute = jobs[0].schedule.as_ref().unwrap();
         assert_eq!(

@@ -12,7 +12,10 @@
 //! 3. An opted-out customer's non-transactional email is done without sending.
 //! 4. A suppressed address (hard bounce, complaint) gets no non-transactional email; a
 //!    transactional one is logged `suppressed` for an operator and not sent.
-//! 5. The guide's duplicate rule: the same type to the same customer at most once in 24 hours.
+//! 5. The guide's duplicate rule: the same type to the same customer at most once in 24 hours,
+//!    for events enqueued without a `dedup_key`. A job that enqueues with one (a usage alert
+//!    per metric, a dunning email per invoice, an SDK notice per platform and version) has
+//!    decided once already: two metrics crossing 80 % the same day get two emails.
 //! 6. Over the daily or monthly cap (counted from `email_log`), the event waits for the next
 //!    UTC day or month: never failed, never dropped.
 //! 7. The send happens inside a transaction that holds a lock on (customer, email type) and
@@ -430,7 +433,9 @@ impl Worker<'_> {
         let now = (self.now)();
         if let Some(customer) = &customer_id {
             email_log::lock_recipient_type(&mut *tx, customer, &email_type).await?;
-            if email_log::sent_recently(&mut *tx, customer, &email_type, now).await? {
+            if event.dedup_key.is_none()
+                && email_log::sent_recently(&mut *tx, customer, &email_type, now).await?
+            {
                 drop(tx);
                 self.finish(&event, &type_label, FinishKind::Duplicate, report)
                     .await?;
@@ -660,6 +665,7 @@ impl Worker<'_> {
             });
         }
         if let Some(customer) = &customer_id
+            && event.dedup_key.is_none()
             && known
                 .recent
                 .contains(&(customer.clone(), kind.email_type()))
