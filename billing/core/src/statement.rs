@@ -111,6 +111,21 @@ struct AccountRow {
     platform_fee_minimum_cents: Option<i64>,
 }
 
+/// Every plan's platform-fee band, as pricing reads them from the catalogue.
+pub(crate) fn fee_bands(plans: &[Plan]) -> Vec<FeeBand> {
+    plans
+        .iter()
+        .map(|p| FeeBand {
+            plan_id: p.id.clone(),
+            min_cents: p.revenue_band_min_cents.max(0) as u64,
+            max_cents: p.revenue_band_max_cents.map(|m| m.max(0) as u64),
+            bps: p.platform_fee_bps.max(0) as u32,
+            bps_min: p.platform_fee_bps_min.max(0) as u32,
+            bps_max: p.platform_fee_bps_max.max(0) as u32,
+        })
+        .collect()
+}
+
 /// Loads a customer's account; `NotFound` for an unknown customer.
 pub async fn account(conn: &mut PgConnection, customer_id: &str) -> Result<Account, BillingError> {
     let row: Option<AccountRow> = sqlx::query_as(
@@ -136,17 +151,7 @@ pub async fn account(conn: &mut PgConnection, customer_id: &str) -> Result<Accou
         .find(|p| p.id == plan_id)
         .cloned()
         .ok_or_else(|| BillingError::Invalid(format!("plan {plan_id} is not in the catalogue")))?;
-    let bands = plans
-        .iter()
-        .map(|p| FeeBand {
-            plan_id: p.id.clone(),
-            min_cents: p.revenue_band_min_cents.max(0) as u64,
-            max_cents: p.revenue_band_max_cents.map(|m| m.max(0) as u64),
-            bps: p.platform_fee_bps.max(0) as u32,
-            bps_min: p.platform_fee_bps_min.max(0) as u32,
-            bps_max: p.platform_fee_bps_max.max(0) as u32,
-        })
-        .collect();
+    let bands = fee_bands(&plans);
     Ok(Account {
         customer_id: customer_id.to_owned(),
         plan,

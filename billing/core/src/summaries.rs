@@ -71,7 +71,7 @@ use crate::names;
 use crate::plans::{Plan, list_plans};
 use crate::pricing::{self, FeeBand, FeeTerms, Period, PlatformFee};
 use crate::statement::{
-    Account, Addon, MonthInputs, PricingTerms, api_name, compose_invoice, gb_text,
+    Account, Addon, MonthInputs, PricingTerms, api_name, compose_invoice, fee_bands, gb_text,
 };
 
 /// The email event a summary is.
@@ -537,21 +537,6 @@ async fn summarise_where(
                 })
         })
         .collect())
-}
-
-/// Every plan's fee band (as [`crate::statement::account`] builds them).
-fn fee_bands(plans: &[Plan]) -> Vec<FeeBand> {
-    plans
-        .iter()
-        .map(|p| FeeBand {
-            plan_id: p.id.clone(),
-            min_cents: p.revenue_band_min_cents.max(0) as u64,
-            max_cents: p.revenue_band_max_cents.map(|m| m.max(0) as u64),
-            bps: p.platform_fee_bps.max(0) as u32,
-            bps_min: p.platform_fee_bps_min.max(0) as u32,
-            bps_max: p.platform_fee_bps_max.max(0) as u32,
-        })
-        .collect()
 }
 
 /// What every summary of a run shares.
