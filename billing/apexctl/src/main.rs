@@ -14,6 +14,7 @@ mod notify_commands;
 mod sdk_telemetry;
 mod stripe_commands;
 mod trial_commands;
+mod usage_commands;
 
 use std::process::ExitCode;
 
@@ -90,6 +91,9 @@ enum Command {
     /// Notices to customers: SDK updates.
     #[command(subcommand)]
     Notify(notify_commands::NotifyCommand),
+    /// Usage: the customers using the most (the guide's "check customer usage").
+    #[command(subcommand)]
+    Usage(usage_commands::UsageCommand),
 }
 
 #[derive(Subcommand)]
@@ -380,6 +384,9 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         }
         Command::Alerts(command) => {
             return alert_commands::run(command, &ctl, &pool, now).await;
+        }
+        Command::Usage(command) => {
+            return usage_commands::run(command, &pool, now).await;
         }
         Command::Trials(command) => {
             return trial_commands::run(command, &pool, now).await;

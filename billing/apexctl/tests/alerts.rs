@@ -1,7 +1,8 @@
 //! `apexctl alerts check|list` end to end on the test's own Postgres, with the file email
 //! provider: the check records the thresholds and its email is sent (rendered) by `apexctl
 //! email process`; a second check changes nothing; `list` shows the alerts and their count;
-//! `cron run usage_limits` is the same work; bad flags are refused.
+//! `cron run usage_limits` is the same work; bad flags are refused. And `apexctl usage top`,
+//! the guide's "check customer usage".
 
 mod common;
 
@@ -113,5 +114,67 @@ async fn a_check_records_the_thresholds_and_its_email_goes_out_once() {
         let (code, _, err) = apexctl(&stores, bad);
         assert_ne!(code, 0, "{bad:?}");
         assert!(!err.is_empty(), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn usage_top_is_the_guides_check_customer_usage() {
+    let stores = TestStores::migrated().await;
+    // Three customers' rollups in May; one from March, outside the 30 days before NOW.
+    for (customer, impressions, api_calls, at) in [
+        ("cus_small", 100, 5, "2026-05-10T10:00:00Z"),
+        ("cus_big", 9_000, 40, "2026-05-12T10:00:00Z"),
+        ("cus_mid", 500, 7, "2026-05-13T10:00:00Z"),
+        ("cus_old", 1_000_000, 1, "2026-03-01T10:00:00Z"),
+    ] {
+        for (metric, quantity) in [("impressions", impressions), ("api_calls", api_calls)] {
+            sqlx::query(
+                "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity) \
+                 VALUES ($1, $2, $3::timestamptz, $4)",
+            )
+            .bind(customer)
+            .bind(metric)
+            .bind(at)
+            .bind(quantity)
+            .execute(&stores.pool)
+            .await
+            .unwrap();
+        }
+    }
+    let (code, out, err) = apexctl(&stores, &["usage", "top", "--limit", "2", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let top: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows: Vec<(String, i64, i64)> = top["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["customer_id"].as_str().unwrap().to_owned(),
+                r["impressions"].as_i64().unwrap(),
+                r["api_calls"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("cus_big".to_owned(), 9_000, 40),
+            ("cus_mid".to_owned(), 500, 7)
+        ]
+    );
+    let (code, out, _) = apexctl(&stores, &["usage", "top"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("cus_small") && !out.contains("cus_old"),
+        "{out}"
+    );
+    for bad in [
+        &["usage", "top", "--days", "0"][..],
+        &["usage", "top", "--limit", "0"],
+    ] {
+        let (code, _, err) = apexctl(&stores, bad);
+        assert_eq!(code, 1, "{bad:?}");
+        assert!(err.contains("must be"), "{err}");
     }
 }

@@ -189,6 +189,47 @@ pub async fn usage_in(
     Ok(usage)
 }
 
+/// One customer's usage since a time, as the guide's "check customer usage" lists it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TopUsage {
+    /// Customer id.
+    pub customer_id: String,
+    /// Its name (`None` for usage of a customer no longer in `customers`).
+    pub name: Option<String>,
+    /// Impressions.
+    pub impressions: i64,
+    /// API calls.
+    pub api_calls: i64,
+    /// Data transfer, bytes.
+    pub data_transfer_bytes: i64,
+}
+
+/// The guide's "check customer usage": the `limit` customers with the most impressions in the
+/// hourly rollups since `since` (ties by customer id), with their API calls and data transfer.
+pub async fn top_usage(
+    db: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<TopUsage>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT u.customer_id, c.name, \
+             coalesce(sum(u.quantity) FILTER (WHERE u.metric_type = 'impressions'), 0)::bigint \
+                 AS impressions, \
+             coalesce(sum(u.quantity) FILTER (WHERE u.metric_type = 'api_calls'), 0)::bigint \
+                 AS api_calls, \
+             coalesce(sum(u.quantity) FILTER (WHERE u.metric_type = 'data_transfer'), 0)::bigint \
+                 AS data_transfer_bytes \
+         FROM usage_records u LEFT JOIN customers c ON c.id = u.customer_id \
+         WHERE u.recorded_at >= $1 \
+         GROUP BY u.customer_id, c.name \
+         ORDER BY impressions DESC, u.customer_id LIMIT $2",
+    )
+    .bind(since)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Usage of `customer_id` per UTC day and metric for the days `first` to `last` (inclusive),
 /// from the hourly rollups: the quantities the Stripe usage sync reports. Days and metrics
 /// without usage are absent.
