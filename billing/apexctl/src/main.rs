@@ -11,7 +11,10 @@ mod dunning_commands;
 mod email_commands;
 mod invoice_commands;
 mod notify_commands;
+mod reconcile_commands;
+mod rollup_commands;
 mod sdk_telemetry;
+mod simulate;
 mod stripe_commands;
 mod trial_commands;
 mod usage_commands;
@@ -94,6 +97,15 @@ enum Command {
     /// Usage: the customers using the most (the guide's "check customer usage").
     #[command(subcommand)]
     Usage(usage_commands::UsageCommand),
+    /// Compare one billing period across ClickHouse, Postgres, our sync and Stripe; exit 1 on
+    /// any drift.
+    Reconcile(reconcile_commands::ReconcileArgs),
+    /// Rollups: rebuild them from the raw events.
+    #[command(subcommand)]
+    Rollup(rollup_commands::RollupCommand),
+    /// Run the real system over a simulated month on databases of its own, against the
+    /// Stripe stand-in, and print its timeline.
+    Simulate(simulate::SimulateArgs),
 }
 
 #[derive(Subcommand)]
@@ -407,6 +419,15 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
                 now,
             )
             .await;
+        }
+        Command::Reconcile(args) => {
+            return reconcile_commands::run(args, &ctl, &pool, now).await;
+        }
+        Command::Rollup(command) => {
+            return rollup_commands::run(command, &ctl, &pool, now).await;
+        }
+        Command::Simulate(args) => {
+            return simulate::run(args, &ctl).await;
         }
         Command::Plans(PlansCommand::List { json }) => {
             let all = plans::list_plans(&mut *pool.acquire().await?).await?;

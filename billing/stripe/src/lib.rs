@@ -16,6 +16,7 @@
 //! - [`sync`]: the sync job over Postgres and Stripe.
 //! - [`invoicing`]: the monthly invoice close: our lines as a finalized Stripe invoice.
 //! - [`dunning`]: the payment retries of dunning (`POST /v1/invoices/{id}/pay`).
+//! - [`reconcile`]: one period compared across the stores and Stripe.
 //! - [`names`]: the crate's metric names.
 //! - `testing` (feature `test-support`): the Stripe stand-in for integration tests.
 
@@ -26,6 +27,7 @@ pub mod dunning;
 pub mod invoicing;
 pub mod names;
 pub mod rate;
+pub mod reconcile;
 pub mod reporting;
 pub mod sync;
 #[cfg(feature = "test-support")]
