@@ -1,6 +1,6 @@
-//! `apexctl alerts ...`: the usage alerts recorded (the guide's "check alert frequency" is
-//! `apexctl alerts list --days 7`), and the hourly `usage_limits` check run now (the guide's
-//! "check usage limits").
+//! `apexctl alerts ...`: the usage alerts recorded, the customers getting too many of them
+//! (`frequency`, the guide's "check alert frequency" under "High usage alert spam"), and the
+//! hourly `usage_limits` check run now (the guide's "check usage limits").
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -24,6 +24,20 @@ pub(crate) enum AlertsCommand {
         /// The last N days (1 or more).
         #[arg(long, default_value_t = 7)]
         days: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Customers with more than --min usage alerts in the last --days days, most first (the
+    /// guide's "check alert frequency": more than 10 in 7 days is its "alert spam").
+    Frequency {
+        /// The last N days (1 to 3650).
+        #[arg(long, default_value_t = 7)]
+        days: i64,
+        /// Customers with more than this many alerts (0 or more): the guide's `HAVING
+        /// COUNT(*) > 10`.
+        #[arg(long, default_value_t = 10)]
+        min: i64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -89,6 +103,30 @@ pub(crate) async fn run(
                 println!(
                     "{customer}: {count} alerts in {days} days (the guide's alert spam check)"
                 );
+            }
+        }
+        AlertsCommand::Frequency { days, min, json } => {
+            anyhow::ensure!(
+                (1..=3650).contains(&days),
+                "--days must be 1 to 3650, not {days}"
+            );
+            anyhow::ensure!(min >= 0, "--min must be 0 or more, not {min}");
+            let since = now - Duration::days(days);
+            let frequent = alerts::frequency(pool, since, min).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"days": days, "min": min, "since": since, "customers": frequent})
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if frequent.is_empty() {
+                println!("no customer has more than {min} usage alerts in the last {days} days");
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<24} {:>11}", "customer", "alert_count");
+            for row in &frequent {
+                println!("{:<24} {:>11}", row.customer_id, row.alert_count);
             }
         }
         AlertsCommand::Check { json } => {

@@ -1,7 +1,8 @@
 //! `apexctl dunning ...`: the guide's manual dunning operations. `status` (the guide's "check
 //! dunning status" and "dunning history"), `process` (its `processDunningRetries()`: the
 //! `dunning_retries` job's work now, same rules), `reactivate` (its `reactivateSubscription`,
-//! recording who and why), and ours: `exempt` a customer, `close` a case by hand.
+//! recording who and why), `pending` (the guide's "check pending retries" under "Dunning not
+//! processing retries"), and ours: `exempt` a customer, `close` a case by hand.
 
 use std::process::ExitCode;
 
@@ -28,6 +29,18 @@ pub(crate) enum DunningCommand {
         #[arg(long)]
         customer: String,
         /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Retries due now that no run has made yet, soonest due first (the guide's "check
+    /// pending retries": `pending` or `retrying`, `next_retry_at` passed). Retries fall due
+    /// at 00:00 UTC of their day and the 03:00 `dunning_retries` run makes them, so a few
+    /// hours in this list is normal; `apexctl doctor` says when one is late.
+    Pending {
+        /// At most this many rows (1 to 10000).
         #[arg(long, default_value_t = 100)]
         limit: i64,
         /// Print JSON.
@@ -185,6 +198,36 @@ pub(crate) async fn run(
                 println!("no dunning case");
             } else {
                 print_rows(&rows);
+            }
+        }
+        DunningCommand::Pending { limit, json } => {
+            anyhow::ensure!(
+                (1..=10_000).contains(&limit),
+                "--limit must be 1 to 10000, not {limit}"
+            );
+            let rows = dunning::due_retries(pool, now, limit).await?;
+            if json {
+                println!("{}", json!({"now": now, "retries": rows}));
+            } else if rows.is_empty() {
+                println!("no retry is due");
+            } else {
+                println!(
+                    "{:<8} {:<24} {:<24} {:>7} {:<10} {:<20}",
+                    "id", "customer", "invoice", "attempt", "status", "next_retry_at"
+                );
+                for r in &rows {
+                    println!(
+                        "{:<8} {:<24} {:<24} {:>7} {:<10} {:<20}",
+                        r.id,
+                        r.customer_id,
+                        r.invoice_id,
+                        r.attempt_number,
+                        r.status,
+                        r.next_retry_at
+                            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    );
+                }
             }
         }
         DunningCommand::Process { rate, json } => {

@@ -16,7 +16,8 @@ use sqlx::PgPool;
 
 #[derive(Subcommand)]
 pub(crate) enum EmailCommand {
-    /// Enqueue a test email (the guide's "send test email"), then drain the queue once.
+    /// Enqueue a test email (the guide's "send test email"), then send it at once.
+    #[command(visible_alias = "test")]
     SendTest {
         /// The address.
         #[arg(long)]
@@ -47,6 +48,7 @@ pub(crate) enum EmailCommand {
         json: bool,
     },
     /// Emails sent (and suppressed), newest first (the guide's "recent emails sent").
+    #[command(visible_alias = "sent")]
     Recent {
         /// At most this many.
         #[arg(long, default_value_t = 20)]
@@ -72,6 +74,7 @@ pub(crate) enum EmailCommand {
         json: bool,
     },
     /// Drain the queue now, as the `email_queue` job does every minute.
+    #[command(visible_alias = "drain")]
     Process {
         /// Claim at most this many events.
         #[arg(long)]
@@ -85,6 +88,7 @@ pub(crate) enum EmailCommand {
     },
     /// Record (or, with `--undo`, remove) a customer's opt-out of an optional kind of email:
     /// `usage_alert`, `monthly_summary` or `sdk_update` (the unsubscribe page does the same).
+    #[command(visible_alias = "optout")]
     OptOut {
         /// Customer id (`cus_...`).
         #[arg(long)]
@@ -95,6 +99,9 @@ pub(crate) enum EmailCommand {
         /// Opt back in.
         #[arg(long)]
         undo: bool,
+        /// Print JSON (`customer_id`, `category`, `opted_out`).
+        #[arg(long)]
+        json: bool,
     },
     /// Render a kind of email with sample data (subject, text, HTML).
     Preview {
@@ -110,6 +117,9 @@ pub(crate) enum EmailCommand {
         /// List the email types.
         #[arg(long)]
         list: bool,
+        /// Print JSON: `type`, `subject`, `text` and `html` (with `--list`, `types`).
+        #[arg(long, conflicts_with_all = ["html", "text"])]
+        json: bool,
     },
 }
 
@@ -280,12 +290,21 @@ pub(crate) async fn run(
             customer,
             category,
             undo,
+            json,
         } => {
             anyhow::ensure!(
                 apex_billing::customers::exists(pool, &customer).await?,
                 "customer {customer} not found"
             );
             email_log::set_opt_out(pool, &customer, &category, !undo).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"customer_id": customer, "category": category,
+                        "opted_out": !undo})
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "{customer} {} {category} emails",
                 if undo {
@@ -301,7 +320,13 @@ pub(crate) async fn run(
             html,
             text,
             list,
+            json,
         } => {
+            if list && json {
+                let types: Vec<String> = EmailKind::ALL.iter().map(|k| k.to_string()).collect();
+                println!("{}", serde_json::json!({"types": types}));
+                return Ok(ExitCode::SUCCESS);
+            }
             if list {
                 for kind in EmailKind::ALL {
                     println!("{kind}");
@@ -311,7 +336,13 @@ pub(crate) async fn run(
             let kind = kind(email_type.as_deref().unwrap_or_default())?;
             let rendered = templates::render(kind, &templates::sample_data(kind))
                 .with_context(|| format!("cannot render {kind}"))?;
-            if html {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"type": kind.to_string(), "subject": rendered.subject,
+                        "text": rendered.text, "html": rendered.html})
+                );
+            } else if html {
                 println!("{}", rendered.html);
             } else if text {
                 println!("{}", rendered.text);

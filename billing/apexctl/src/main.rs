@@ -1,12 +1,15 @@
 //! `apexctl`: the admin CLI (migrations, customers, keys, plans, revenue, dashboard tokens,
-//! Stripe mapping and usage sync, the cron jobs, the monthly invoices, email, dunning). Later work adds the other manual operations
-//! of the operations guide here. Every command reads the process clock of `APEX_CLOCK_*`, as
-//! the cron process does. It reads the billing domain (`apex-billing`) and drives Stripe
-//! (`apex-stripe`); the edge links neither this binary's dependencies nor Stripe's.
+//! Stripe mapping and usage sync, the cron jobs, the monthly invoices, email, dunning, usage
+//! alerts, `doctor`): every manual operation and troubleshooting step of the operations guide
+//! is a command here, each with `--help` and `--json` (one JSON document on stdout). Every
+//! command reads the process clock of `APEX_CLOCK_*`, as the cron process does. It reads the
+//! billing domain (`apex-billing`) and drives Stripe (`apex-stripe`); the edge links neither
+//! this binary's dependencies nor Stripe's.
 
 mod alert_commands;
 mod config;
 mod cron_commands;
+mod doctor_commands;
 mod dunning_commands;
 mod email_commands;
 mod invoice_commands;
@@ -47,7 +50,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Apply pending Postgres and ClickHouse migrations (safe to run again).
-    Migrate,
+    Migrate {
+        /// Print JSON (`postgres_applied`, `clickhouse_applied`: the versions applied now).
+        #[arg(long)]
+        json: bool,
+    },
     /// Create and list customers.
     #[command(subcommand)]
     Customers(CustomersCommand),
@@ -65,6 +72,9 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: i64,
+        /// Print JSON (`customer_id`, `token`, `expires_at`).
+        #[arg(long)]
+        json: bool,
     },
     /// Record mediated revenue (the platform fee is charged on it).
     #[command(subcommand)]
@@ -97,6 +107,10 @@ enum Command {
     /// Usage: the customers using the most (the guide's "check customer usage").
     #[command(subcommand)]
     Usage(usage_commands::UsageCommand),
+    /// Check the guide's Troubleshooting causes in one run: the stores, Stripe's key and
+    /// mapping, the email provider and queue, the cron jobs, overdue dunning retries. Each
+    /// check is ok, warn or fail with one line; exits 1 if any fails.
+    Doctor(doctor_commands::DoctorArgs),
     /// Compare one billing period across ClickHouse, Postgres, our sync and Stripe; exit 1 on
     /// any drift.
     Reconcile(reconcile_commands::ReconcileArgs),
@@ -121,6 +135,9 @@ enum RevenueCommand {
         /// Revenue in cents.
         #[arg(long)]
         cents: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -167,6 +184,9 @@ enum KeysCommand {
     Revoke {
         /// Key id or plain key.
         key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List keys (ids, prefixes, status; never the keys themselves).
     List {
@@ -225,16 +245,34 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
     let stores = &ctl.cron.stores;
     // The time of every command: the wall clock, or the simulated one of APEX_CLOCK_*.
     let now = ctl.cron.clock.now();
+    // The doctor reports an unreachable Postgres as one of its checks, so it connects itself.
+    if let Command::Doctor(args) = command {
+        return doctor_commands::run(args, &ctl, now).await;
+    }
     let pool = stores
         .connect_postgres()
         .await
         .context("cannot connect to Postgres (DATABASE_URL)")?;
     match command {
-        Command::Migrate => {
+        Command::Migrate { json } => {
+            let before = doctor_commands::applied_postgres_versions(&pool).await?;
             migrate::migrate_postgres(&pool).await?;
+            let after = doctor_commands::applied_postgres_versions(&pool).await?;
             let applied = migrate::migrate_clickhouse(stores)
                 .await
                 .context("ClickHouse (CLICKHOUSE_URL)")?;
+            if json {
+                let postgres_applied: Vec<i64> =
+                    after.into_iter().filter(|v| !before.contains(v)).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "postgres_applied": postgres_applied,
+                        "clickhouse_applied": applied,
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "migrations applied: postgres up to date, clickhouse {}",
                 if applied.is_empty() {
@@ -326,8 +364,20 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
                 println!("API key (shown once, not stored): {}", plain.expose());
             }
         }
-        Command::Keys(KeysCommand::Revoke { key }) => {
+        Command::Keys(KeysCommand::Revoke { key, json }) => {
             let revoked = keys::revoke_key(&pool, &key).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "api_key_id": revoked.id,
+                        "api_key_prefix": revoked.prefix,
+                        "customer_id": revoked.customer_id,
+                        "revoked": true,
+                    })
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "revoked {} ({}) of {}",
                 revoked.id, revoked.prefix, revoked.customer_id
@@ -350,7 +400,11 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Token { customer, ttl_secs } => {
+        Command::Token {
+            customer,
+            ttl_secs,
+            json,
+        } => {
             let secret = std::env::var("APEX_JWT_SECRET")
                 .ok()
                 .filter(|s| s.len() >= 32)
@@ -363,25 +417,50 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
                 customers::exists(&pool, &customer).await?,
                 "customer {customer} not found"
             );
-            println!(
-                "{}",
-                apex_billing::tokens::dashboard_token(
-                    &customer,
-                    secret.as_bytes(),
-                    now.timestamp(),
-                    ttl_secs
-                )?
-            );
+            let token = apex_billing::tokens::dashboard_token(
+                &customer,
+                secret.as_bytes(),
+                now.timestamp(),
+                ttl_secs,
+            )?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "customer_id": customer,
+                        "token": token,
+                        // The token's `exp`, whole seconds.
+                        "expires_at": chrono::DateTime::from_timestamp(
+                            now.timestamp() + ttl_secs,
+                            0
+                        ),
+                    })
+                );
+            } else {
+                println!("{token}");
+            }
         }
         Command::Revenue(RevenueCommand::Set {
             customer,
             month,
             cents,
+            json,
         }) => {
             let period = apex_billing::pricing::parse_month(&month)
                 .with_context(|| format!("--month {month:?}: expected YYYY-MM"))?;
             apex_billing::statement::set_revenue(&pool, &customer, &period, cents).await?;
-            println!("{customer} {month}: mediated revenue {cents} cents");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "customer_id": customer,
+                        "month": month,
+                        "revenue_cents": cents,
+                    })
+                );
+            } else {
+                println!("{customer} {month}: mediated revenue {cents} cents");
+            }
         }
         Command::Stripe(command) => {
             return stripe_commands::run(command, &pool, &ctl.cron.stripe, now).await;
@@ -400,6 +479,7 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         Command::Usage(command) => {
             return usage_commands::run(command, &pool, now).await;
         }
+        Command::Doctor(_) => unreachable!("the doctor runs before Postgres is connected"),
         Command::Trials(command) => {
             return trial_commands::run(command, &pool, now).await;
         }

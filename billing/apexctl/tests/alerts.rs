@@ -1,8 +1,9 @@
 //! `apexctl alerts check|list` end to end on the test's own Postgres, with the file email
 //! provider: the check records the thresholds and its email is sent (rendered) by `apexctl
 //! email process`; a second check changes nothing; `list` shows the alerts and their count;
-//! `cron run usage_limits` is the same work; bad flags are refused. And `apexctl usage top`,
-//! the guide's "check customer usage".
+//! `cron run usage_limits` is the same work; bad flags are refused. `apexctl alerts frequency`
+//! finds what the guide's alert-spam query finds. And `apexctl usage top`, the guide's "check
+//! customer usage".
 
 mod common;
 
@@ -176,5 +177,116 @@ async fn usage_top_is_the_guides_check_customer_usage() {
         let (code, _, err) = apexctl(&stores, bad);
         assert_eq!(code, 1, "{bad:?}");
         assert!(err.contains("must be"), "{err}");
+    }
+}
+
+/// `alerts frequency` is the guide's "check alert frequency" ("High usage alert spam"): the
+/// customers with more than 10 alerts in the last 7 days, most first, the same rows as the
+/// guide's own query; `--days` and `--min` move its constants.
+#[tokio::test]
+async fn alert_frequency_is_the_guides_alert_spam_query() {
+    let stores = TestStores::migrated().await;
+    let now = Utc::now();
+    let mut ids = Vec::new();
+    for name in ["Spammed", "Busy", "Quiet", "Old"] {
+        let id = create_customer(
+            &mut stores.pool.acquire().await.unwrap(),
+            &NewCustomer {
+                name: name.into(),
+                email: "ops@studio.example".into(),
+                plan_id: "starter".into(),
+                trial_days: Some(0),
+            },
+            now,
+        )
+        .await
+        .unwrap()
+        .customer
+        .id;
+        ids.push(id);
+    }
+    // 12, 11 and 10 alerts in the last days; 12 eight days ago.
+    for (customer, count, days_ago) in [
+        (&ids[0], 12, 1),
+        (&ids[1], 11, 2),
+        (&ids[2], 10, 3),
+        (&ids[3], 12, 8),
+    ] {
+        sqlx::query(
+            "INSERT INTO usage_alerts (customer_id, metric_type, threshold_percent, \
+                 period_start, usage_quantity, limit_quantity, created_at) \
+             SELECT $1, 'impressions', t, date_trunc('month', $3), 1, 1, $3 \
+             FROM generate_series(1, $2) AS t",
+        )
+        .bind(customer)
+        .bind(count)
+        .bind(now - chrono::Duration::days(days_ago))
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    }
+    // The wall clock: the guide's query reads NOW().
+    let frequency = |args: &[&str]| -> Vec<(String, i64)> {
+        let out = common::apexctl_command(&stores)
+            .args(["alerts", "frequency", "--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["customers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["customer_id"].as_str().unwrap().to_owned(),
+                    c["alert_count"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let spam = frequency(&[]);
+    assert_eq!(spam, [(ids[0].clone(), 12), (ids[1].clone(), 11)]);
+    let path = apex_core::testing::package_dir()
+        .join("../core/tests/fixtures/ops-guide-sql/12_alert_frequency.sql");
+    let guide_sql = std::fs::read_to_string(path).unwrap();
+    let guide: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(guide_sql))
+        .fetch_all(&stores.pool)
+        .await
+        .unwrap();
+    assert_eq!(spam, guide, "the guide's query finds the same customers");
+
+    assert_eq!(frequency(&["--min", "10", "--days", "30"]).len(), 3);
+    assert_eq!(frequency(&["--min", "9"]).len(), 3);
+    assert_eq!(frequency(&["--min", "12"]), []);
+
+    let text = common::apexctl_command(&stores)
+        .args(["alerts", "frequency", "--min", "12"])
+        .output()
+        .unwrap();
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("no customer has more than 12 usage alerts in the last 7 days"),
+        "{text}"
+    );
+    let text = common::apexctl_command(&stores)
+        .args(["alerts", "frequency"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&ids[0]) && !text.contains(&ids[2]), "{text}");
+    for bad in [
+        &["alerts", "frequency", "--days", "0"][..],
+        &["alerts", "frequency", "--min", "-1"],
+    ] {
+        let (code, _, err) = apexctl(&stores, bad);
+        assert_ne!(code, 0, "{bad:?}");
+        assert!(err.contains("must be") || err.contains("error"), "{err}");
     }
 }

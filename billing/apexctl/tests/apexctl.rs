@@ -312,3 +312,146 @@ async fn apexctl_mints_dashboard_tokens_for_existing_customers() {
         .success()
     );
 }
+
+/// The subcommands a `--help` page lists under "Commands:" (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every command, found by walking the `--help` pages (so a command added later is covered
+/// too), has help text and a `--json` flag: the charter's rule for the operators' CLI.
+#[test]
+fn every_command_has_help_and_json() {
+    let help = |path: &[String]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_apexctl"))
+            .args(path)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{path:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut leaves = Vec::new();
+    let mut stack: Vec<Vec<String>> = vec![Vec::new()];
+    while let Some(path) = stack.pop() {
+        let page = help(&path);
+        assert!(page.contains("Usage: apexctl"), "{path:?}: {page}");
+        let children = subcommands(&page);
+        if children.is_empty() {
+            assert!(page.contains("--json"), "{path:?} has no --json: {page}");
+            leaves.push(path.join(" "));
+        }
+        for child in children {
+            let mut next = path.clone();
+            next.push(child);
+            stack.push(next);
+        }
+    }
+    // The guide's operations and the doctor are among them.
+    for command in [
+        "usage top",
+        "stripe sync",
+        "dunning status",
+        "dunning pending",
+        "dunning process",
+        "dunning reactivate",
+        "email send-test",
+        "email pending",
+        "email failed",
+        "email retry",
+        "alerts check",
+        "alerts frequency",
+        "cron run",
+        "doctor",
+        "migrate",
+        "token",
+    ] {
+        assert!(leaves.iter().any(|l| l == command), "{command}: {leaves:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_admin_commands_print_json_too() {
+    const SECRET: &str = "a-dashboard-secret-of-32-bytes-or-more";
+    let stores = TestStores::empty().await;
+    let json_of =
+        |out: Output| -> serde_json::Value { serde_json::from_str(&stdout_of(&out)).unwrap() };
+    let first = json_of(apexctl(&stores, &["migrate", "--json"]));
+    let postgres_applied = first["postgres_applied"].as_array().unwrap();
+    assert_eq!(postgres_applied.first(), Some(&serde_json::json!(1)));
+    assert!(postgres_applied.len() >= 10, "{first}");
+    assert_eq!(first["clickhouse_applied"], serde_json::json!([1, 2, 3]));
+    assert_eq!(
+        json_of(apexctl(&stores, &["migrate", "--json"])),
+        serde_json::json!({"postgres_applied": [], "clickhouse_applied": []})
+    );
+
+    let created = json_of(apexctl(
+        &stores,
+        &[
+            "customers",
+            "create",
+            "--name",
+            "Json",
+            "--email",
+            "json@example.com",
+            "--json",
+        ],
+    ));
+    let customer = created["customer_id"].as_str().unwrap();
+    let key_id = created["api_key_id"].as_str().unwrap();
+
+    let revoked = json_of(apexctl(&stores, &["keys", "revoke", key_id, "--json"]));
+    assert_eq!(
+        revoked,
+        serde_json::json!({"api_key_id": key_id, "api_key_prefix": created["api_key_prefix"],
+            "customer_id": customer, "revoked": true})
+    );
+
+    let revenue = json_of(apexctl(
+        &stores,
+        &[
+            "revenue",
+            "set",
+            "--customer",
+            customer,
+            "--month",
+            "2026-04",
+            "--cents",
+            "125000",
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        revenue,
+        serde_json::json!({"customer_id": customer, "month": "2026-04", "revenue_cents": 125000})
+    );
+
+    let token = json_of(apexctl_with_jwt_secret(
+        &stores,
+        &[
+            "token",
+            "--customer",
+            customer,
+            "--ttl-secs",
+            "60",
+            "--json",
+        ],
+        Some(SECRET),
+    ));
+    let now = chrono::Utc::now().timestamp();
+    let claims =
+        apex_billing::tokens::verify(token["token"].as_str().unwrap(), SECRET.as_bytes(), now)
+            .unwrap();
+    assert_eq!(claims.customer_id, customer);
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        token["expires_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(expires_at.timestamp(), claims.expires_at);
+}

@@ -1212,7 +1212,7 @@ async fn exempt_and_close_end_open_cases_by_hand() {
 }
 
 #[test]
-fn dunning_help_lists_the_five_subcommands() {
+fn dunning_help_lists_the_six_subcommands() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_apexctl"))
         .args(["dunning", "--help"])
         .output()
@@ -1229,7 +1229,103 @@ fn dunning_help_lists_the_five_subcommands() {
         .collect();
     assert_eq!(
         commands,
-        ["status", "process", "reactivate", "exempt", "close", "help"],
+        [
+            "status",
+            "pending",
+            "process",
+            "reactivate",
+            "exempt",
+            "close",
+            "help"
+        ],
         "{help}"
+    );
+}
+
+/// The guide's SQL snippet `file` (a fixture of apex-billing's guide test), without its
+/// trailing `;`, to run as a subquery.
+fn guide_sql(file: &str) -> String {
+    let path = apex_core::testing::package_dir()
+        .join("../core/tests/fixtures/ops-guide-sql")
+        .join(file);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .trim_end_matches(';')
+        .to_owned()
+}
+
+#[tokio::test]
+async fn pending_lists_what_the_guides_pending_retries_query_finds() {
+    let stores = TestStores::migrated().await;
+    let (id, _) = signup(&stores, "Pending Games").await;
+    let now = Utc::now();
+    // Due: a pending retry and a retrying one whose run died. Not due: one for tomorrow, a
+    // failed one, and the cases themselves.
+    sqlx::query(
+        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
+             next_retry_at) VALUES \
+           ($1, 'in_a', 0, 'failed', NULL), ($1, 'in_a', 1, 'pending', $2), \
+           ($1, 'in_b', 0, 'failed', NULL), ($1, 'in_b', 1, 'retrying', $3), \
+           ($1, 'in_c', 0, 'failed', NULL), ($1, 'in_c', 1, 'failed', $3), \
+           ($1, 'in_c', 2, 'pending', $4)",
+    )
+    .bind(&id)
+    .bind(now - Duration::hours(2))
+    .bind(now - Duration::days(1))
+    .bind(now + Duration::days(1))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let listed = |run: Run| -> Vec<(String, i64)> {
+        run.ok().json()["retries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["invoice_id"].as_str().unwrap().to_owned(),
+                    r["attempt_number"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let pending = listed(apexctl(
+        &stores,
+        None,
+        None,
+        &["dunning", "pending", "--json"],
+    ));
+    assert_eq!(pending, [("in_b".to_owned(), 1), ("in_a".to_owned(), 1)]);
+    // The guide's own query, verbatim, finds the same rows in the same order.
+    let guide: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT invoice_id, attempt_number::bigint FROM ({}) AS q",
+        guide_sql("08_pending_dunning_retries.sql")
+    )))
+    .fetch_all(&stores.pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, guide);
+
+    // Two days on (the simulated clock), tomorrow's is due too.
+    let later = listed(apexctl(
+        &stores,
+        None,
+        Some(now + Duration::days(2)),
+        &["dunning", "pending", "--json"],
+    ));
+    assert_eq!(later.len(), 3, "{later:?}");
+    assert_eq!(later[2], ("in_c".to_owned(), 2));
+
+    let text = apexctl(&stores, None, None, &["dunning", "pending"])
+        .ok()
+        .out;
+    assert!(text.contains(&id) && text.contains("in_a"), "{text}");
+    let bad = apexctl(&stores, None, None, &["dunning", "pending", "--limit", "0"]);
+    assert_eq!(bad.code, 1);
+    assert!(
+        bad.err.starts_with("apexctl: --limit must be"),
+        "{}",
+        bad.err
     );
 }

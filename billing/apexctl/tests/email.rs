@@ -262,3 +262,86 @@ async fn a_crash_after_resend_accepted_sends_once_under_the_same_key() {
     assert_eq!(logged.len(), 1);
     assert_eq!(logged[0].1.as_deref(), Some(resend.emails()[0].0.as_str()));
 }
+
+/// The email commands that printed only text print JSON too, and the guide's and the issue's
+/// names (`test`, `sent`, `drain`, `optout`) are aliases of the commands' names.
+#[tokio::test]
+async fn opt_out_preview_and_the_aliases_print_json() {
+    let stores = TestStores::migrated().await;
+    let customer = apex_billing::customers::create_customer(
+        &mut stores.pool.acquire().await.unwrap(),
+        &apex_billing::customers::NewCustomer {
+            name: "Json Mail".into(),
+            email: "json@mail.example".into(),
+            plan_id: "starter".into(),
+            trial_days: Some(0),
+        },
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .customer
+    .id;
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (code, out, err) = apexctl(&stores, args, &[]);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    assert_eq!(
+        json(&[
+            "email",
+            "optout",
+            "--customer",
+            &customer,
+            "--category",
+            "sdk_update",
+            "--json"
+        ]),
+        serde_json::json!({"customer_id": customer, "category": "sdk_update", "opted_out": true})
+    );
+    assert_eq!(
+        json(&[
+            "email",
+            "opt-out",
+            "--customer",
+            &customer,
+            "--category",
+            "sdk_update",
+            "--undo",
+            "--json"
+        ])["opted_out"],
+        false
+    );
+    let opted: i64 = sqlx::query_scalar("SELECT count(*) FROM email_opt_outs")
+        .fetch_one(&stores.pool)
+        .await
+        .unwrap();
+    assert_eq!(opted, 0);
+
+    let preview = json(&["email", "preview", "--type", "payment_failed", "--json"]);
+    assert_eq!(preview["type"], "payment_failed");
+    assert_eq!(preview["subject"], "⚠️ Payment failed - action required");
+    assert!(
+        preview["html"].as_str().unwrap().contains("<html"),
+        "{preview}"
+    );
+    assert!(!preview["text"].as_str().unwrap().is_empty());
+    let types = json(&["email", "preview", "--list", "--json"]);
+    let (_, listed, _) = apexctl(&stores, &["email", "preview", "--list"], &[]);
+    let listed: Vec<&str> = listed.lines().collect();
+    assert_eq!(types["types"], serde_json::json!(listed));
+    assert!(listed.contains(&"welcome"), "{listed:?}");
+
+    // The aliases run the same commands.
+    let sent = json(&["email", "test", "--to", "dev@example.com", "--json"]);
+    assert_eq!(sent["sent"], true, "{sent}");
+    assert_eq!(
+        json(&["email", "sent", "--json"]),
+        json(&["email", "recent", "--json"])
+    );
+    assert_eq!(
+        json(&["email", "drain", "--json"])["claimed"],
+        1,
+        "the welcome email"
+    );
+}

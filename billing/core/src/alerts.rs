@@ -375,6 +375,34 @@ pub async fn list(
     .await?)
 }
 
+/// A customer's count of alerts over a window (the guide's "check alert frequency").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct AlertFrequency {
+    /// Customer.
+    pub customer_id: String,
+    /// Alerts recorded in the window.
+    pub alert_count: i64,
+}
+
+/// Customers with more than `more_than` alerts recorded since `since`, most first: the
+/// guide's "High usage alert spam" query (`created_at >= NOW() - INTERVAL '7 days'`, `HAVING
+/// COUNT(*) > 10`), with `since` and `more_than` for its constants.
+pub async fn frequency(
+    db: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+    more_than: i64,
+) -> Result<Vec<AlertFrequency>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT customer_id, count(*) AS alert_count FROM usage_alerts \
+         WHERE created_at >= $1 GROUP BY customer_id HAVING count(*) > $2 \
+         ORDER BY alert_count DESC, customer_id",
+    )
+    .bind(since)
+    .bind(more_than)
+    .fetch_all(db)
+    .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

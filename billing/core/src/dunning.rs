@@ -1209,6 +1209,41 @@ pub async fn history(
         .await?)
 }
 
+/// Retries due by `due_by` that no run has made yet, soonest due first, at most `limit`: the
+/// guide's "check pending retries" (Troubleshooting, "Dunning not processing retries":
+/// `status IN ('pending', 'retrying') AND next_retry_at <= NOW()`), with `due_by` for `NOW()`.
+pub async fn due_retries(
+    db: impl PgExecutor<'_>,
+    due_by: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<DunningRow>, BillingError> {
+    let sql = format!(
+        "SELECT {ROW_COLUMNS} FROM dunning_attempts \
+         WHERE status IN ('pending', 'retrying') AND next_retry_at <= $1 \
+         ORDER BY next_retry_at ASC, id LIMIT $2"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(due_by)
+        .bind(limit)
+        .fetch_all(db)
+        .await?)
+}
+
+/// How many retries the guide's pending-retries query finds due by `due_by`, and the
+/// earliest due time among them (`None` when there is none).
+pub async fn due_retries_count(
+    db: impl PgExecutor<'_>,
+    due_by: DateTime<Utc>,
+) -> Result<(i64, Option<DateTime<Utc>>), BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), min(next_retry_at) FROM dunning_attempts \
+         WHERE status IN ('pending', 'retrying') AND next_retry_at <= $1",
+    )
+    .bind(due_by)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Closes `invoice_id`'s open case by hand (`apexctl dunning close`), as `by` with `note`:
 /// pending retries are canceled, and the customer is reactivated if this case alone
 /// suspended it. `NotFound` when the invoice has no case; `Invalid` when it is closed.

@@ -325,6 +325,21 @@ pub async fn retry_failed_emails(
     .rows_affected())
 }
 
+/// Email events given up (the guide's "failed emails": processed with an `error_message`)
+/// whose processing was at or after `since`, and not revived since.
+pub async fn given_up_emails_count(
+    db: impl PgExecutor<'_>,
+    since: DateTime<Utc>,
+) -> Result<i64, BillingError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type LIKE 'email.%' \
+           AND processed_at >= $1 AND error_message IS NOT NULL",
+    )
+    .bind(since)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Depth of the email queue: due events now, and the age in seconds of the oldest due one.
 pub async fn email_queue_depth(
     db: impl PgExecutor<'_>,

@@ -4,6 +4,7 @@
 //! the `subscriptions` table is here and takes an executor, so a job composes them.
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 use sqlx::PgExecutor;
 
 use crate::error::BillingError;
@@ -164,6 +165,37 @@ pub async fn live(
     )
     .bind(customer_id)
     .fetch_optional(db)
+    .await?)
+}
+
+/// How the live subscriptions stand with Stripe (`apexctl doctor`): the guide's "Subscription
+/// doesn't have metered price item" is, in our mapping, a subscription without its Stripe
+/// subscription or a customer without its Stripe customer (meter events name the customer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct StripeMappingGaps {
+    /// Live (not canceled) subscriptions.
+    pub live: i64,
+    /// Of those, the ones missing their Stripe subscription or their customer's Stripe
+    /// customer.
+    pub unmapped: i64,
+    /// Up to five of their customers, by id.
+    pub examples: Vec<String>,
+}
+
+/// The live subscriptions not (fully) mapped to Stripe; see [`StripeMappingGaps`].
+pub async fn stripe_mapping_gaps(
+    db: impl PgExecutor<'_>,
+) -> Result<StripeMappingGaps, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*) AS live, count(*) FILTER (WHERE unmapped) AS unmapped, \
+             coalesce((array_agg(customer_id ORDER BY customer_id) \
+                 FILTER (WHERE unmapped))[1:5], '{}') AS examples \
+         FROM (SELECT s.customer_id, \
+                  (s.stripe_subscription_id IS NULL OR c.stripe_customer_id IS NULL) AS unmapped \
+               FROM subscriptions s JOIN customers c ON c.id = s.customer_id \
+               WHERE s.status <> 'canceled') AS live",
+    )
+    .fetch_one(db)
     .await?)
 }
 

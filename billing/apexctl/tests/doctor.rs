@@ -1,0 +1,432 @@
+//! `apexctl doctor` end to end, as the binary with `--json` parsed, on the test's own Postgres
+//! and ClickHouse and the Stripe stand-in, at a simulated time: a healthy system is all `ok`
+//! and exits 0; then each of the guide's Troubleshooting causes, made by hand, is named by its
+//! own check as `fail` (exit 1) or `warn`: a late cron job, a stuck email queue and a given-up
+//! email, an overdue dunning retry, a subscription not in Stripe, a key Stripe refuses, an
+//! unreachable Stripe, no key, no email provider, a meter missing or not active in Stripe,
+//! unreachable or unmigrated stores.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use apex_core::testing::TestStores;
+use apex_cron::jobs::{JOBS, Schedule};
+use apex_stripe::testing::{StripeStandIn, TEST_KEY, signup};
+use chrono::{DateTime, Duration, Utc};
+
+/// The simulated time of every run: a Thursday afternoon, after every daily job's slot.
+const NOW: &str = "2026-05-14T12:07:00Z";
+
+fn now() -> DateTime<Utc> {
+    NOW.parse().unwrap()
+}
+
+/// `apexctl` on the test's stores at [`NOW`], with the stand-in's key and URL when given, an
+/// SMTP relay configured (the doctor does not connect to it), and `env` last (an empty value
+/// is an unset variable to apexctl).
+fn apexctl(
+    stores: &TestStores,
+    standin: Option<&StripeStandIn>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
+    let mut command = common::apexctl_command(stores);
+    command
+        .args(args)
+        .env("APEX_CLOCK_START", NOW)
+        .env("EMAIL_PROVIDER", "smtp")
+        .env("SMTP_URL", "smtp://127.0.0.1:2525?tls=none");
+    if let Some(standin) = standin {
+        command
+            .env("STRIPE_SECRET_KEY", TEST_KEY)
+            .env("STRIPE_API_BASE", standin.base_url());
+    }
+    command.envs(env.iter().copied());
+    let out = command.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One doctor run: its exit code, overall status, and each check's (status, reason) by name.
+struct Diagnosis {
+    code: i32,
+    status: String,
+    checks: BTreeMap<String, (String, String)>,
+}
+
+impl Diagnosis {
+    fn status_of(&self, name: &str) -> &str {
+        &self
+            .checks
+            .get(name)
+            .unwrap_or_else(|| panic!("no check {name}: {:?}", self.checks))
+            .0
+    }
+
+    fn reason_of(&self, name: &str) -> &str {
+        &self.checks[name].1
+    }
+
+    /// The checks that are not `ok`, by name.
+    fn not_ok(&self) -> BTreeMap<&str, &str> {
+        self.checks
+            .iter()
+            .filter(|(_, (status, _))| status != "ok")
+            .map(|(name, (status, _))| (name.as_str(), status.as_str()))
+            .collect()
+    }
+}
+
+fn doctor(stores: &TestStores, standin: Option<&StripeStandIn>, env: &[(&str, &str)]) -> Diagnosis {
+    let (code, out, err) = apexctl(stores, standin, &["doctor", "--json"], env);
+    let doc: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {out}\nstderr: {err}"));
+    let checks = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                (
+                    c["status"].as_str().unwrap().to_owned(),
+                    c["reason"].as_str().unwrap().to_owned(),
+                ),
+            )
+        })
+        .collect();
+    Diagnosis {
+        code,
+        status: doc["status"].as_str().unwrap().to_owned(),
+        checks,
+    }
+}
+
+/// Records a succeeded run of every job's last slot at or before `at`, as the cron process
+/// does.
+async fn record_every_jobs_last_slot(stores: &TestStores, at: DateTime<Utc>) {
+    for spec in JOBS {
+        let slot = Schedule::parse(spec.schedule)
+            .unwrap()
+            .last_at_or_before(at)
+            .unwrap();
+        record_run(stores, spec.name, slot, "succeeded").await;
+    }
+}
+
+async fn record_run(stores: &TestStores, job: &str, slot: DateTime<Utc>, status: &str) {
+    sqlx::query(
+        "INSERT INTO cron_runs (job_name, scheduled_for, started_at, finished_at, status) \
+         VALUES ($1, $2, $2, $2 + interval '1 second', $3)",
+    )
+    .bind(job)
+    .bind(slot)
+    .bind(status)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+}
+
+/// A healthy system: the catalogue and a customer mapped to the stand-in, every job run on
+/// time. Returns the customer.
+async fn healthy(stores: &TestStores, standin: &StripeStandIn) -> String {
+    let customer = signup(&stores.pool, "Healthy Games").await;
+    for args in [&["stripe", "catalog"][..], &["stripe", "customers"]] {
+        let (code, _, err) = apexctl(stores, Some(standin), args, &[]);
+        assert_eq!(code, 0, "{args:?}: {err}");
+    }
+    record_every_jobs_last_slot(stores, now()).await;
+    customer
+}
+
+#[tokio::test]
+async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    let customer = healthy(&stores, &standin).await;
+
+    let healthy = doctor(&stores, Some(&standin), &[]);
+    assert_eq!(healthy.not_ok(), BTreeMap::new(), "{:?}", healthy.checks);
+    assert_eq!((healthy.code, healthy.status.as_str()), (0, "ok"));
+    assert!(
+        healthy
+            .reason_of("stripe.api")
+            .contains("accepted the key (3 active"),
+        "{}",
+        healthy.reason_of("stripe.api")
+    );
+    assert!(healthy.reason_of("stripe.key").starts_with("test mode"));
+    for spec in JOBS {
+        assert_eq!(healthy.status_of(&format!("cron.{}", spec.name)), "ok");
+    }
+    // The text form says the same, one line a check.
+    let (code, text, _) = apexctl(&stores, Some(&standin), &["doctor"], &[]);
+    assert_eq!(code, 0);
+    assert!(text.contains("ok    stripe.api"), "{text}");
+    assert!(text.contains(" 0 fail"), "{text}");
+
+    // The troubles, each made by hand.
+    // The 02:00 Stripe sync last ran the day before: cron is not running it.
+    sqlx::query("DELETE FROM cron_runs WHERE job_name = 'stripe_sync'")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    record_run(
+        &stores,
+        "stripe_sync",
+        "2026-05-13T02:00:00Z".parse().unwrap(),
+        "succeeded",
+    )
+    .await;
+    // The 03:00 dunning run failed (alive, but its work is not done).
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'failed', error_message = 'Stripe unreachable' \
+         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
+    )
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    // A welcome email due for an hour, and one given up yesterday.
+    sqlx::query(
+        "INSERT INTO events (event_type, data, created_at) \
+         VALUES ('email.welcome', '{\"to\": \"a@studio.example\"}', $1)",
+    )
+    .bind(now() - Duration::hours(1))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO events (event_type, data, created_at, processed_at, error_message) \
+         VALUES ('email.trial_ending', '{\"to\": \"b@studio.example\"}', $1, $1, 'refused')",
+    )
+    .bind(now() - Duration::days(1))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    // A retry due at 00:00 today that the 03:00 run did not make, and one due tomorrow.
+    sqlx::query(
+        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
+             next_retry_at) VALUES \
+           ($1, 'in_overdue', 0, 'failed', NULL), \
+           ($1, 'in_overdue', 1, 'pending', '2026-05-14T00:00:00Z'), \
+           ($1, 'in_later', 0, 'failed', NULL), \
+           ($1, 'in_later', 1, 'pending', '2026-05-15T00:00:00Z')",
+    )
+    .bind(&customer)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    // A customer who signed up but was never mapped to Stripe.
+    let unmapped = signup(&stores.pool, "Unmapped Games").await;
+
+    let sick = doctor(&stores, Some(&standin), &[]);
+    let (code, text, _) = apexctl(&stores, Some(&standin), &["doctor"], &[]);
+    assert_eq!(code, 1);
+    assert!(text.contains("\nfail  cron.stripe_sync "), "{text}");
+    assert!(text.contains("18 checks: 12 ok, 2 warn, 4 fail"), "{text}");
+    assert_eq!((sick.code, sick.status.as_str()), (1, "fail"));
+    assert_eq!(
+        sick.not_ok(),
+        BTreeMap::from([
+            ("cron.stripe_sync", "fail"),
+            ("cron.dunning_retries", "warn"),
+            ("email.queue", "fail"),
+            ("email.failed", "warn"),
+            ("dunning.retries", "fail"),
+            ("stripe.mapping", "fail"),
+        ]),
+        "{:?}",
+        sick.checks
+    );
+    assert!(
+        sick.reason_of("cron.stripe_sync")
+            .contains("no run for the 2026-05-14 02:00 UTC slot"),
+        "{}",
+        sick.reason_of("cron.stripe_sync")
+    );
+    assert!(
+        sick.reason_of("cron.dunning_retries")
+            .contains("Stripe unreachable")
+    );
+    assert!(
+        // The welcome emails of the two sign-ups are due too, queued at the wall clock's time.
+        sick.reason_of("email.queue")
+            .starts_with("3 emails due, the oldest queued 60 min ago"),
+        "{}",
+        sick.reason_of("email.queue")
+    );
+    assert!(
+        sick.reason_of("email.failed")
+            .starts_with("1 email given up")
+    );
+    assert!(
+        sick.reason_of("dunning.retries")
+            .starts_with("1 retry due before 2026-05-14 03:00 UTC not made"),
+        "{}",
+        sick.reason_of("dunning.retries")
+    );
+    assert!(
+        sick.reason_of("stripe.mapping")
+            .contains("1 of 2 live subscriptions without a Stripe subscription"),
+        "{}",
+        sick.reason_of("stripe.mapping")
+    );
+    assert!(sick.reason_of("stripe.mapping").contains(&unmapped));
+
+    // `--late-minutes` moves the line: at 12:07, with 11 hours of grace, the last daily slot
+    // that must have run is yesterday's, which stripe_sync has.
+    let (code, out, _) = apexctl(
+        &stores,
+        Some(&standin),
+        &["doctor", "--json", "--late-minutes", "660"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let sync = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "cron.stripe_sync")
+        .unwrap();
+    assert_eq!(sync["status"], "ok", "{sync}");
+}
+
+#[tokio::test]
+async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    healthy(&stores, &standin).await;
+
+    // Stripe answers 401 to a key it does not know; the stand-in takes any key, so the test
+    // makes it answer as Stripe does.
+    standin.inject_fault("/v1/billing/meters", 401, 1, None, false);
+    let refused = doctor(&stores, Some(&standin), &[]);
+    assert_eq!(refused.code, 1);
+    assert_eq!(
+        refused.not_ok(),
+        BTreeMap::from([("stripe.api", "fail")]),
+        "{:?}",
+        refused.checks
+    );
+    assert!(
+        refused
+            .reason_of("stripe.api")
+            .starts_with("Stripe refused the key: Stripe answered 401"),
+        "{}",
+        refused.reason_of("stripe.api")
+    );
+    // The mapping is still checked in Postgres, only not against Stripe.
+    assert!(
+        refused
+            .reason_of("stripe.mapping")
+            .contains("(not checked in Stripe)")
+    );
+
+    // Nothing listens at the base URL.
+    let unreachable = doctor(
+        &stores,
+        Some(&standin),
+        &[("STRIPE_API_BASE", "http://127.0.0.1:1")],
+    );
+    assert_eq!(unreachable.code, 1);
+    assert_eq!(unreachable.status_of("stripe.api"), "fail");
+    assert!(
+        unreachable
+            .reason_of("stripe.api")
+            .starts_with("cannot reach Stripe"),
+        "{}",
+        unreachable.reason_of("stripe.api")
+    );
+
+    // A live key sent anywhere but Stripe is suspicious, not fatal by itself.
+    let live = doctor(
+        &stores,
+        Some(&standin),
+        &[("STRIPE_SECRET_KEY", "sk_live_apex_standin")],
+    );
+    assert_eq!(live.status_of("stripe.key"), "warn");
+
+    // No key, no email provider: the guide's first causes.
+    let bare = doctor(&stores, None, &[("EMAIL_PROVIDER", "")]);
+    assert_eq!(bare.code, 1);
+    assert_eq!(bare.status_of("stripe.key"), "fail");
+    assert_eq!(bare.status_of("stripe.api"), "warn");
+    assert_eq!(bare.status_of("email.provider"), "fail");
+    let file = doctor(&stores, Some(&standin), &[("EMAIL_PROVIDER", "file")]);
+    assert_eq!(file.status_of("email.provider"), "warn");
+    assert_eq!(file.code, 0);
+
+    // A meter id Stripe does not list as active, then a metric with no meter at all.
+    sqlx::query(
+        "UPDATE stripe_meters SET stripe_meter_id = 'mtr_gone' WHERE metric_type = 'impressions'",
+    )
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let gone = doctor(&stores, Some(&standin), &[]);
+    assert_eq!(gone.not_ok(), BTreeMap::from([("stripe.mapping", "fail")]));
+    assert_eq!(
+        gone.reason_of("stripe.mapping"),
+        "meters not active in Stripe: impressions (mtr_gone) (meter events to them are refused)"
+    );
+    sqlx::query("DELETE FROM stripe_meters WHERE metric_type = 'data_transfer'")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let missing = doctor(&stores, Some(&standin), &[]);
+    assert_eq!(
+        missing.reason_of("stripe.mapping"),
+        "no Stripe meter for data_transfer: run `apexctl stripe catalog`"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
+    let stores = TestStores::empty().await;
+    let unmigrated = doctor(&stores, None, &[]);
+    assert_eq!(unmigrated.code, 1);
+    assert_eq!(unmigrated.status_of("postgres"), "fail");
+    assert!(
+        unmigrated
+            .reason_of("postgres")
+            .contains("run `apexctl migrate`"),
+        "{}",
+        unmigrated.reason_of("postgres")
+    );
+    assert_eq!(unmigrated.status_of("clickhouse"), "fail");
+    assert_eq!(unmigrated.status_of("dunning.retries"), "warn");
+    assert!(
+        unmigrated
+            .reason_of("dunning.retries")
+            .starts_with("not checked")
+    );
+
+    let down = doctor(
+        &stores,
+        None,
+        &[
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/apex"),
+            ("CLICKHOUSE_URL", "http://127.0.0.1:1"),
+        ],
+    );
+    assert_eq!(down.code, 1);
+    assert_eq!(down.status_of("postgres"), "fail");
+    assert!(down.reason_of("postgres").starts_with("cannot connect"));
+    assert_eq!(down.status_of("clickhouse"), "fail");
+    assert!(
+        down.reason_of("clickhouse")
+            .starts_with("ClickHouse connection failed")
+    );
+    // Checks that need no store still ran.
+    assert_eq!(down.status_of("email.provider"), "ok");
+
+    // Bad flags: one clear line, exit 1.
+    let (code, _, err) = apexctl(&stores, None, &["doctor", "--late-minutes", "0"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("apexctl: --late-minutes must be"), "{err}");
+}
