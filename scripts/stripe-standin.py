@@ -5,7 +5,7 @@ what localstripe lacks.
 Real localstripe serves customers, products, plans and subscriptions. Added here, clearly
 a test double and never shipped:
 
-- Billing meters and meter events (`/v1/billing/meters`, `/v1/billing/meter_events`), with
+- Billing meters and meter events (`/v1/billing/meters[/{id}]`, `/v1/billing/meter_events`), with
   Stripe's documented rules: the event name must belong to a meter, the payload names an
   existing customer and a whole-number value, the timestamp lies within the past 35 days or
   up to 5 minutes ahead, and an identifier is accepted once (a repeat gets 400
@@ -358,6 +358,13 @@ async def list_meters(request):
         {"object": "list", "url": "/v1/billing/meters", "has_more": False,
          "data": list(meters.values())}
     )
+
+
+async def retrieve_meter(request):
+    meter = meters.get(request.match_info["id"])
+    if meter is None:
+        return stripe_error(404, "resource_missing", "No such billing meter")
+    return web.json_response(meter)
 
 
 async def create_meter_event(request):
@@ -973,6 +980,7 @@ app.middlewares.insert(0, answer_first)
 app.middlewares.append(invoice_middleware)
 app.router.add_post("/v1/billing/meters", create_meter)
 app.router.add_get("/v1/billing/meters", list_meters)
+app.router.add_get("/v1/billing/meters/{id}", retrieve_meter)
 app.router.add_post("/v1/billing/meter_events", create_meter_event)
 app.router.add_get("/v1/billing/meters/{id}/event_summaries", meter_event_summaries)
 app.router.add_post("/_config/test/faults", add_fault)

@@ -28,17 +28,18 @@ pub(crate) enum AlertsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Customers with more than --min usage alerts in the last --days days, most first (the
-    /// guide's "check alert frequency": more than 10 in 7 days is its "alert spam").
+    /// Customers with more than --more-than usage alerts in the last --days days, most first
+    /// (the guide's "check alert frequency": more than 10 in 7 days is its "alert spam").
     Frequency {
-        /// The last N days (1 to 3650).
+        /// The last N days (1 to 3650), each 24 hours back from the clock's now.
         #[arg(long, default_value_t = 7)]
         days: i64,
         /// Customers with more than this many alerts (0 or more): the guide's `HAVING
         /// COUNT(*) > 10`.
         #[arg(long, default_value_t = 10)]
-        min: i64,
-        /// Print JSON.
+        more_than: i64,
+        /// Print JSON: `days`, `more_than`, `since`, `customers` (each `customer_id`,
+        /// `alert_count`).
         #[arg(long)]
         json: bool,
     },
@@ -105,23 +106,33 @@ pub(crate) async fn run(
                 );
             }
         }
-        AlertsCommand::Frequency { days, min, json } => {
+        AlertsCommand::Frequency {
+            days,
+            more_than,
+            json,
+        } => {
             anyhow::ensure!(
                 (1..=3650).contains(&days),
                 "--days must be 1 to 3650, not {days}"
             );
-            anyhow::ensure!(min >= 0, "--min must be 0 or more, not {min}");
+            anyhow::ensure!(
+                more_than >= 0,
+                "--more-than must be 0 or more, not {more_than}"
+            );
             let since = now - Duration::days(days);
-            let frequent = alerts::frequency(pool, since, min).await?;
+            let frequent = alerts::frequency(pool, since, more_than).await?;
             if json {
                 println!(
                     "{}",
-                    json!({"days": days, "min": min, "since": since, "customers": frequent})
+                    json!({"days": days, "more_than": more_than, "since": since,
+                        "customers": frequent})
                 );
                 return Ok(ExitCode::SUCCESS);
             }
             if frequent.is_empty() {
-                println!("no customer has more than {min} usage alerts in the last {days} days");
+                println!(
+                    "no customer has more than {more_than} usage alerts in the last {days} days"
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             println!("{:<24} {:>11}", "customer", "alert_count");

@@ -1,41 +1,35 @@
 //! `apexctl doctor`: the operations guide's Troubleshooting "common causes" checked in one run,
 //! each a named check that is `ok`, `warn` or `fail` with a one-line reason. Postgres reachable
-//! and migrated; ClickHouse reachable and migrated (the guide's "ClickHouse connection
-//! failed"); the Stripe key present, its mode, and accepted by Stripe (one authenticated GET
-//! through the production client, at `STRIPE_API_BASE`: the guide's "Stripe API key missing
-//! or invalid"); every live subscription and metric mapped to Stripe (the guide's
-//! "Subscription doesn't have metered price item"); the email provider configured (the guide's
+//! and migrated (no migration pending, failed part-way or edited since); ClickHouse reachable
+//! and migrated (the guide's "ClickHouse connection failed"); the Stripe key present, its
+//! mode, and accepted by Stripe (one cheap authenticated GET through the production client,
+//! at `STRIPE_API_BASE`: the guide's "Stripe API key missing or invalid"); every live
+//! subscription mapped to Stripe and every metric to a meter active in Stripe under our event
+//! name (the guide's "Subscription doesn't have metered price item"); the email provider configured (the guide's
 //! "Check Resend API key"); the email queue draining and what it gave up; each cron job's last
 //! run (the guide's "Verify cron is running"); dunning retries overdue (the guide's "Check
 //! pending retries"). Exit 1 when any check fails; warnings alone exit 0.
 //!
 //! A check that needs Postgres is reported as a warning "not checked" when Postgres cannot be
 //! reached or lacks migrations: the `postgres` check has failed already, and the rest still
-//! run.
+//! run. Store and Stripe addresses are printed as `scheme://host:port/path` only: never a
+//! URL's credentials or query.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use apex_billing::{dunning, events, subscriptions};
-use apex_core::migrate::CLICKHOUSE_MIGRATIONS;
-use apex_core::model::Metric;
-use apex_core::stores::redact_url;
-use apex_cron::runs;
+use apex_core::migrate::{self, CLICKHOUSE_MIGRATIONS};
+use apex_cron::runs::{self, Run};
 use apex_notify::config::ProviderSettings;
-use apex_stripe::client::{ClientSettings, RetryPolicy, StripeError};
+use apex_stripe::catalog::{self, MeterHealth, MeterState};
+use apex_stripe::client::{ClientSettings, RetryPolicy, StripeClient, StripeError};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use sqlx::PgPool;
-use stripe_billing::BillingMeterStatus;
-use stripe_billing::billing_meter::ListBillingMeter;
 
 use crate::config::CtlConfig;
-
-/// The Postgres migrations this binary was built with (the ones `apexctl migrate` applies), to
-/// tell what a database still lacks. `apex_core::migrate` keeps its migrator private, so the
-/// same folder is embedded here (`build.rs` rebuilds when it changes).
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// How long a store or Stripe may take to answer before the check fails: a doctor that
 /// hangs on the outage it should report is no help.
@@ -44,15 +38,18 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How far back a given-up email still makes the `email.failed` check warn.
 const GIVEN_UP_WINDOW_DAYS: i64 = 7;
 
-/// `apexctl doctor`'s options.
+/// `apexctl doctor`'s options. The job schedules and timeouts it checks the runs against are
+/// read from its own environment (`APEX_CRON_SCHEDULE_*`, `APEX_CRON_TIMEOUT_SECS_*`), as
+/// `apex-cron` reads them: run it with the cron process's settings.
 #[derive(clap::Args)]
 pub(crate) struct DoctorArgs {
     /// A cron job is late, and a dunning retry overdue, when the job's last due slot is this
     /// many minutes past without a run (1 to 1440).
     #[arg(long, default_value_t = 15)]
     late_minutes: i64,
-    /// The email queue is stuck when an email has been due for longer than this many minutes
-    /// (1 to 1440; the `email_queue` job runs every minute).
+    /// The email queue is stuck when an email has been due (created, or its retry's time
+    /// come) for longer than this many minutes (1 to 1440; the `email_queue` job runs every
+    /// minute).
     #[arg(long, default_value_t = 15)]
     email_stale_minutes: i64,
     /// Print JSON: `status` (the worst of the checks), `now`, and `checks` (each `name`,
@@ -100,20 +97,6 @@ fn check(name: impl Into<String>, status: Status, reason: impl Into<String>) -> 
     }
 }
 
-/// The Postgres migration versions applied to the database of `pool`, ascending (none on a
-/// database never migrated). The table is sqlx's migrator's own (`_sqlx_migrations`).
-pub(crate) async fn applied_postgres_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-        .fetch_all(pool)
-        .await
-}
-
 pub(crate) async fn run(
     args: DoctorArgs,
     ctl: &CtlConfig,
@@ -130,19 +113,36 @@ pub(crate) async fn run(
         args.email_stale_minutes
     );
     let late = chrono::Duration::minutes(args.late_minutes);
-    let mut checks = Vec::new();
 
-    let pool = postgres(ctl, &mut checks).await;
-    checks.push(clickhouse(ctl).await);
-    checks.push(stripe_key(ctl));
-    let active_meters = stripe_api(ctl, &mut checks).await;
-    checks.push(email_provider(ctl));
+    // The stores and Stripe are asked at once: each may take up to ANSWER_TIMEOUT to fail.
+    let ((postgres_check, pool), clickhouse_check, (api_check, stripe)) =
+        tokio::join!(postgres(ctl), clickhouse(ctl), stripe_api(ctl));
+    let mut checks = vec![
+        postgres_check,
+        clickhouse_check,
+        stripe_key(ctl),
+        api_check,
+        email_provider(ctl),
+    ];
     match &pool {
         Ok(pool) => {
-            checks.push(stripe_mapping(pool, active_meters.as_ref()).await);
+            checks.push(stripe_mapping(pool, stripe.as_ref()).await);
             checks.extend(email_queue(pool, now, args.email_stale_minutes).await);
-            checks.extend(cron_jobs(ctl, pool, now, late).await);
-            checks.push(dunning_retries(ctl, pool, now, late).await);
+            let latest = match runs::latest(pool).await {
+                Ok(latest) => {
+                    checks.extend(cron_jobs(ctl, &latest, now, late));
+                    latest
+                }
+                Err(e) => {
+                    checks.push(check(
+                        "cron",
+                        Status::Fail,
+                        format!("cannot read cron_runs: {e}"),
+                    ));
+                    BTreeMap::new()
+                }
+            };
+            checks.push(dunning_retries(ctl, pool, &latest, now, late).await);
         }
         Err(why) => {
             for name in [
@@ -188,97 +188,131 @@ pub(crate) async fn run(
     })
 }
 
-/// `postgres`: reachable within [`ANSWER_TIMEOUT`], and every migration of this binary
-/// applied. Returns the pool when the schema is there for the other checks, else why not.
-async fn postgres(ctl: &CtlConfig, checks: &mut Vec<Check>) -> Result<PgPool, &'static str> {
-    let url = redact_url(&ctl.cron.stores.database_url);
-    let pool = match tokio::time::timeout(ANSWER_TIMEOUT, ctl.cron.stores.connect_postgres()).await
-    {
-        Err(_) => {
-            checks.push(check(
-                "postgres",
-                Status::Fail,
-                format!("no answer within {ANSWER_TIMEOUT:?} (DATABASE_URL {url})"),
-            ));
-            return Err(UNREACHABLE);
-        }
-        Ok(Err(e)) => {
-            checks.push(check(
-                "postgres",
-                Status::Fail,
-                format!("cannot connect (DATABASE_URL {url}): {e}"),
-            ));
-            return Err(UNREACHABLE);
-        }
-        Ok(Ok(pool)) => pool,
-    };
-    let applied = match applied_postgres_versions(&pool).await {
-        Ok(applied) => applied,
-        Err(e) => {
-            checks.push(check(
-                "postgres",
-                Status::Fail,
-                format!("reachable, but its migrations cannot be read: {e}"),
-            ));
-            return Err(UNMIGRATED);
-        }
-    };
-    let known: Vec<i64> = POSTGRES_MIGRATIONS
-        .iter()
-        .filter(|m| m.migration_type.is_up_migration())
-        .map(|m| m.version)
-        .collect();
-    let pending: Vec<String> = known
-        .iter()
-        .filter(|v| !applied.contains(v))
-        .map(|v| format!("{v:04}"))
-        .collect();
-    let unknown: Vec<String> = applied
-        .iter()
-        .filter(|v| !known.contains(v))
-        .map(|v| format!("{v:04}"))
-        .collect();
-    if !pending.is_empty() {
-        checks.push(check(
-            "postgres",
-            Status::Fail,
-            format!(
-                "reachable, {} migrations pending ({}): run `apexctl migrate`",
-                pending.len(),
-                pending.join(", ")
-            ),
-        ));
-        return Err(UNMIGRATED);
+/// Where `raw` points, safe to print: `scheme://host:port/path`, without the user, password,
+/// query or fragment (a query can carry a password too, e.g. `?password=`).
+fn location(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(url) => format!(
+            "{}://{}{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            url.path().trim_end_matches('/')
+        ),
+        Err(_) => "(not a URL)".to_owned(),
     }
-    checks.push(if !unknown.is_empty() {
-        check(
-            "postgres",
-            Status::Warn,
-            format!(
-                "reachable and migrated, with migrations this apexctl does not know ({}): it is \
-                 older than the schema",
-                unknown.join(", ")
-            ),
-        )
+}
+
+/// A time as the doctor prints it.
+fn time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// A wait in whole minutes (the unit of `--late-minutes` and `--email-stale-minutes`).
+fn minutes(secs: f64) -> String {
+    if secs < 60.0 {
+        "less than a minute".to_owned()
     } else {
-        check(
-            "postgres",
-            Status::Ok,
-            format!("reachable, all {} migrations applied", known.len()),
-        )
-    });
-    Ok(pool)
+        format!("{} min", (secs / 60.0).floor())
+    }
 }
 
 const UNREACHABLE: &str = "Postgres cannot be reached";
 const UNMIGRATED: &str = "Postgres lacks migrations";
+const DIRTY: &str = "a Postgres migration failed part-way";
+
+/// `postgres`: reachable within [`ANSWER_TIMEOUT`], and its schema this binary's
+/// ([`migrate::postgres_status`]: nothing pending, failed part-way or edited since it was
+/// applied; a migration this binary does not know only warns). Returns the pool when the
+/// schema is there for the other checks, else why not.
+async fn postgres(ctl: &CtlConfig) -> (Check, Result<PgPool, &'static str>) {
+    let name = "postgres";
+    let url = location(&ctl.cron.stores.database_url);
+    let pool = match tokio::time::timeout(ANSWER_TIMEOUT, ctl.cron.stores.connect_postgres()).await
+    {
+        Err(_) => {
+            let reason = format!("no answer within {ANSWER_TIMEOUT:?} (DATABASE_URL {url})");
+            return (check(name, Status::Fail, reason), Err(UNREACHABLE));
+        }
+        Ok(Err(e)) => {
+            let reason = format!("cannot connect (DATABASE_URL {url}): {e}");
+            return (check(name, Status::Fail, reason), Err(UNREACHABLE));
+        }
+        Ok(Ok(pool)) => pool,
+    };
+    let status = match migrate::postgres_status(&pool).await {
+        Ok(status) => status,
+        Err(e) => {
+            let reason = format!("reachable, but its migrations cannot be read: {e}");
+            return (check(name, Status::Fail, reason), Err(UNMIGRATED));
+        }
+    };
+    let versions = |list: &[i64]| {
+        list.iter()
+            .map(|v| format!("{v:04}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut failures = Vec::new();
+    if !status.pending.is_empty() {
+        failures.push(format!(
+            "{} pending ({}): run `apexctl migrate`",
+            count(status.pending.len() as i64, "migration"),
+            versions(&status.pending)
+        ));
+    }
+    if !status.dirty.is_empty() {
+        failures.push(format!(
+            "failed part-way ({}; `success` is false in _sqlx_migrations): repair the schema \
+             by hand",
+            versions(&status.dirty)
+        ));
+    }
+    if !status.changed.is_empty() {
+        failures.push(format!(
+            "edited after they were applied ({}): their files differ from what the database \
+             ran, and `apexctl migrate` refuses to run",
+            versions(&status.changed)
+        ));
+    }
+    if !failures.is_empty() {
+        let reason = format!("reachable; migrations {}", failures.join("; "));
+        let pool = if !status.pending.is_empty() {
+            Err(UNMIGRATED)
+        } else if !status.dirty.is_empty() {
+            Err(DIRTY)
+        } else {
+            // An edited migration leaves the tables there: the other checks can still read.
+            Ok(pool)
+        };
+        return (check(name, Status::Fail, reason), pool);
+    }
+    let outcome = if !status.unknown.is_empty() {
+        check(
+            name,
+            Status::Warn,
+            format!(
+                "reachable and migrated, with migrations this apexctl does not know ({}): it is \
+                 older than the schema",
+                versions(&status.unknown)
+            ),
+        )
+    } else {
+        check(
+            name,
+            Status::Ok,
+            format!("reachable, all {} migrations applied", status.known.len()),
+        )
+    };
+    (outcome, Ok(pool))
+}
 
 /// `clickhouse`: reachable within [`ANSWER_TIMEOUT`] and every migration applied.
 async fn clickhouse(ctl: &CtlConfig) -> Check {
     let stores = &ctl.cron.stores;
     let at = format!(
         "CLICKHOUSE_URL {}, database {}",
-        redact_url(&stores.clickhouse_url),
+        location(&stores.clickhouse_url),
         stores.clickhouse_database
     );
     let client = stores.clickhouse();
@@ -329,10 +363,26 @@ async fn clickhouse(ctl: &CtlConfig) -> Check {
     }
 }
 
+/// The kind of `STRIPE_SECRET_KEY` (`sk_test_`, `rk_live_`, ...), `None` for neither a test
+/// nor a live key.
+fn key_kind(key: &str) -> Option<&'static str> {
+    ["sk_test_", "sk_live_", "rk_test_", "rk_live_"]
+        .into_iter()
+        .find(|p| key.starts_with(p))
+}
+
+/// Whether `api_base` is Stripe's own API (`https://api.stripe.com`): anything else is a
+/// stand-in or a proxy, where a live key has no business.
+fn is_stripe(api_base: &str) -> bool {
+    url::Url::parse(api_base)
+        .is_ok_and(|u| u.scheme() == "https" && u.host_str() == Some("api.stripe.com"))
+}
+
 /// `stripe.key`: `STRIPE_SECRET_KEY` set, and which mode it is. The key itself is never
-/// shown, only its kind (`sk_test_`, `rk_live_`, ...).
+/// shown, only its kind.
 fn stripe_key(ctl: &CtlConfig) -> Check {
     let config = &ctl.cron.stripe;
+    let at = location(&config.api_base);
     let Some(key) = config.secret_key.as_deref() else {
         return check(
             "stripe.key",
@@ -340,10 +390,7 @@ fn stripe_key(ctl: &CtlConfig) -> Check {
             "STRIPE_SECRET_KEY is not set: the usage sync, invoices and dunning cannot run",
         );
     };
-    let kind = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"]
-        .into_iter()
-        .find(|p| key.starts_with(p));
-    let Some(kind) = kind else {
+    let Some(kind) = key_kind(key) else {
         return check(
             "stripe.key",
             Status::Warn,
@@ -352,40 +399,36 @@ fn stripe_key(ctl: &CtlConfig) -> Check {
         );
     };
     let live = kind.ends_with("live_");
-    let mode = if live { "live" } else { "test" };
-    // Stripe's own host: anything else is a stand-in or a proxy, where a live key has no
-    // business.
-    let official = config.api_base.trim_end_matches('/') == "https://api.stripe.com";
-    if live && !official {
+    if live && !is_stripe(&config.api_base) {
         check(
             "stripe.key",
             Status::Warn,
-            format!(
-                "a live key ({kind}...) is sent to {}, not to https://api.stripe.com",
-                config.api_base
-            ),
+            format!("a live key ({kind}...) is set for {at}, not for https://api.stripe.com"),
         )
     } else {
+        let mode = if live { "live" } else { "test" };
         check(
             "stripe.key",
             Status::Ok,
-            format!("{mode} mode key ({kind}...) for {}", config.api_base),
+            format!("{mode} mode key ({kind}...) for {at}"),
         )
     }
 }
 
-/// `stripe.api`: one authenticated GET (the active billing meters, which the mapping check
-/// reads too) through the production client, without retries. Returns the active meters' ids
-/// when Stripe answered.
-async fn stripe_api(ctl: &CtlConfig, checks: &mut Vec<Check>) -> Option<HashSet<String>> {
+/// `stripe.api`: one cheap authenticated GET ([`catalog::check_access`]) through the
+/// production client, without retries. Returns the client when Stripe accepted the key, for
+/// the mapping check's lookups. A live key is never sent anywhere but Stripe's own API.
+async fn stripe_api(ctl: &CtlConfig) -> (Check, Option<StripeClient>) {
+    let name = "stripe.api";
     let config = &ctl.cron.stripe;
-    if config.secret_key.is_none() {
-        checks.push(check(
-            "stripe.api",
-            Status::Warn,
-            "not checked: no STRIPE_SECRET_KEY",
-        ));
-        return None;
+    let at = location(&config.api_base);
+    let Some(key) = config.secret_key.as_deref() else {
+        let reason = "not checked: no STRIPE_SECRET_KEY";
+        return (check(name, Status::Warn, reason), None);
+    };
+    if key_kind(key).is_some_and(|k| k.ends_with("live_")) && !is_stripe(&config.api_base) {
+        let reason = format!("not checked: a live key is not sent to {at} (not Stripe)");
+        return (check(name, Status::Warn, reason), None);
     }
     let settings = ClientSettings {
         timeout: ANSWER_TIMEOUT,
@@ -398,76 +441,60 @@ async fn stripe_api(ctl: &CtlConfig, checks: &mut Vec<Check>) -> Option<HashSet<
     };
     let client = match apex_stripe::client_from_config(config, settings) {
         Ok(client) => client,
-        Err(e) => {
-            checks.push(check("stripe.api", Status::Fail, e.to_string()));
-            return None;
-        }
+        Err(e) => return (check(name, Status::Fail, e.to_string()), None),
     };
-    let list = ListBillingMeter::new()
-        .status(BillingMeterStatus::Active)
-        .limit(100);
-    match client.send::<serde_json::Value>(&list, None).await {
-        Ok(answer) => {
-            // Only the ids are read, so a field Stripe adds or a stand-in omits changes nothing.
-            let ids: HashSet<String> = answer["data"]
-                .as_array()
-                .map(|meters| {
-                    meters
-                        .iter()
-                        .filter_map(|m| m["id"].as_str().map(str::to_owned))
-                        .collect()
-                })
-                .unwrap_or_default();
-            checks.push(check(
-                "stripe.api",
-                Status::Ok,
-                format!(
-                    "Stripe at {} accepted the key ({} active billing meters)",
-                    config.api_base,
-                    ids.len()
-                ),
-            ));
-            Some(ids)
-        }
-        Err(e @ StripeError::Api { status: 401, .. }) => {
-            checks.push(check(
-                "stripe.api",
-                Status::Fail,
-                format!("Stripe refused the key: {e}"),
-            ));
-            None
-        }
-        Err(e) => {
-            checks.push(check(
-                "stripe.api",
-                Status::Fail,
-                format!("{e} (STRIPE_API_BASE {})", config.api_base),
-            ));
-            None
-        }
+    match catalog::check_access(&client).await {
+        Ok(()) => (
+            check(name, Status::Ok, format!("Stripe at {at} accepted the key")),
+            Some(client),
+        ),
+        Err(e @ StripeError::Api { status: 401, .. }) => (
+            check(name, Status::Fail, format!("Stripe refused the key: {e}")),
+            None,
+        ),
+        Err(e) => (
+            check(name, Status::Fail, format!("{e} (STRIPE_API_BASE {at})")),
+            None,
+        ),
     }
 }
 
-/// `stripe.mapping`: every metric has its billing meter (active in Stripe, when Stripe
-/// answered), and every live subscription its Stripe subscription and customer: what the
-/// usage sync needs to report a customer's usage.
-async fn stripe_mapping(pool: &PgPool, active: Option<&HashSet<String>>) -> Check {
+/// What is wrong with a meter for the usage sync, `None` when nothing is.
+fn meter_problem(meter: &MeterHealth) -> Option<String> {
+    let id = meter.stripe_meter_id.as_deref().unwrap_or("-");
+    let why = match &meter.state {
+        MeterState::Unmapped | MeterState::NotChecked | MeterState::Active => return None,
+        MeterState::Missing => "no such meter in Stripe".to_owned(),
+        MeterState::NotActive { status } => format!("{status} in Stripe"),
+        MeterState::OtherEventName { event_name } => format!(
+            "counts {event_name}, not {}",
+            catalog::event_name(meter.metric)
+        ),
+    };
+    Some(format!("{} ({id}: {why})", meter.metric))
+}
+
+/// `stripe.mapping`: every metric has its billing meter (active in Stripe under its event
+/// name, when Stripe answered: [`catalog::meter_health`]), and every live subscription its
+/// Stripe subscription and customer: what the usage sync needs to report a customer's usage.
+async fn stripe_mapping(pool: &PgPool, stripe: Option<&StripeClient>) -> Check {
     let name = "stripe.mapping";
-    // `stripe_meters` belongs to `apex_stripe::catalog`, which keeps this query private to
-    // its sync; it is read here as the sync reads it, to say what the sync would refuse.
-    let meters: Vec<(String, String)> =
-        match sqlx::query_as("SELECT metric_type, stripe_meter_id FROM stripe_meters")
-            .fetch_all(pool)
+    let meters = match stripe {
+        Some(stripe) => catalog::meter_health(pool, stripe)
             .await
-        {
-            Ok(meters) => meters,
-            Err(e) => return check(name, Status::Fail, format!("cannot read the meters: {e}")),
-        };
-    let mapped: BTreeMap<String, String> = meters.into_iter().collect();
-    let unmapped: Vec<&str> = Metric::ALL
+            .map_err(|e| e.to_string()),
+        None => catalog::mapped_meters(pool)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    let meters = match meters {
+        Ok(meters) => meters,
+        Err(e) => return check(name, Status::Fail, format!("cannot read the meters: {e}")),
+    };
+    let unmapped: Vec<&str> = meters
         .iter()
-        .map(|m| m.as_str())
-        .filter(|m| !mapped.contains_key(*m))
+        .filter(|m| m.state == MeterState::Unmapped)
+        .map(|m| m.metric.as_str())
         .collect();
     if !unmapped.is_empty() {
         return check(
@@ -479,22 +506,16 @@ async fn stripe_mapping(pool: &PgPool, active: Option<&HashSet<String>>) -> Chec
             ),
         );
     }
-    if let Some(active) = active {
-        let inactive: Vec<String> = mapped
-            .iter()
-            .filter(|(_, id)| !active.contains(*id))
-            .map(|(metric, id)| format!("{metric} ({id})"))
-            .collect();
-        if !inactive.is_empty() {
-            return check(
-                name,
-                Status::Fail,
-                format!(
-                    "meters not active in Stripe: {} (meter events to them are refused)",
-                    inactive.join(", ")
-                ),
-            );
-        }
+    let problems: Vec<String> = meters.iter().filter_map(meter_problem).collect();
+    if !problems.is_empty() {
+        return check(
+            name,
+            Status::Fail,
+            format!(
+                "meters the usage sync cannot report to: {}",
+                problems.join(", ")
+            ),
+        );
     }
     let gaps = match subscriptions::stripe_mapping_gaps(pool).await {
         Ok(gaps) => gaps,
@@ -525,8 +546,12 @@ async fn stripe_mapping(pool: &PgPool, active: Option<&HashSet<String>>) -> Chec
         Status::Ok,
         format!(
             "meters for {} {}; {} mapped",
-            Metric::ALL.map(|m| m.as_str()).join(", "),
-            if active.is_some() {
+            meters
+                .iter()
+                .map(|m| m.metric.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if stripe.is_some() {
                 "(active in Stripe)"
             } else {
                 "(not checked in Stripe)"
@@ -540,8 +565,8 @@ async fn stripe_mapping(pool: &PgPool, active: Option<&HashSet<String>>) -> Chec
     )
 }
 
-/// `email.provider`: which provider sends. Unset keeps every email queued; `file` writes
-/// files nobody receives.
+/// `email.provider`: which provider sends, from the settings alone (the provider is not
+/// contacted). Unset keeps every email queued; `file` writes files nobody receives.
 fn email_provider(ctl: &CtlConfig) -> Check {
     let name = "email.provider";
     match &ctl.cron.email.provider {
@@ -549,14 +574,17 @@ fn email_provider(ctl: &CtlConfig) -> Check {
             name,
             Status::Ok,
             format!(
-                "resend at {}, RESEND_API_KEY starts with re_",
-                settings.base_url
+                "resend at {}, RESEND_API_KEY starts with re_: configured (not contacted)",
+                location(&settings.base_url)
             ),
         ),
         ProviderSettings::Smtp(settings) => check(
             name,
             Status::Ok,
-            format!("smtp relay {}:{}", settings.host, settings.port),
+            format!(
+                "smtp relay {}:{}: configured (not contacted)",
+                settings.host, settings.port
+            ),
         ),
         ProviderSettings::File { dir } => check(
             name,
@@ -575,34 +603,30 @@ fn email_provider(ctl: &CtlConfig) -> Check {
     }
 }
 
-/// `email.queue` (due emails waiting longer than `stale_minutes`) and `email.failed` (emails
-/// given up in the last [`GIVEN_UP_WINDOW_DAYS`] days).
+/// `email.queue` (an email a run would take has been due longer than `stale_minutes`:
+/// [`events::email_queue_lag`]) and `email.failed` (emails given up in the last
+/// [`GIVEN_UP_WINDOW_DAYS`] days).
 async fn email_queue(pool: &PgPool, now: DateTime<Utc>, stale_minutes: i64) -> Vec<Check> {
-    let queue = match events::email_queue_depth(pool, now).await {
-        Ok((due, oldest_secs)) if due > 0 && oldest_secs > (stale_minutes * 60) as f64 => check(
+    let queue = match events::email_queue_lag(pool, now).await {
+        Ok((due, lag_secs)) if due > 0 && lag_secs > (stale_minutes * 60) as f64 => check(
             "email.queue",
             Status::Fail,
             format!(
-                "{} due, the oldest queued {} min ago: is the email_queue job running? \
-                 (`apexctl email pending`, `apexctl email process`)",
+                "{} due, the longest due for {}: is the email_queue job running? (`apexctl \
+                 email pending`, `apexctl email process`)",
                 count(due, "email"),
-                (oldest_secs / 60.0).floor()
+                minutes(lag_secs)
             ),
         ),
-        Ok((due, oldest_secs)) => check(
+        Ok((0, _)) => check("email.queue", Status::Ok, "no email due"),
+        Ok((due, lag_secs)) => check(
             "email.queue",
             Status::Ok,
-            if due == 0 {
-                "no email due".to_owned()
-            } else {
-                // An email queued after `now` (a simulated clock behind the wall clock's
-                // rows) is simply due, not queued for a negative time.
-                format!(
-                    "{} due, the oldest queued {} s ago",
-                    count(due, "email"),
-                    oldest_secs.max(0.0).floor()
-                )
-            },
+            format!(
+                "{} due, the longest due for {}",
+                count(due, "email"),
+                minutes(lag_secs)
+            ),
         ),
         Err(e) => check("email.queue", Status::Fail, format!("cannot read: {e}")),
     };
@@ -627,25 +651,15 @@ async fn email_queue(pool: &PgPool, now: DateTime<Utc>, stale_minutes: i64) -> V
     vec![queue, failed]
 }
 
-/// `cron.<job>` for every job: its latest recorded slot against the last slot that was due
-/// `late` ago. No run of any job at all means the cron process never ran here.
-async fn cron_jobs(
+/// `cron.<job>` for every job: its latest recorded slot (`latest`, by job) against the last
+/// slot that was due `late` ago. No run of any job at all means the cron process never ran
+/// here.
+fn cron_jobs(
     ctl: &CtlConfig,
-    pool: &PgPool,
+    latest: &BTreeMap<String, Run>,
     now: DateTime<Utc>,
     late: chrono::Duration,
 ) -> Vec<Check> {
-    let latest = match runs::latest(pool).await {
-        Ok(latest) => latest,
-        Err(e) => {
-            return vec![check(
-                "cron",
-                Status::Fail,
-                format!("cannot read cron_runs: {e}"),
-            )];
-        }
-    };
-    let time = |t: DateTime<Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
     ctl.cron
         .jobs
         .iter()
@@ -691,10 +705,10 @@ async fn cron_jobs(
                     name,
                     Status::Warn,
                     format!(
-                        "the {} slot is running since {}, past its {} s timeout",
+                        "the {} slot is running since {}, past its timeout ({})",
                         time(last.scheduled_for),
                         time(last.started_at),
-                        job.timeout.num_seconds()
+                        minutes(job.timeout.num_seconds() as f64)
                     ),
                 );
             }
@@ -723,53 +737,63 @@ async fn cron_jobs(
         .collect()
 }
 
-/// `dunning.retries`: the guide's pending-retries query, for retries due before the
-/// `dunning_retries` job's last slot (at least `late` ago): those that run should have made.
-/// A retry due since then waits for the next run, which is normal.
+/// `dunning.retries`: the retries the `dunning_retries` job's last slot (at least `late`
+/// ago) should have made and did not ([`dunning::overdue_retries_count`]: the guide's
+/// pending-retries query, less what no run would make). A retry due since then waits for the
+/// next run, which is normal; while a run is at work (its `cron_runs` row `running`, within
+/// its timeout) nothing is overdue yet.
 async fn dunning_retries(
     ctl: &CtlConfig,
     pool: &PgPool,
+    latest: &BTreeMap<String, Run>,
     now: DateTime<Utc>,
     late: chrono::Duration,
 ) -> Check {
     let name = "dunning.retries";
-    let last_run = ctl
-        .cron
-        .jobs
-        .iter()
-        .find(|j| j.name == "dunning_retries")
+    let job = ctl.cron.jobs.iter().find(|j| j.name == "dunning_retries");
+    let last_slot = job
         .and_then(|j| j.schedule.as_ref())
         .and_then(|s| s.last_at_or_before(now - late));
-    let cutoff = last_run.unwrap_or(now - late);
-    let overdue = dunning::due_retries_count(pool, cutoff).await;
-    let due_now = dunning::due_retries_count(pool, now).await;
+    let cutoff = last_slot.unwrap_or(now - late);
+    let running = job
+        .zip(latest.get("dunning_retries"))
+        .filter(|(job, run)| run.status == "running" && now - run.started_at <= job.timeout);
+    if let Some((_, run)) = running {
+        return check(
+            name,
+            Status::Ok,
+            format!(
+                "run in progress: the {} slot, started {}",
+                time(run.scheduled_for),
+                time(run.started_at)
+            ),
+        );
+    }
+    let overdue = dunning::overdue_retries_count(pool, cutoff, now).await;
+    let due_now = dunning::overdue_retries_count(pool, now, now).await;
     match (overdue, due_now) {
         (Ok((0, _)), Ok((waiting, _))) => check(
             name,
             Status::Ok,
             format!(
-                "no retry overdue; {waiting} due for the next dunning_retries run{}",
-                last_run.map_or(String::new(), |t| format!(
-                    " (last slot {})",
-                    t.format("%Y-%m-%d %H:%M UTC")
-                ))
+                "no retry overdue (due by {}); {waiting} due since, for the next \
+                 dunning_retries run",
+                time(cutoff)
             ),
         ),
         (Ok((n, oldest)), Ok(_)) => check(
             name,
             Status::Fail,
             format!(
-                "{} due before {} not made (the oldest due {}): `apexctl dunning pending`, \
+                "{} due by {} not made (the oldest due {}): `apexctl dunning pending`, \
                  `apexctl dunning process`",
                 if n == 1 {
                     "1 retry".to_owned()
                 } else {
                     format!("{n} retries")
                 },
-                cutoff.format("%Y-%m-%d %H:%M UTC"),
-                oldest.map_or("-".to_owned(), |t| t
-                    .format("%Y-%m-%d %H:%M UTC")
-                    .to_string())
+                time(cutoff),
+                oldest.map_or("-".to_owned(), time)
             ),
         ),
         (Err(e), _) | (_, Err(e)) => check(name, Status::Fail, format!("cannot read: {e}")),

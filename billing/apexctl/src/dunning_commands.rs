@@ -43,7 +43,8 @@ pub(crate) enum DunningCommand {
         /// At most this many rows (1 to 10000).
         #[arg(long, default_value_t = 100)]
         limit: i64,
-        /// Print JSON.
+        /// Print JSON: `now`, `total` (every due retry, beyond `--limit` too) and `retries`
+        /// (times in UTC).
         #[arg(long)]
         json: bool,
     },
@@ -206,14 +207,15 @@ pub(crate) async fn run(
                 "--limit must be 1 to 10000, not {limit}"
             );
             let rows = dunning::due_retries(pool, now, limit).await?;
+            let (total, _) = dunning::due_retries_count(pool, now).await?;
             if json {
-                println!("{}", json!({"now": now, "retries": rows}));
+                println!("{}", json!({"now": now, "total": total, "retries": rows}));
             } else if rows.is_empty() {
                 println!("no retry is due");
             } else {
                 println!(
                     "{:<8} {:<24} {:<24} {:>7} {:<10} {:<20}",
-                    "id", "customer", "invoice", "attempt", "status", "next_retry_at"
+                    "id", "customer", "invoice", "attempt", "status", "next_retry_at (UTC)"
                 );
                 for r in &rows {
                     println!(
@@ -227,6 +229,9 @@ pub(crate) async fn run(
                             .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
                             .unwrap_or_else(|| "-".into()),
                     );
+                }
+                if total > rows.len() as i64 {
+                    println!("... {} more (--limit)", total - rows.len() as i64);
                 }
             }
         }

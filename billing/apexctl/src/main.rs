@@ -108,8 +108,10 @@ enum Command {
     #[command(subcommand)]
     Usage(usage_commands::UsageCommand),
     /// Check the guide's Troubleshooting causes in one run: the stores, Stripe's key and
-    /// mapping, the email provider and queue, the cron jobs, overdue dunning retries. Each
-    /// check is ok, warn or fail with one line; exits 1 if any fails.
+    /// mapping, the email provider and queue, the cron jobs (against the schedules of this
+    /// process's environment, `APEX_CRON_SCHEDULE_*`: run it with apex-cron's settings),
+    /// overdue dunning retries. Each check is ok, warn or fail with one line; exits 1 if any
+    /// fails.
     Doctor(doctor_commands::DoctorArgs),
     /// Compare one billing period across ClickHouse, Postgres, our sync and Stripe; exit 1 on
     /// any drift.
@@ -255,15 +257,11 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         .context("cannot connect to Postgres (DATABASE_URL)")?;
     match command {
         Command::Migrate { json } => {
-            let before = doctor_commands::applied_postgres_versions(&pool).await?;
-            migrate::migrate_postgres(&pool).await?;
-            let after = doctor_commands::applied_postgres_versions(&pool).await?;
+            let postgres_applied = migrate::migrate_postgres(&pool).await?;
             let applied = migrate::migrate_clickhouse(stores)
                 .await
                 .context("ClickHouse (CLICKHOUSE_URL)")?;
             if json {
-                let postgres_applied: Vec<i64> =
-                    after.into_iter().filter(|v| !before.contains(v)).collect();
                 println!(
                     "{}",
                     serde_json::json!({
@@ -429,9 +427,10 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
                     serde_json::json!({
                         "customer_id": customer,
                         "token": token,
-                        // The token's `exp`, whole seconds.
+                        // The token's `exp` (`dashboard_token` saturates it the same way),
+                        // whole seconds; null past chrono's last representable time.
                         "expires_at": chrono::DateTime::from_timestamp(
-                            now.timestamp() + ttl_secs,
+                            now.timestamp().saturating_add(ttl_secs),
                             0
                         ),
                     })
@@ -479,7 +478,11 @@ async fn run(command: Command, ctl: CtlConfig) -> anyhow::Result<ExitCode> {
         Command::Usage(command) => {
             return usage_commands::run(command, &pool, now).await;
         }
-        Command::Doctor(_) => unreachable!("the doctor runs before Postgres is connected"),
+        // Taken before Postgres is connected (above); running it here too keeps the match
+        // total without a panic path.
+        Command::Doctor(args) => {
+            return doctor_commands::run(args, &ctl, now).await;
+        }
         Command::Trials(command) => {
             return trial_commands::run(command, &pool, now).await;
         }

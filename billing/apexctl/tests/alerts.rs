@@ -181,8 +181,8 @@ async fn usage_top_is_the_guides_check_customer_usage() {
 }
 
 /// `alerts frequency` is the guide's "check alert frequency" ("High usage alert spam"): the
-/// customers with more than 10 alerts in the last 7 days, most first, the same rows as the
-/// guide's own query; `--days` and `--min` move its constants.
+/// customers with more than 10 alerts in the last 7 days of the clock, most first, the same
+/// rows as the guide's own query; `--days` and `--more-than` move its constants.
 #[tokio::test]
 async fn alert_frequency_is_the_guides_alert_spam_query() {
     let stores = TestStores::migrated().await;
@@ -261,12 +261,33 @@ async fn alert_frequency_is_the_guides_alert_spam_query() {
         .unwrap();
     assert_eq!(spam, guide, "the guide's query finds the same customers");
 
-    assert_eq!(frequency(&["--min", "10", "--days", "30"]).len(), 3);
-    assert_eq!(frequency(&["--min", "9"]).len(), 3);
-    assert_eq!(frequency(&["--min", "12"]), []);
+    assert_eq!(frequency(&["--more-than", "10", "--days", "30"]).len(), 3);
+    assert_eq!(frequency(&["--more-than", "9"]).len(), 3);
+    assert_eq!(frequency(&["--more-than", "12"]), []);
+
+    // The window is the clock's: five and a half days on, the alerts of two days ago have
+    // left the 7 days, and those of a day ago are still in.
+    let later = (now + chrono::Duration::days(5) + chrono::Duration::hours(12))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let out = common::apexctl_command(&stores)
+        .args(["alerts", "frequency", "--json"])
+        .env("APEX_CLOCK_START", &later)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["more_than"], 10);
+    let customers: Vec<&str> = doc["customers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["customer_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(customers, [ids[0].as_str()], "{doc}");
 
     let text = common::apexctl_command(&stores)
-        .args(["alerts", "frequency", "--min", "12"])
+        .args(["alerts", "frequency", "--more-than", "12"])
         .output()
         .unwrap();
     assert!(text.status.success());
@@ -281,12 +302,19 @@ async fn alert_frequency_is_the_guides_alert_spam_query() {
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&ids[0]) && !text.contains(&ids[2]), "{text}");
-    for bad in [
-        &["alerts", "frequency", "--days", "0"][..],
-        &["alerts", "frequency", "--min", "-1"],
+    // Out of range: our own message, exit 1 (`--x=-1`, or clap would take -1 for a flag).
+    for (bad, message) in [
+        ("--days=0", "apexctl: --days must be 1 to 3650, not 0"),
+        (
+            "--more-than=-1",
+            "apexctl: --more-than must be 0 or more, not -1",
+        ),
     ] {
-        let (code, _, err) = apexctl(&stores, bad);
-        assert_ne!(code, 0, "{bad:?}");
-        assert!(err.contains("must be") || err.contains("error"), "{err}");
+        let (code, _, err) = apexctl(&stores, &["alerts", "frequency", bad]);
+        assert_eq!((code, err.trim()), (1, message), "{bad}");
     }
+    // Not a number: clap's own error, exit 2.
+    let (code, _, err) = apexctl(&stores, &["alerts", "frequency", "--more-than", "ten"]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("error:"), "{err}");
 }

@@ -1,18 +1,21 @@
 //! `apexctl doctor` end to end, as the binary with `--json` parsed, on the test's own Postgres
 //! and ClickHouse and the Stripe stand-in, at a simulated time: a healthy system is all `ok`
 //! and exits 0; then each of the guide's Troubleshooting causes, made by hand, is named by its
-//! own check as `fail` (exit 1) or `warn`: a late cron job, a stuck email queue and a given-up
-//! email, an overdue dunning retry, a subscription not in Stripe, a key Stripe refuses, an
-//! unreachable Stripe, no key, no email provider, a meter missing or not active in Stripe,
-//! unreachable or unmigrated stores.
+//! own check as `fail` (exit 1) or `warn`: a late cron job, no job ever run, a run past its
+//! timeout, a stuck email queue and a given-up email, an overdue dunning retry, a subscription
+//! not in Stripe, a key Stripe refuses, an unreachable Stripe, no key, no email provider, a
+//! meter missing in Stripe or counting another event, unreachable, unmigrated or edited
+//! stores. And what is not a trouble stays `ok`: an email put off by a backoff, one a worker
+//! holds, a dunning run at work, retries no run would make.
 
 mod common;
 
 use std::collections::BTreeMap;
 
+use apex_billing::customers::{NewCustomer, create_customer};
 use apex_core::testing::TestStores;
 use apex_cron::jobs::{JOBS, Schedule};
-use apex_stripe::testing::{StripeStandIn, TEST_KEY, signup};
+use apex_stripe::testing::{StripeStandIn, TEST_KEY};
 use chrono::{DateTime, Duration, Utc};
 
 /// The simulated time of every run: a Thursday afternoon, after every daily job's slot.
@@ -106,6 +109,22 @@ fn doctor(stores: &TestStores, standin: Option<&StripeStandIn>, env: &[(&str, &s
     }
 }
 
+/// Signs up a Starter customer named `name` at [`NOW`] (its welcome email is due from then);
+/// returns its id.
+async fn signup(stores: &TestStores, name: &str) -> String {
+    let new = NewCustomer {
+        name: name.into(),
+        email: "billing@studio.example".into(),
+        plan_id: "starter".into(),
+        trial_days: None,
+    };
+    create_customer(&mut stores.pool.acquire().await.unwrap(), &new, now())
+        .await
+        .unwrap()
+        .customer
+        .id
+}
+
 /// Records a succeeded run of every job's last slot at or before `at`, as the cron process
 /// does.
 async fn record_every_jobs_last_slot(stores: &TestStores, at: DateTime<Utc>) {
@@ -134,7 +153,7 @@ async fn record_run(stores: &TestStores, job: &str, slot: DateTime<Utc>, status:
 /// A healthy system: the catalogue and a customer mapped to the stand-in, every job run on
 /// time. Returns the customer.
 async fn healthy(stores: &TestStores, standin: &StripeStandIn) -> String {
-    let customer = signup(&stores.pool, "Healthy Games").await;
+    let customer = signup(stores, "Healthy Games").await;
     for args in [&["stripe", "catalog"][..], &["stripe", "customers"]] {
         let (code, _, err) = apexctl(stores, Some(standin), args, &[]);
         assert_eq!(code, 0, "{args:?}: {err}");
@@ -152,12 +171,28 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
     let healthy = doctor(&stores, Some(&standin), &[]);
     assert_eq!(healthy.not_ok(), BTreeMap::new(), "{:?}", healthy.checks);
     assert_eq!((healthy.code, healthy.status.as_str()), (0, "ok"));
+    assert_eq!(
+        healthy.reason_of("stripe.api"),
+        format!("Stripe at {} accepted the key", standin.base_url())
+    );
     assert!(
         healthy
-            .reason_of("stripe.api")
-            .contains("accepted the key (3 active"),
+            .reason_of("stripe.mapping")
+            .starts_with("meters for impressions, api_calls, data_transfer (active in Stripe)"),
         "{}",
-        healthy.reason_of("stripe.api")
+        healthy.reason_of("stripe.mapping")
+    );
+    // The welcome email of the sign-up, due since NOW.
+    assert_eq!(
+        healthy.reason_of("email.queue"),
+        "1 email due, the longest due for less than a minute"
+    );
+    assert!(
+        healthy
+            .reason_of("dunning.retries")
+            .starts_with("no retry overdue (due by 2026-05-14 03:00 UTC); 0 due since"),
+        "{}",
+        healthy.reason_of("dunning.retries")
     );
     assert!(healthy.reason_of("stripe.key").starts_with("test mode"));
     for spec in JOBS {
@@ -221,7 +256,7 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
     .await
     .unwrap();
     // A customer who signed up but was never mapped to Stripe.
-    let unmapped = signup(&stores.pool, "Unmapped Games").await;
+    let unmapped = signup(&stores, "Unmapped Games").await;
 
     let sick = doctor(&stores, Some(&standin), &[]);
     let (code, text, _) = apexctl(&stores, Some(&standin), &["doctor"], &[]);
@@ -253,9 +288,9 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
             .contains("Stripe unreachable")
     );
     assert!(
-        // The welcome emails of the two sign-ups are due too, queued at the wall clock's time.
+        // The welcome emails of the two sign-ups are due too, since NOW.
         sick.reason_of("email.queue")
-            .starts_with("3 emails due, the oldest queued 60 min ago"),
+            .starts_with("3 emails due, the longest due for 60 min: "),
         "{}",
         sick.reason_of("email.queue")
     );
@@ -264,8 +299,9 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
             .starts_with("1 email given up")
     );
     assert!(
-        sick.reason_of("dunning.retries")
-            .starts_with("1 retry due before 2026-05-14 03:00 UTC not made"),
+        sick.reason_of("dunning.retries").starts_with(
+            "1 retry due by 2026-05-14 03:00 UTC not made (the oldest due 2026-05-14 00:00 UTC)"
+        ),
         "{}",
         sick.reason_of("dunning.retries")
     );
@@ -343,13 +379,29 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
         unreachable.reason_of("stripe.api")
     );
 
-    // A live key sent anywhere but Stripe is suspicious, not fatal by itself.
+    // A live key set for anywhere but Stripe is suspicious, not fatal by itself; and it is
+    // not sent there.
+    let asked = standin.requests().len();
     let live = doctor(
         &stores,
         Some(&standin),
         &[("STRIPE_SECRET_KEY", "sk_live_apex_standin")],
     );
-    assert_eq!(live.status_of("stripe.key"), "warn");
+    assert_eq!(
+        live.not_ok(),
+        BTreeMap::from([("stripe.key", "warn"), ("stripe.api", "warn")])
+    );
+    assert!(
+        live.reason_of("stripe.api")
+            .starts_with("not checked: a live key is not sent to"),
+        "{}",
+        live.reason_of("stripe.api")
+    );
+    assert_eq!(
+        standin.requests().len(),
+        asked,
+        "nothing reached the stand-in"
+    );
 
     // No key, no email provider: the guide's first causes.
     let bare = doctor(&stores, None, &[("EMAIL_PROVIDER", "")]);
@@ -361,7 +413,8 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
     assert_eq!(file.status_of("email.provider"), "warn");
     assert_eq!(file.code, 0);
 
-    // A meter id Stripe does not list as active, then a metric with no meter at all.
+    // A meter id Stripe does not know; two meters swapped (each counts the other's event);
+    // then a metric with no meter at all.
     sqlx::query(
         "UPDATE stripe_meters SET stripe_meter_id = 'mtr_gone' WHERE metric_type = 'impressions'",
     )
@@ -372,7 +425,37 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
     assert_eq!(gone.not_ok(), BTreeMap::from([("stripe.mapping", "fail")]));
     assert_eq!(
         gone.reason_of("stripe.mapping"),
-        "meters not active in Stripe: impressions (mtr_gone) (meter events to them are refused)"
+        "meters the usage sync cannot report to: impressions (mtr_gone: no such meter in Stripe)"
+    );
+    let ids: Vec<(String, String)> = sqlx::query_as(
+        "SELECT metric_type, stripe_meter_id FROM stripe_meters \
+         WHERE metric_type IN ('api_calls', 'data_transfer') ORDER BY metric_type",
+    )
+    .fetch_all(&stores.pool)
+    .await
+    .unwrap();
+    let (api_calls, data_transfer) = (&ids[0].1, &ids[1].1);
+    for (metric, id) in [
+        ("api_calls", "mtr_swapping"),
+        ("data_transfer", api_calls),
+        ("api_calls", data_transfer),
+    ] {
+        sqlx::query("UPDATE stripe_meters SET stripe_meter_id = $2 WHERE metric_type = $1")
+            .bind(metric)
+            .bind(id)
+            .execute(&stores.pool)
+            .await
+            .unwrap();
+    }
+    let swapped = doctor(&stores, Some(&standin), &[]);
+    assert_eq!(
+        swapped.reason_of("stripe.mapping"),
+        format!(
+            "meters the usage sync cannot report to: impressions (mtr_gone: no such meter in \
+             Stripe), api_calls ({data_transfer}: counts apex_data_transfer, not \
+             apex_api_calls), data_transfer ({api_calls}: counts apex_api_calls, not \
+             apex_data_transfer)"
+        )
     );
     sqlx::query("DELETE FROM stripe_meters WHERE metric_type = 'data_transfer'")
         .execute(&stores.pool)
@@ -406,6 +489,31 @@ async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
             .starts_with("not checked")
     );
 
+    // Credentials in the URLs (user info, a query) are never printed.
+    let (_, text, _) = apexctl(
+        &stores,
+        None,
+        &["doctor"],
+        &[
+            (
+                "DATABASE_URL",
+                "postgres://apex:pg-s3cret@127.0.0.1:1/apex?password=pg-s3cret",
+            ),
+            ("CLICKHOUSE_URL", "http://default:ch-s3cret@127.0.0.1:1"),
+            ("STRIPE_SECRET_KEY", TEST_KEY),
+            ("STRIPE_API_BASE", "http://127.0.0.1:1/?token=st-s3cret"),
+        ],
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(
+        text.contains("(DATABASE_URL postgres://127.0.0.1:1/apex)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CLICKHOUSE_URL http://127.0.0.1:1,"),
+        "{text}"
+    );
+
     let down = doctor(
         &stores,
         None,
@@ -424,9 +532,259 @@ async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
     );
     // Checks that need no store still ran.
     assert_eq!(down.status_of("email.provider"), "ok");
+    assert_eq!(
+        down.reason_of("email.provider"),
+        "smtp relay 127.0.0.1:2525: configured (not contacted)"
+    );
 
     // Bad flags: one clear line, exit 1.
     let (code, _, err) = apexctl(&stores, None, &["doctor", "--late-minutes", "0"], &[]);
     assert_eq!(code, 1);
     assert!(err.starts_with("apexctl: --late-minutes must be"), "{err}");
+}
+
+/// A migration edited after it was applied, or one that failed part-way, fails `postgres`.
+#[tokio::test]
+async fn an_edited_or_failed_migration_fails_postgres() {
+    let stores = TestStores::migrated().await;
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 3")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let edited = doctor(&stores, None, &[]);
+    assert_eq!(edited.status_of("postgres"), "fail");
+    assert!(
+        edited
+            .reason_of("postgres")
+            .starts_with("reachable; migrations edited after they were applied (0003)"),
+        "{}",
+        edited.reason_of("postgres")
+    );
+    // The tables are there: the other checks still read them.
+    assert_ne!(edited.status_of("email.queue"), "warn");
+
+    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = 5")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let dirty = doctor(&stores, None, &[]);
+    assert!(
+        dirty
+            .reason_of("postgres")
+            .contains("failed part-way (0005;"),
+        "{}",
+        dirty.reason_of("postgres")
+    );
+    assert!(
+        dirty
+            .reason_of("dunning.retries")
+            .starts_with("not checked: a Postgres migration failed part-way")
+    );
+}
+
+/// The guide's "verify cron is running": no run of any job at all fails every job's check;
+/// a run still going past its timeout warns; a run at work within it is fine.
+#[tokio::test]
+async fn no_run_at_all_fails_every_job_and_a_run_past_its_timeout_warns() {
+    let stores = TestStores::migrated().await;
+    let never = doctor(&stores, None, &[]);
+    for spec in JOBS {
+        let name = format!("cron.{}", spec.name);
+        assert_eq!(never.status_of(&name), "fail", "{name}");
+        assert_eq!(
+            never.reason_of(&name),
+            "no run of any job is recorded: is apex-cron running?"
+        );
+    }
+
+    record_every_jobs_last_slot(&stores, now()).await;
+    // maintenance's 04:00 slot is still running at 12:07, past its 30 minutes; the 03:00
+    // dunning run started a minute ago, well within its 2 hours.
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'running', finished_at = NULL \
+         WHERE job_name = 'maintenance' AND scheduled_for = '2026-05-14T04:00:00Z'",
+    )
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'running', finished_at = NULL, started_at = $1 \
+         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
+    )
+    .bind(now() - Duration::minutes(1))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let running = doctor(&stores, None, &[]);
+    assert_eq!(running.status_of("cron.maintenance"), "warn");
+    assert_eq!(
+        running.reason_of("cron.maintenance"),
+        "the 2026-05-14 04:00 UTC slot is running since 2026-05-14 04:00 UTC, past its timeout \
+         (30 min)"
+    );
+    assert_eq!(running.status_of("cron.dunning_retries"), "ok");
+    assert!(
+        running
+            .reason_of("cron.dunning_retries")
+            .starts_with("last slot 2026-05-14 03:00 UTC running;")
+    );
+}
+
+/// `email.queue` counts what a queue run at the clock's now would take, by how long each has
+/// been due: an email put off (a backoff, the daily cap, a `Retry-After`) is due from its
+/// `next_attempt_at`, not from its creation; one a live worker holds, and one created after
+/// now, are not waiting.
+#[tokio::test]
+async fn the_email_queue_is_late_by_what_is_due_not_by_age() {
+    let stores = TestStores::migrated().await;
+    record_every_jobs_last_slot(&stores, now()).await;
+    let insert = |created: DateTime<Utc>,
+                  next_attempt: Option<DateTime<Utc>>,
+                  lease: Option<DateTime<Utc>>| {
+        sqlx::query(
+            "INSERT INTO events (event_type, data, created_at, next_attempt_at, lease_until) \
+             VALUES ('email.welcome', '{\"to\": \"a@studio.example\"}', $1, $2, $3)",
+        )
+        .bind(created)
+        .bind(next_attempt)
+        .bind(lease)
+        .execute(&stores.pool)
+    };
+    // Created two hours ago, put off until a minute ago: due for a minute.
+    insert(
+        now() - Duration::hours(2),
+        Some(now() - Duration::minutes(1)),
+        None,
+    )
+    .await
+    .unwrap();
+    // Created two hours ago and held by a worker whose lease runs: being sent.
+    insert(
+        now() - Duration::hours(2),
+        None,
+        Some(now() + Duration::minutes(4)),
+    )
+    .await
+    .unwrap();
+    // Put off until later, and created after the clock's now: not due.
+    insert(
+        now() - Duration::hours(3),
+        Some(now() + Duration::hours(1)),
+        None,
+    )
+    .await
+    .unwrap();
+    insert(now() + Duration::hours(1), None, None)
+        .await
+        .unwrap();
+    let fine = doctor(&stores, None, &[]);
+    assert_eq!(fine.status_of("email.queue"), "ok");
+    assert_eq!(
+        fine.reason_of("email.queue"),
+        "1 email due, the longest due for 1 min"
+    );
+
+    // Twenty minutes on, the put-off one has waited too long; the lease has passed, so the
+    // held one is waiting again, since its creation.
+    let later = (now() + Duration::minutes(20))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let stuck = doctor(&stores, None, &[("APEX_CLOCK_START", &later)]);
+    assert_eq!(stuck.status_of("email.queue"), "fail");
+    assert!(
+        stuck
+            .reason_of("email.queue")
+            .starts_with("2 emails due, the longest due for 140 min: "),
+        "{}",
+        stuck.reason_of("email.queue")
+    );
+}
+
+/// `dunning.retries` counts what a run would make: not a retry a live run holds, nor one of
+/// a closed case or an exempt customer; and while the 03:00 run is at work, nothing is
+/// overdue yet.
+#[tokio::test]
+async fn retries_no_run_would_make_and_a_run_at_work_are_not_overdue() {
+    let stores = TestStores::migrated().await;
+    record_every_jobs_last_slot(&stores, now()).await;
+    let customer = signup(&stores, "Dunned Games").await;
+    let exempt = signup(&stores, "Exempt Games").await;
+    sqlx::query("UPDATE customers SET dunning_exempt = true WHERE id = $1")
+        .bind(&exempt)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    // Held by a run that started a minute ago; of a closed case; of an exempt customer.
+    sqlx::query(
+        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
+             next_retry_at, attempted_at, resolution, resolved_at) VALUES \
+           ($1, 'in_held', 0, 'failed', NULL, NULL, NULL, NULL), \
+           ($1, 'in_held', 1, 'retrying', '2026-05-14T00:00:00Z', $3, NULL, NULL), \
+           ($1, 'in_closed', 0, 'canceled', NULL, NULL, 'closed', $3), \
+           ($1, 'in_closed', 1, 'pending', '2026-05-14T00:00:00Z', NULL, NULL, NULL), \
+           ($2, 'in_exempt', 0, 'failed', NULL, NULL, NULL, NULL), \
+           ($2, 'in_exempt', 1, 'pending', '2026-05-14T00:00:00Z', NULL, NULL, NULL)",
+    )
+    .bind(&customer)
+    .bind(&exempt)
+    .bind(now() - Duration::minutes(1))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let quiet = doctor(&stores, None, &[]);
+    assert_eq!(
+        quiet.status_of("dunning.retries"),
+        "ok",
+        "{:?}",
+        quiet.checks
+    );
+    // The guide's query lists all three.
+    let (code, out, _) = apexctl(&stores, None, &["dunning", "pending", "--json"], &[]);
+    assert_eq!(code, 0);
+    let pending: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pending["total"], 3, "{pending}");
+
+    // A pending retry due at 00:00 that the 03:00 run has not reached yet, while it runs.
+    sqlx::query(
+        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
+             next_retry_at) VALUES \
+           ($1, 'in_waiting', 0, 'failed', NULL), \
+           ($1, 'in_waiting', 1, 'pending', '2026-05-14T00:00:00Z')",
+    )
+    .bind(&customer)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'running', finished_at = NULL, started_at = $1 \
+         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
+    )
+    .bind(now() - Duration::minutes(30))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let at_work = doctor(&stores, None, &[]);
+    assert_eq!(at_work.status_of("dunning.retries"), "ok");
+    assert_eq!(
+        at_work.reason_of("dunning.retries"),
+        "run in progress: the 2026-05-14 03:00 UTC slot, started 2026-05-14 11:37 UTC"
+    );
+    // Once the run is over (here: failed), the retry it did not make is overdue.
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'failed', finished_at = $1 \
+         WHERE job_name = 'dunning_retries'",
+    )
+    .bind(now())
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let after = doctor(&stores, None, &[]);
+    assert_eq!(after.status_of("dunning.retries"), "fail");
+    assert!(
+        after
+            .reason_of("dunning.retries")
+            .starts_with("1 retry due by 2026-05-14 03:00 UTC not made"),
+        "{}",
+        after.reason_of("dunning.retries")
+    );
 }

@@ -1316,11 +1316,27 @@ async fn pending_lists_what_the_guides_pending_retries_query_finds() {
     ));
     assert_eq!(later.len(), 3, "{later:?}");
     assert_eq!(later[2], ("in_c".to_owned(), 2));
+    // `--limit` cuts the rows, not the total.
+    let limited = apexctl(
+        &stores,
+        None,
+        None,
+        &["dunning", "pending", "--limit", "1", "--json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(limited["total"], 2, "{limited}");
+    assert_eq!(limited["retries"].as_array().unwrap().len(), 1, "{limited}");
 
     let text = apexctl(&stores, None, None, &["dunning", "pending"])
         .ok()
         .out;
     assert!(text.contains(&id) && text.contains("in_a"), "{text}");
+    assert!(text.contains("next_retry_at (UTC)"), "{text}");
+    let text = apexctl(&stores, None, None, &["dunning", "pending", "--limit", "1"])
+        .ok()
+        .out;
+    assert!(text.contains("... 1 more (--limit)"), "{text}");
     let bad = apexctl(&stores, None, None, &["dunning", "pending", "--limit", "0"]);
     assert_eq!(bad.code, 1);
     assert!(

@@ -386,7 +386,10 @@ pub struct AlertFrequency {
 
 /// Customers with more than `more_than` alerts recorded since `since`, most first: the
 /// guide's "High usage alert spam" query (`created_at >= NOW() - INTERVAL '7 days'`, `HAVING
-/// COUNT(*) > 10`), with `since` and `more_than` for its constants.
+/// COUNT(*) > 10`), with `since` and `more_than` for its constants. `apexctl` passes `since`
+/// as now less 7 × 24 hours; the guide's `INTERVAL '7 days'` counts calendar days in the
+/// session's time zone, which differs only across a daylight-saving change (by that hour),
+/// and not at all in UTC, which our sessions use.
 pub async fn frequency(
     db: impl PgExecutor<'_>,
     since: DateTime<Utc>,

@@ -1244,6 +1244,33 @@ pub async fn due_retries_count(
     .await?)
 }
 
+/// Retries a `dunning_retries` run should have made by now (`apexctl doctor`'s
+/// `dunning.retries`), counted with [`claim_next`]'s conditions (a retry of an open case of a
+/// customer not exempt): `pending` ones due by `cutoff` (the job's last slot), and `retrying`
+/// ones whose run died ([`RETRY_LEASE`] passed at `now`). Returns how many and the earliest
+/// `next_retry_at` among them (`None` when there is none). Unlike the guide's query
+/// ([`due_retries_count`]), a retry a live run holds, one of a closed case and one of an
+/// exempt customer are not counted: no run would make them.
+pub async fn overdue_retries_count(
+    db: impl PgExecutor<'_>,
+    cutoff: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(i64, Option<DateTime<Utc>>), BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), min(a.next_retry_at) FROM dunning_attempts a \
+         JOIN dunning_attempts c ON c.invoice_id = a.invoice_id AND c.attempt_number = 0 \
+         JOIN customers cu ON cu.id = a.customer_id \
+         WHERE a.attempt_number > 0 AND c.resolved_at IS NULL AND NOT cu.dunning_exempt \
+           AND ((a.status = 'pending' AND a.next_retry_at <= $1) \
+                OR (a.status = 'retrying' AND a.attempted_at < $2 - $3::interval))",
+    )
+    .bind(cutoff)
+    .bind(now)
+    .bind(format!("{} seconds", RETRY_LEASE.num_seconds()))
+    .fetch_one(db)
+    .await?)
+}
+
 /// Closes `invoice_id`'s open case by hand (`apexctl dunning close`), as `by` with `note`:
 /// pending retries are canceled, and the customer is reactivated if this case alone
 /// suspended it. `NotFound` when the invoice has no case; `Invalid` when it is closed.

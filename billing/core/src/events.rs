@@ -340,6 +340,29 @@ pub async fn given_up_emails_count(
     .await?)
 }
 
+/// How far the email queue is behind at `now` (`apexctl doctor`'s `email.queue`): the email
+/// events a run at `now` would take (due, created by `now`, not held by a live worker's
+/// lease), and how long, in seconds, the one waiting longest has been due (since its
+/// `next_attempt_at` when a backoff, a daily cap or a `Retry-After` put it off, else since
+/// it was created; 0 when none). [`email_queue_depth`] (the metrics gauge) counts by age
+/// instead.
+pub async fn email_queue_lag(
+    db: impl PgExecutor<'_>,
+    now: DateTime<Utc>,
+) -> Result<(i64, f64), BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), \
+             coalesce(extract(epoch FROM $1 - min(coalesce(next_attempt_at, created_at))), 0)::float8 \
+         FROM events WHERE processed_at IS NULL AND event_type LIKE 'email.%' \
+           AND created_at <= $1 \
+           AND (next_attempt_at IS NULL OR next_attempt_at <= $1) \
+           AND (lease_until IS NULL OR lease_until < $1)",
+    )
+    .bind(now)
+    .fetch_one(db)
+    .await?)
+}
+
 /// Depth of the email queue: due events now, and the age in seconds of the oldest due one.
 pub async fn email_queue_depth(
     db: impl PgExecutor<'_>,

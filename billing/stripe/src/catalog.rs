@@ -394,3 +394,154 @@ pub(crate) async fn find_by_metadata(
         })
         .map(|item| item.id))
 }
+
+/// One cheap authenticated request (`GET /v1/billing/meters?limit=1`): `Ok` when Stripe
+/// accepts the client's key (`apexctl doctor`'s `stripe.api`). The answer's content is not
+/// read: only whether Stripe answered, and how.
+pub async fn check_access(stripe: &StripeClient) -> Result<(), StripeError> {
+    let list = ListBillingMeter::new().limit(1);
+    stripe.send::<serde::de::IgnoredAny>(&list, None).await?;
+    Ok(())
+}
+
+/// How a metric's billing meter stands (`apexctl doctor`'s `stripe.mapping`): what the usage
+/// sync needs is a meter mapped in `stripe_meters`, active in Stripe, under the catalogue's
+/// event name for the metric ([`event_name`]); Stripe refuses meter events to a meter that is
+/// not active.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum MeterState {
+    /// No meter mapped in `stripe_meters`: `apexctl stripe catalog` maps it.
+    Unmapped,
+    /// Not looked up in Stripe ([`mapped_meters`] alone).
+    NotChecked,
+    /// Active in Stripe with the catalogue's event name.
+    Active,
+    /// Stripe has no meter with the mapped id (404).
+    Missing,
+    /// Stripe's `status` is not `active` (a deactivated meter).
+    NotActive {
+        /// Stripe's `status` (`inactive`).
+        status: String,
+    },
+    /// The meter counts another event name: the sync's events for the metric do not reach it.
+    OtherEventName {
+        /// Stripe's `event_name` of the meter.
+        event_name: String,
+    },
+}
+
+/// One metric's meter and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MeterHealth {
+    /// The metric.
+    pub metric: Metric,
+    /// The mapped Stripe meter (`mtr_...`), if any.
+    pub stripe_meter_id: Option<String>,
+    /// How it stands.
+    pub state: MeterState,
+}
+
+/// Every metric (in [`Metric::ALL`]'s order) with its meter mapped in `stripe_meters`, without
+/// asking Stripe: each mapped one is [`MeterState::NotChecked`].
+pub async fn mapped_meters(db: impl sqlx::PgExecutor<'_>) -> Result<Vec<MeterHealth>, sqlx::Error> {
+    let mapped: Vec<(String, String)> =
+        sqlx::query_as("SELECT metric_type, stripe_meter_id FROM stripe_meters")
+            .fetch_all(db)
+            .await?;
+    Ok(Metric::ALL
+        .into_iter()
+        .map(|metric| {
+            let id = mapped
+                .iter()
+                .find(|(m, _)| m == metric.as_str())
+                .map(|(_, id)| id.clone());
+            MeterHealth {
+                metric,
+                state: if id.is_some() {
+                    MeterState::NotChecked
+                } else {
+                    MeterState::Unmapped
+                },
+                stripe_meter_id: id,
+            }
+        })
+        .collect())
+}
+
+/// Every metric's meter as [`mapped_meters`] reads it, each mapped one looked up in Stripe
+/// (`GET /v1/billing/meters/{id}`, one request a meter). A 404 is [`MeterState::Missing`];
+/// any other failure (the key refused, Stripe unreachable) is the error.
+pub async fn meter_health(
+    pool: &PgPool,
+    stripe: &StripeClient,
+) -> Result<Vec<MeterHealth>, StripeWorkError> {
+    let mut meters = mapped_meters(pool).await?;
+    for meter in &mut meters {
+        let Some(id) = meter.stripe_meter_id.as_deref() else {
+            continue;
+        };
+        let request = stripe_billing::billing_meter::RetrieveBillingMeter::new(id);
+        meter.state = match stripe.send::<RetrievedMeter>(&request, None).await {
+            Ok(found) => judge_meter(meter.metric, found),
+            Err(StripeError::Api { status: 404, .. }) => MeterState::Missing,
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok(meters)
+}
+
+/// The fields of a billing meter [`meter_health`] reads.
+#[derive(Debug, serde::Deserialize)]
+struct RetrievedMeter {
+    event_name: String,
+    status: String,
+}
+
+/// A meter Stripe returned, against what the catalogue maps `metric` to.
+fn judge_meter(metric: Metric, found: RetrievedMeter) -> MeterState {
+    if found.status != "active" {
+        MeterState::NotActive {
+            status: found.status,
+        }
+    } else if found.event_name != event_name(metric) {
+        MeterState::OtherEventName {
+            event_name: found.event_name,
+        }
+    } else {
+        MeterState::Active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(event_name: &str, status: &str) -> RetrievedMeter {
+        RetrievedMeter {
+            event_name: event_name.to_owned(),
+            status: status.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_meter_is_healthy_when_active_under_the_metrics_event_name() {
+        let metric = Metric::Impressions;
+        assert_eq!(
+            judge_meter(metric, found("apex_impressions", "active")),
+            MeterState::Active
+        );
+        assert_eq!(
+            judge_meter(metric, found("apex_impressions", "inactive")),
+            MeterState::NotActive {
+                status: "inactive".into()
+            }
+        );
+        assert_eq!(
+            judge_meter(metric, found("apex_api_calls", "active")),
+            MeterState::OtherEventName {
+                event_name: "apex_api_calls".into()
+            }
+        );
+    }
+}

@@ -65,10 +65,115 @@ pub const CLICKHOUSE_MIGRATIONS: &[ClickHouseMigration] = &[
     },
 ];
 
-/// Applies every pending Postgres migration.
-pub async fn migrate_postgres(pool: &PgPool) -> Result<(), MigrateError> {
+/// sqlx's bookkeeping table of applied Postgres migrations (its migrator's default name,
+/// which ours keeps).
+const POSTGRES_MIGRATIONS_TABLE: &str = "_sqlx_migrations";
+
+/// Applies every pending Postgres migration. Returns the versions this run applied,
+/// ascending (empty when the schema was already current), like [`migrate_clickhouse`].
+pub async fn migrate_postgres(pool: &PgPool) -> Result<Vec<i64>, MigrateError> {
+    let before = applied_postgres(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::from)?;
     POSTGRES_MIGRATOR.run(pool).await?;
-    Ok(())
+    let after = applied_postgres(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::from)?;
+    Ok(after
+        .into_iter()
+        .filter(|m| m.success && !before.iter().any(|b| b.version == m.version))
+        .map(|m| m.version)
+        .collect())
+}
+
+/// How a Postgres database stands against the migrations of this build (`apexctl doctor`).
+/// Every list holds versions, ascending.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresStatus {
+    /// Every migration of this build (`migrations/postgres/`).
+    pub known: Vec<i64>,
+    /// Known migrations not applied (`apexctl migrate` applies them).
+    pub pending: Vec<i64>,
+    /// Applied migrations this build does not know: the binary is older than the schema
+    /// (sqlx's migrator then refuses to run).
+    pub unknown: Vec<i64>,
+    /// Migrations recorded as failed part-way (`success = false`: a migration run outside a
+    /// transaction died): the schema needs a person.
+    pub dirty: Vec<i64>,
+    /// Applied migrations whose file changed since (checksum mismatch): a landed migration
+    /// was edited, which sqlx's migrator refuses.
+    pub changed: Vec<i64>,
+}
+
+impl PostgresStatus {
+    /// True when the schema is exactly this build's: nothing pending, unknown, dirty or
+    /// changed.
+    pub fn is_current(&self) -> bool {
+        self.pending.is_empty()
+            && self.unknown.is_empty()
+            && self.dirty.is_empty()
+            && self.changed.is_empty()
+    }
+}
+
+/// One row of sqlx's bookkeeping table.
+#[derive(sqlx::FromRow)]
+struct AppliedPostgres {
+    version: i64,
+    checksum: Vec<u8>,
+    success: bool,
+}
+
+/// The rows of [`POSTGRES_MIGRATIONS_TABLE`], by version; none on a database never migrated
+/// (the table is not created here: reading the status changes nothing).
+async fn applied_postgres(pool: &PgPool) -> Result<Vec<AppliedPostgres>, sqlx::Error> {
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(POSTGRES_MIGRATIONS_TABLE)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT version, checksum, success FROM {POSTGRES_MIGRATIONS_TABLE} ORDER BY version"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// Compares the database of `pool` with the migrations of this build, as sqlx's migrator
+/// would before running (same migrations, same checksums), without changing anything.
+pub async fn postgres_status(pool: &PgPool) -> Result<PostgresStatus, sqlx::Error> {
+    let applied = applied_postgres(pool).await?;
+    let known: Vec<&sqlx::migrate::Migration> = POSTGRES_MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    let mut status = PostgresStatus {
+        known: known.iter().map(|m| m.version).collect(),
+        ..PostgresStatus::default()
+    };
+    for migration in &known {
+        match applied.iter().find(|a| a.version == migration.version) {
+            None => status.pending.push(migration.version),
+            Some(a) if !a.success => status.dirty.push(a.version),
+            Some(a) if a.checksum.as_slice() != &*migration.checksum => {
+                status.changed.push(a.version)
+            }
+            Some(_) => {}
+        }
+    }
+    for a in &applied {
+        if !known.iter().any(|m| m.version == a.version) {
+            if a.success {
+                status.unknown.push(a.version);
+            } else {
+                status.dirty.push(a.version);
+            }
+        }
+    }
+    status.dirty.sort_unstable();
+    Ok(status)
 }
 
 /// Creates the ClickHouse database if needed and applies every pending migration.

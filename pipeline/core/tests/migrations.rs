@@ -1,7 +1,9 @@
 //! Migrations against the real Postgres and ClickHouse of the local stack: they apply to
 //! empty databases, a second run changes nothing, and the ClickHouse rollup is fed by its view.
 
-use apex_core::migrate::{CLICKHOUSE_MIGRATIONS, migrate_clickhouse, migrate_postgres};
+use apex_core::migrate::{
+    CLICKHOUSE_MIGRATIONS, PostgresStatus, migrate_clickhouse, migrate_postgres, postgres_status,
+};
 use apex_core::testing::TestStores;
 
 const POSTGRES_TABLES: &[&str] = &[
@@ -46,8 +48,26 @@ async fn postgres_migrations_apply_once() {
     let stores = TestStores::empty().await;
     assert!(postgres_tables(&stores).await.is_empty());
 
-    migrate_postgres(&stores.pool).await.unwrap();
+    let files = postgres_migration_files();
+    let status = postgres_status(&stores.pool).await.unwrap();
+    assert_eq!(
+        status,
+        PostgresStatus {
+            known: files.clone(),
+            pending: files.clone(),
+            ..PostgresStatus::default()
+        }
+    );
+    assert!(
+        postgres_tables(&stores).await.is_empty(),
+        "reading the status creates nothing"
+    );
+
+    assert_eq!(migrate_postgres(&stores.pool).await.unwrap(), files);
     assert_eq!(postgres_tables(&stores).await, POSTGRES_TABLES);
+    let status = postgres_status(&stores.pool).await.unwrap();
+    assert!(status.is_current(), "{status:?}");
+    assert_eq!(status.known, files);
     let applied: Vec<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
             .fetch_all(&stores.pool)
@@ -58,7 +78,10 @@ async fn postgres_migrations_apply_once() {
         .await
         .unwrap();
 
-    migrate_postgres(&stores.pool).await.unwrap();
+    assert_eq!(
+        migrate_postgres(&stores.pool).await.unwrap(),
+        Vec::<i64>::new()
+    );
     let again: Vec<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
             .fetch_all(&stores.pool)
@@ -70,6 +93,53 @@ async fn postgres_migrations_apply_once() {
         .await
         .unwrap();
     assert_eq!((plans, plans_again), (4, 4), "seed data is inserted once");
+}
+
+/// The versions of `migrations/postgres/`, read from the folder.
+fn postgres_migration_files() -> Vec<i64> {
+    let dir = apex_core::testing::package_dir().join("../../migrations/postgres");
+    let mut versions: Vec<i64> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql"))
+        .map(|n| n.split('_').next().unwrap().parse().unwrap())
+        .collect();
+    versions.sort_unstable();
+    versions
+}
+
+/// The status tells the four ways a schema differs from the build: a migration not applied,
+/// one edited after it was applied, one that failed part-way, one this build does not know.
+#[tokio::test]
+async fn postgres_status_names_pending_changed_dirty_and_unknown_migrations() {
+    let stores = TestStores::migrated().await;
+    let files = postgres_migration_files();
+    let (first, last) = (files[0], *files.last().unwrap());
+    for sql in [
+        format!("DELETE FROM _sqlx_migrations WHERE version = {last}"),
+        format!("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = {first}"),
+        "UPDATE _sqlx_migrations SET success = false WHERE version = 2".to_owned(),
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer build', true, '\\x00', 1)"
+            .to_owned(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&stores.pool)
+            .await
+            .unwrap();
+    }
+    let status = postgres_status(&stores.pool).await.unwrap();
+    assert_eq!(
+        status,
+        PostgresStatus {
+            known: files.clone(),
+            pending: vec![last],
+            unknown: vec![9999],
+            dirty: vec![2],
+            changed: vec![first],
+        }
+    );
+    assert!(!status.is_current());
 }
 
 #[tokio::test]
