@@ -31,11 +31,13 @@
 //!   `pipeline_batches` in the same transaction. The rebuild takes `pipeline_batches` in SHARE
 //!   mode in its transaction, which makes the Postgres applier wait (its first statement
 //!   inserts there), reads each log's watermark, and sums only the raw rows of batches below
-//!   it: exactly the batches the rollups hold. The applier batches the log independently per
-//!   store, so this needs a ClickHouse batch ending exactly at each watermark (the normal
-//!   state when the pipeline is idle or caught up); otherwise the rebuild refuses and may be
-//!   run again. The hours are then set (inserted, updated or deleted) and the transaction
-//!   commits, releasing the applier, which adds its batch on top of the repaired hours.
+//!   it: exactly the batches the rollups hold. The appliers batch the log independently, so
+//!   a ClickHouse batch may straddle a watermark; that is harmless unless it holds records of
+//!   the days (its marker's span says), and so is one still open: in those cases, or when
+//!   ClickHouse has not reached the watermark, the rebuild refuses and may be run again (a
+//!   batch's records are usually minutes old, the rebuilt days at least a day). The hours are
+//!   then set (inserted, updated or deleted) and the transaction commits, releasing the
+//!   applier, which adds its next batches on top of the repaired hours.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -553,8 +555,8 @@ async fn wait_for_mutations(client: &Client) -> Result<(), RollupError> {
 /// Rebuilds the Postgres hourly rollups of UTC days `first..=last` from the raw events, in
 /// one transaction (see the module documentation for how it stays exact while the pipeline
 /// writes). With `dry_run`, the transaction is rolled back. Returns the customer, metric and
-/// day totals that differ(ed), with how many hours changed. `Busy` when the ClickHouse
-/// applier is not at a batch boundary at the Postgres watermark of some log.
+/// day totals that differ(ed), with how many hours changed. `Busy` when ClickHouse cannot say
+/// exactly which of its rows of the days Postgres holds (see the module documentation).
 pub async fn rebuild_postgres(
     client: &Client,
     conn: &mut PgConnection,
@@ -568,20 +570,48 @@ pub async fn rebuild_postgres(
         .execute(&mut *tx)
         .await?;
     let watermarks = postgres_watermarks(&mut *tx).await?;
-    for (log, end) in &watermarks {
-        let boundary: u64 = client
-            .query(
-                "SELECT count() FROM pipeline_batches \
-                 WHERE log_id = ? AND end_position = ? AND state = 2",
-            )
+    let (span_start, span_end) = (
+        ch_seconds(day_start(first)),
+        ch_seconds(day_start(last.succ_opt().unwrap_or(last))),
+    );
+    for (log, applied) in &watermarks {
+        // Everything Postgres holds of the log must be in ClickHouse: its markers reach the
+        // watermark.
+        let covered: u64 = client
+            .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ?")
             .bind(log.as_str())
-            .bind(*end)
             .fetch_one()
             .await?;
-        if boundary == 0 {
+        if covered < *applied {
             return Err(RollupError::Busy(format!(
-                "ClickHouse has no finished batch ending at log {log}'s Postgres watermark {end} \
-                 (its applier is behind or between batches): nothing was changed, try again"
+                "ClickHouse's applier is behind Postgres's on log {log} (at {covered}, Postgres \
+                 at {applied}): nothing was changed, try again once it has caught up"
+            )));
+        }
+        // `batch_id < watermark` is exact for the days unless a ClickHouse batch below the
+        // watermark runs past it (the appliers batch independently) or is still open, and
+        // holds records of the days.
+        let split: u64 = client
+            .query(
+                "SELECT count() FROM ( \
+                     SELECT batch_id, max(end_position) AS e, max(state) AS s, \
+                         min(min_ts) AS lo, max(max_ts) AS hi \
+                     FROM pipeline_batches WHERE log_id = ? AND batch_id < ? \
+                     GROUP BY batch_id) \
+                 WHERE (e > ? OR s = 1) AND lo < toDateTime(?) AND hi >= toDateTime(?)",
+            )
+            .bind(log.as_str())
+            .bind(*applied)
+            .bind(*applied)
+            .bind(span_end)
+            .bind(span_start)
+            .fetch_one()
+            .await?;
+        if split > 0 {
+            return Err(RollupError::Busy(format!(
+                "a ClickHouse batch of log {log} with records of {first}..{last} straddles \
+                 Postgres's watermark {applied} or is still being written: nothing was changed, \
+                 try again"
             )));
         }
     }

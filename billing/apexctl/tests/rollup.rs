@@ -278,6 +278,66 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
         ]
     );
 
+    // The appliers move independently. ClickHouse's has written a batch (two records of d1)
+    // that Postgres's has not: reconcile calls the day unsynced, not drift, and the
+    // rebuild leaves those records to Postgres's applier.
+    let late = [
+        record(a, Metric::Impressions, 7, at(d1, 15)),
+        record(a, Metric::Impressions, 8, at(d1, 16)),
+    ];
+    let batch = Batch {
+        log_id: log,
+        start: position,
+        end: position + 200,
+        records: &late,
+    };
+    clickhouse_sink::write_batch(&ch, &batch, &mut Progress::default())
+        .await
+        .unwrap();
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+    let (_, out, _) = apexctl(
+        &stores,
+        &[
+            "reconcile",
+            "--period",
+            &d1.format("%Y-%m").to_string(),
+            "--json",
+        ],
+    );
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["summary"]["raw_events/postgres_hourly"]["unsynced"], 1,
+        "{report:#}"
+    );
+    assert_eq!(rebuild(&stores, "postgres", d1, d2, true), json!([]));
+    // Postgres's applier takes the first half of that range as a batch of its own: the
+    // ClickHouse batch straddles its watermark with records of d1, so the rebuild refuses.
+    let mut conn = stores.pool.acquire().await.unwrap();
+    let half = |start: u64, end: u64, records| Batch {
+        log_id: log,
+        start,
+        end,
+        records,
+    };
+    postgres_sink::apply_batch(&mut conn, &half(position, position + 100, &late[..1]))
+        .await
+        .unwrap();
+    let (from, to) = (d1.to_string(), d2.to_string());
+    let (code, out, err) = apexctl(
+        &stores,
+        &[
+            "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("straddles Postgres's watermark"), "{err}");
+    // Once it has the rest, the stores agree and there is nothing to rebuild.
+    postgres_sink::apply_batch(&mut conn, &half(position + 100, position + 200, &late[1..]))
+        .await
+        .unwrap();
+    assert_eq!(rebuild(&stores, "postgres", d1, d2, false), json!([]));
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+
     // The text form.
     let (code, out, _) = apexctl(
         &stores,
