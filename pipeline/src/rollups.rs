@@ -25,8 +25,9 @@
 //!   difference, which the SummingMergeTree adds, as the view would have: one atomic insert,
 //!   never a gap for readers. An excess (which the pipeline cannot make) is repaired by
 //!   deleting that customer's, metric's and day's rows (a mutation, asynchronous in 18.16:
-//!   the rebuild waits for it in `system.mutations`) and inserting the raw total; readers may
-//!   see the day short while the mutation runs.
+//!   the rebuild waits for it in `system.mutations`), then reading both sides again the same
+//!   way and inserting what is now short (so a batch whose view part the delete took as well
+//!   is put back too); readers may see the day short while the mutation runs.
 //! - Postgres ([`rebuild_postgres`]): the rollups are additive upserts, each batch recorded in
 //!   `pipeline_batches` in the same transaction. The rebuild takes `pipeline_batches` in SHARE
 //!   mode in its transaction, which makes the Postgres applier wait (its first statement
@@ -463,6 +464,64 @@ pub async fn rebuild_clickhouse(
     last: NaiveDate,
     dry_run: bool,
 ) -> Result<Vec<Change>, RollupError> {
+    let (raw, rollup) = read_quietly(client, first, last).await?;
+    let changes = differences(&rollup, &raw);
+    if dry_run || changes.is_empty() {
+        return Ok(changes);
+    }
+    // An excess: the keys' rows are deleted (a mutation), which turns it into a shortfall of
+    // the whole raw total.
+    let excess: Vec<&Change> = changes.iter().filter(|c| c.current > c.rebuilt).collect();
+    let shortfalls = if excess.is_empty() {
+        changes.clone()
+    } else {
+        let keys = vec!["(customer_id = ? AND metric_type = ? AND day = toDate(?))"; excess.len()]
+            .join(" OR ");
+        let mut delete = client.query(&format!("ALTER TABLE usage_daily DELETE WHERE {keys}"));
+        for change in &excess {
+            delete = delete
+                .bind(change.customer_id.as_str())
+                .bind(change.metric_type.as_str())
+                .bind(change.day.to_string());
+        }
+        delete.execute().await?;
+        wait_for_mutations(client).await?;
+        // Read again: a batch whose view part landed before the mutation began lost it too,
+        // and is a shortfall now like the rest.
+        let (raw, rollup) = read_quietly(client, first, last).await?;
+        differences(&rollup, &raw)
+    };
+    if shortfalls.iter().any(|c| c.current > c.rebuilt) {
+        return Err(RollupError::Busy(
+            "the daily rollup still exceeds the raw events after the delete: run the rebuild \
+             again"
+                .into(),
+        ));
+    }
+    if !shortfalls.is_empty() {
+        let values = vec!["(toDate(?), ?, ?, toUInt64(?))"; shortfalls.len()].join(", ");
+        let mut insert = client.query(&format!(
+            "INSERT INTO usage_daily (day, customer_id, metric_type, quantity) VALUES {values}"
+        ));
+        for change in &shortfalls {
+            insert = insert
+                .bind(change.day.to_string())
+                .bind(change.customer_id.as_str())
+                .bind(change.metric_type.as_str())
+                .bind(change.rebuilt - change.current);
+        }
+        insert.execute().await?;
+    }
+    Ok(changes)
+}
+
+/// The raw and rollup totals of `first..=last`, read while no pipeline batch touching the
+/// days was open or written (`Busy` otherwise).
+async fn read_quietly(
+    client: &Client,
+    first: NaiveDate,
+    last: NaiveDate,
+) -> Result<(DayTotals, DayTotals), RollupError> {
     let start = ch_seconds(day_start(first));
     let end = ch_seconds(day_start(last.succ_opt().unwrap_or(last)));
     let (open, markers) = clickhouse_activity(client, start, end).await?;
@@ -477,55 +536,11 @@ pub async fn rebuild_clickhouse(
     let rollup = clickhouse_daily(client, first, last, None).await?;
     if clickhouse_activity(client, start, end).await? != (0, markers) {
         return Err(RollupError::Busy(format!(
-            "the pipeline wrote to {first}..{last} while the rollup was read: nothing was \
+            "the pipeline wrote to {first}..{last} while the rollup was read: nothing more was \
              changed, try again"
         )));
     }
-    let changes = differences(&rollup, &raw);
-    if dry_run || changes.is_empty() {
-        return Ok(changes);
-    }
-    // Excess first: those keys are deleted (a mutation), then get their whole raw total.
-    let excess: Vec<&Change> = changes.iter().filter(|c| c.current > c.rebuilt).collect();
-    if !excess.is_empty() {
-        let keys = vec!["(customer_id = ? AND metric_type = ? AND day = toDate(?))"; excess.len()]
-            .join(" OR ");
-        let mut delete = client.query(&format!("ALTER TABLE usage_daily DELETE WHERE {keys}"));
-        for change in &excess {
-            delete = delete
-                .bind(change.customer_id.as_str())
-                .bind(change.metric_type.as_str())
-                .bind(change.day.to_string());
-        }
-        delete.execute().await?;
-        wait_for_mutations(client).await?;
-    }
-    let mut rows = Vec::with_capacity(changes.len());
-    for change in &changes {
-        let quantity = if change.current > change.rebuilt {
-            change.rebuilt
-        } else {
-            change.rebuilt - change.current
-        };
-        if quantity > 0 {
-            rows.push((change, quantity));
-        }
-    }
-    if !rows.is_empty() {
-        let values = vec!["(toDate(?), ?, ?, toUInt64(?))"; rows.len()].join(", ");
-        let mut insert = client.query(&format!(
-            "INSERT INTO usage_daily (day, customer_id, metric_type, quantity) VALUES {values}"
-        ));
-        for (change, quantity) in rows {
-            insert = insert
-                .bind(change.day.to_string())
-                .bind(change.customer_id.as_str())
-                .bind(change.metric_type.as_str())
-                .bind(quantity);
-        }
-        insert.execute().await?;
-    }
-    Ok(changes)
+    Ok((raw, rollup))
 }
 
 /// Waits until no mutation of `usage_daily` in the current database is unfinished (about a
