@@ -248,9 +248,13 @@ pub async fn postgres_daily(
 pub struct InFlight {
     /// Days of batches in flight between the stores (raw events vs Postgres).
     pub between_stores: Option<Vec<NaiveDate>>,
-    /// Days of ClickHouse batches open (`started` without `done`): their rollup part may lag
-    /// their rows (raw events vs the daily rollup).
+    /// Days of ClickHouse batches open (`started` without `done`), or written since the
+    /// reading this one was taken after: their rollup part may lag their rows (raw events vs
+    /// the daily rollup).
     pub clickhouse_open: Vec<NaiveDate>,
+    /// Per log: the Postgres watermark and ClickHouse's newest finished batch end, at the time
+    /// of the reading.
+    positions: Vec<(String, u64, u64)>,
 }
 
 impl InFlight {
@@ -320,9 +324,13 @@ fn span_days(lo: u32, hi: u32, into: &mut Vec<NaiveDate>) {
 }
 
 /// Where the two stores stand: which days a batch in flight may make differ (see
-/// [`InFlight`]). Read before and after the totals, the union covers a batch that moved
-/// during the reads.
-pub async fn in_flight(client: &Client, db: &mut PgConnection) -> Result<InFlight, RollupError> {
+/// [`InFlight`]). Taken before and after the totals are read, the second with the first as
+/// `since`, their [`InFlight::union`] also covers every batch that moved during the reads.
+pub async fn in_flight(
+    client: &Client,
+    db: &mut PgConnection,
+    since: Option<&InFlight>,
+) -> Result<InFlight, RollupError> {
     let watermarks = postgres_watermarks(&mut *db).await?;
     let mut logs: Vec<String> = client
         .query("SELECT DISTINCT log_id FROM pipeline_batches")
@@ -336,33 +344,44 @@ pub async fn in_flight(client: &Client, db: &mut PgConnection) -> Result<InFligh
     let mut flight = InFlight {
         between_stores: Some(Vec::new()),
         clickhouse_open: Vec::new(),
+        positions: Vec::new(),
     };
     for log in logs {
         let applied = watermarks
             .iter()
             .find(|(l, _)| *l == log)
             .map_or(0, |(_, end)| *end);
-        // Markers of the batches that end past the Postgres watermark: not (wholly) in
-        // Postgres yet.
-        let markers = clickhouse_markers_from(client, &log, applied).await?;
-        for (_, _, _, done, lo, hi) in &markers {
-            if !done {
-                span_days(*lo, *hi, &mut flight.clickhouse_open);
-            }
-            if let Some(days) = flight.between_stores.as_mut() {
-                span_days(*lo, *hi, days);
-            }
-        }
         let clickhouse_end: u64 = client
             .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ? AND state = 2")
             .bind(log.as_str())
             .fetch_one()
             .await?;
+        // Against an earlier reading, from where each store was then.
+        let (applied_floor, clickhouse_floor) = since
+            .and_then(|s| s.positions.iter().find(|(l, _, _)| *l == log))
+            .map_or((applied, clickhouse_end), |(_, pg, ch)| {
+                (applied.min(*pg), clickhouse_end.min(*ch))
+            });
+        // Batches that end past the Postgres watermark are not (wholly) in Postgres yet; those
+        // past ClickHouse's earlier end were written during the reads.
+        let markers =
+            clickhouse_markers_from(client, &log, applied_floor.min(clickhouse_floor)).await?;
+        for (_, _, end, done, lo, hi) in &markers {
+            if !done || *end > clickhouse_floor {
+                span_days(*lo, *hi, &mut flight.clickhouse_open);
+            }
+            if *end > applied_floor
+                && let Some(days) = flight.between_stores.as_mut()
+            {
+                span_days(*lo, *hi, days);
+            }
+        }
         if clickhouse_end < applied {
             // Postgres holds batches whose ClickHouse markers are not all written yet: the
             // days they hold are unknown.
             flight.between_stores = None;
         }
+        flight.positions.push((log, applied, clickhouse_end));
     }
     Ok(flight)
 }

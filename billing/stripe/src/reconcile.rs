@@ -11,8 +11,10 @@
 //! # Checks and their verdicts
 //!
 //! Every pair is `ok` (equal), `drift` (a real difference, with `difference = right - left`)
-//! or `unsynced` (a difference the system is still expected to close by itself). A pair where
-//! both figures are zero is not listed. The rules, check by check (`note` says which applied):
+//! or `unsynced` (a difference the system is still expected to close by itself). `left` is the
+//! first figure a check names, `right` the second (`raw_events/postgres_hourly`: the raw
+//! total, then the rollups'). A customer, metric and day with nothing on either side is not
+//! listed. The rules, check by check (`note` says which applied):
 //!
 //! - [`RAW_VS_DAILY`]: raw events against the daily rollup. Unsynced only on a day a
 //!   ClickHouse pipeline batch is still being written (a `started` marker without `done`):
@@ -43,7 +45,9 @@
 //!   difference is unsynced when a review of the period is open (revenue missing, a credit
 //!   awaiting approval) or when the period's usage or revenue changed after the newest
 //!   invoice that could carry its adjustment was written (the next close adjusts it);
-//!   otherwise drift.
+//!   otherwise drift. That compares `usage_records.updated_at` and
+//!   `mediated_revenue.updated_at` (the database's clock) with `invoices.created_at` (the
+//!   close's clock), so on a simulated clock far from the database's it leans one way.
 //! - [`INVOICE_VS_STRIPE`] and [`LINE_VS_STRIPE`] (`--stripe`): our invoice's total and each
 //!   line (by its `apex_line` metadata) against Stripe's invoice. Unsynced while ours is
 //!   `pending` or `draft` (the close is still building it); otherwise drift.
@@ -292,11 +296,11 @@ pub async fn reconcile_with(
     let postgres = if checks.raw_events {
         let client = stores.clickhouse();
         let mut conn = pool.acquire().await?;
-        let before = rollups::in_flight(&client, &mut conn).await?;
+        let before = rollups::in_flight(&client, &mut conn, None).await?;
         let raw = rollups::raw_daily(&client, first, last, customer).await?;
         let daily = rollups::clickhouse_daily(&client, first, last, customer).await?;
         let postgres = rollups::postgres_daily(&mut *conn, first, last, customer).await?;
-        let after = rollups::in_flight(&client, &mut conn).await?;
+        let after = rollups::in_flight(&client, &mut conn, Some(&before)).await?;
         compare_raw(&mut report, &raw, &daily, &postgres, &before.union(after));
         postgres
     } else {
