@@ -45,9 +45,12 @@
 //!   difference is unsynced when a review of the period is open (revenue missing, a credit
 //!   awaiting approval) or when the period's usage or revenue changed after the newest
 //!   invoice that could carry its adjustment was written (the next close adjusts it);
-//!   otherwise drift. That compares `usage_records.updated_at` and
-//!   `mediated_revenue.updated_at` (the database's clock) with `invoices.created_at` (the
-//!   close's clock), so on a simulated clock far from the database's it leans one way.
+//!   otherwise drift.
+//!
+//! The "changed" times are `usage_records.updated_at` and `mediated_revenue.updated_at`, on
+//! the database's clock; the run's time and `invoices.created_at` may be on a simulated one. A
+//! change stamped after the run's time is therefore ignored (the rules fall back to the day's
+//! end, and to drift), never taken as a reason to wait.
 //! - [`INVOICE_VS_STRIPE`] and [`LINE_VS_STRIPE`] (`--stripe`): our invoice's total and each
 //!   line (by its `apex_line` metadata) against Stripe's invoice. Unsynced while ours is
 //!   `pending` or `draft` (the close is still building it); otherwise drift.
@@ -566,7 +569,12 @@ fn compare_reported(
             total,
             reported,
             row,
-            postgres.get(key).map(|d| d.changed_at),
+            // A change stamped after the run's time is on another clock (the database's,
+            // against a simulated one) and says nothing about this run's days.
+            postgres
+                .get(key)
+                .map(|d| d.changed_at)
+                .filter(|c| *c <= now),
             now,
         );
         report.pairs.push(pair(
@@ -735,6 +743,7 @@ async fn preview_pending(
     pool: &PgPool,
     customer: &str,
     period: &Period,
+    now: DateTime<Utc>,
 ) -> Result<Option<String>, StripeWorkError> {
     let open_review: Option<String> = sqlx::query_scalar(
         "SELECT kind FROM invoice_reviews WHERE customer_id = $1 AND period_start = $2 \
@@ -768,7 +777,7 @@ async fn preview_pending(
     .fetch_one(pool)
     .await?;
     Ok(match (written, changed) {
-        (Some(written), Some(changed)) if changed > written => Some(
+        (Some(written), Some(changed)) if changed > written && changed <= now => Some(
             "the period's usage or revenue changed after its newest invoice was written: the \
              next invoice adjusts it"
                 .into(),
@@ -835,7 +844,7 @@ async fn compare_invoice(
         statement::compose_invoice(&inputs, &month, &period)?
     };
     let billed = billed_for(pool, customer, period.start).await?;
-    let otherwise = match preview_pending(pool, customer, &period).await? {
+    let otherwise = match preview_pending(pool, customer, &period, request.now).await? {
         Some(why) => (Verdict::Unsynced, why),
         None => (
             Verdict::Drift,
