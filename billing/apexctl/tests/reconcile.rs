@@ -494,3 +494,117 @@ async fn bad_requests_are_refused_with_a_reason() {
     assert_eq!(report["pairs"], serde_json::json!([]));
     assert_eq!(report["stripe"], false);
 }
+
+#[tokio::test]
+async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
+    let stores = TestStores::migrated().await;
+    let standin = StripeStandIn::start();
+    let studio = signup(&stores.pool, "Late Games").await;
+    let stripe =
+        StripeClient::new(&standin.base_url(), TEST_KEY, ClientSettings::default()).unwrap();
+    sync_catalog(&stores.pool, &stripe).await.unwrap();
+    sync_customers(&stores.pool, &stripe, None).await.unwrap();
+    sqlx::query("UPDATE customers SET created_at = '2026-01-01T00:00:00Z'")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let september = apex_billing::pricing::parse_month("2026-09").unwrap();
+    let october = apex_billing::pricing::parse_month("2026-10").unwrap();
+    let day: NaiveDate = "2026-09-15".parse().unwrap();
+    let mut position = 0;
+    write_usage(
+        &stores,
+        "log_late",
+        &mut position,
+        &[record(&studio, Metric::Impressions, 1_001_500, at(day, 10))],
+    )
+    .await;
+    for period in [&september, &october] {
+        statement::set_revenue(&stores.pool, &studio, period, 0)
+            .await
+            .unwrap();
+    }
+    let close = |period: Period, now: &str| CloseRequest {
+        customer: None,
+        period: Some(period),
+        now: now.parse().unwrap(),
+        settings: CloseSettings::default(),
+    };
+    let closed = close_invoices(
+        &stores.pool,
+        &stripe,
+        &close(september, "2026-10-01T06:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(closed.failed.len(), 0, "{closed:?}");
+    // The usage sync is not part of this story (September is past Stripe's window).
+    let checks = apex_stripe::reconcile::Checks {
+        usage_sync: false,
+        ..Default::default()
+    };
+    let preview = |report: &apex_stripe::reconcile::Report| {
+        let pair = report
+            .pairs
+            .iter()
+            .find(|p| p.check == apex_stripe::reconcile::INVOICE_VS_PREVIEW)
+            .unwrap()
+            .clone();
+        (pair.verdict, pair.difference)
+    };
+    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
+
+    // 3,000 more impressions for September arrive after its invoice: 30 cents more due,
+    // which the next invoice adjusts. Until it is written, that is not drift.
+    write_usage(
+        &stores,
+        "log_late",
+        &mut position,
+        &[record(&studio, Metric::Impressions, 3_000, at(day, 11))],
+    )
+    .await;
+    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(
+        preview(&report),
+        (apex_stripe::reconcile::Verdict::Unsynced, 30)
+    );
+
+    // October's invoice carries the adjustment: September is billed in full again.
+    let closed = close_invoices(
+        &stores.pool,
+        &stripe,
+        &close(october, "2026-11-01T06:00:00Z"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(closed.failed.len(), 0, "{closed:?}");
+    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    assert!(report.is_clean(), "{report:#?}");
+    assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
+}
+
+/// The library's reconciliation of `period` on the wall clock, with Stripe.
+async fn reconcile_library(
+    stores: &TestStores,
+    stripe: &StripeClient,
+    period: Period,
+    checks: apex_stripe::reconcile::Checks,
+) -> apex_stripe::reconcile::Report {
+    let request = apex_stripe::reconcile::Request {
+        period,
+        customer: None,
+        now: Utc::now(),
+    };
+    apex_stripe::reconcile::reconcile_with(
+        &stores.pool,
+        &stores.config,
+        Some(stripe),
+        &request,
+        checks,
+    )
+    .await
+    .unwrap()
+}
