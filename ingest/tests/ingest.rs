@@ -47,6 +47,40 @@ async fn the_guides_track_request_is_recorded_durably() {
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["recorded"]["quantity"], json!(35.2));
     assert_total(&server, &customer_id, "data_transfer", 35_200_000_000).await;
+
+    // Reconciled: the raw events, the daily rollup and the hourly rollups agree per day once
+    // the ClickHouse applier has caught up (until then its days are unsynced, never drift).
+    let request = apex_stripe::reconcile::Request {
+        period: apex_billing::pricing::calendar_month(chrono::Utc::now()),
+        customer: Some(customer_id.clone()),
+        now: chrono::Utc::now(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let report = apex_stripe::reconcile::reconcile(
+            &server.stores.pool,
+            &server.stores.config,
+            None,
+            &request,
+        )
+        .await
+        .unwrap();
+        assert!(report.is_clean(), "{report:#?}");
+        let compared = report
+            .pairs
+            .iter()
+            .filter(|p| p.check.starts_with("raw_events/"))
+            .collect::<Vec<_>>();
+        if compared.len() == 4
+            && compared
+                .iter()
+                .all(|p| p.verdict == apex_stripe::reconcile::Verdict::Ok)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{report:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

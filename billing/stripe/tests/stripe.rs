@@ -309,6 +309,39 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
         .map(|(_, _, v)| v)
         .sum();
     assert_eq!(stripe_total, 1_502_500);
+
+    // Reconciled after the sync: the rollups, what was reported and Stripe's daily meter
+    // summaries agree for yesterday's month (the rollups were written directly here, with no
+    // raw events to compare them with).
+    let request = apex_stripe::reconcile::Request {
+        period: apex_billing::pricing::calendar_month(
+            yesterday.and_hms_opt(0, 0, 0).unwrap().and_utc(),
+        ),
+        customer: None,
+        now,
+    };
+    let checks = apex_stripe::reconcile::Checks {
+        raw_events: false,
+        ..Default::default()
+    };
+    let report = apex_stripe::reconcile::reconcile_with(
+        &stores.pool,
+        &stores.config,
+        Some(&client(&standin)),
+        &request,
+        checks,
+    )
+    .await
+    .unwrap();
+    assert!(report.is_clean(), "{report:#?}");
+    assert!(
+        report
+            .pairs
+            .iter()
+            .any(|p| p.check == apex_stripe::reconcile::REPORTED_VS_STRIPE
+                && p.verdict == apex_stripe::reconcile::Verdict::Ok),
+        "{report:#?}"
+    );
 }
 
 #[tokio::test]
