@@ -15,7 +15,8 @@ a test double and never shipped:
   `idempotency_error`. Stripe forgets keys after 24 hours; `POST /_config/test/forget_keys`
   does that at once.
 - Meter event summaries (`/v1/billing/meters/{id}/event_summaries`): the sum of a
-  customer's accepted event values in `[start_time, end_time)`.
+  customer's accepted event values in `[start_time, end_time)`, or with
+  `value_grouping_window=day` one summary per UTC day of it, newest first, `limit` at a time.
 - Fault injection, for tests: `POST /_config/test/faults` with JSON `{"path", "status"?,
   "count", "retry_after"?, "delay"?, "after"?, "method"?}` answers the next `count` requests to `path`
   (of `method` only, when given)
@@ -413,24 +414,37 @@ async def meter_event_summaries(request):
         start, end = int(request.query["start_time"]), int(request.query["end_time"])
     except (KeyError, ValueError):
         return stripe_error(400, "parameter_missing", "customer, start_time and end_time are required")
-    total = sum(
-        int(e["payload"]["value"])
-        for e in meter_events
-        if e["event_name"] == meter["event_name"]
-        and e["payload"].get(meter["customer_mapping"]["event_payload_key"]) == customer
-        and start <= e["timestamp"] < end
-    )
-    summary = {
-        "id": f"mtrusg_{meter['id']}_{customer}_{start}",
-        "object": "billing.meter_event_summary",
-        "aggregated_value": total,
-        "start_time": start,
-        "end_time": end,
-        "livemode": False,
-        "meter": meter["id"],
-    }
+    # value_grouping_window=day: one summary per UTC day of the window, which must start and
+    # end at UTC midnights, newest first, as Stripe lists them (up to `limit`, default 10).
+    grouping = request.query.get("value_grouping_window")
+    if grouping not in (None, "day"):
+        return stripe_error(400, "parameter_invalid", "value_grouping_window: only day is supported here")
+    if grouping == "day" and (start % 86400 or end % 86400):
+        return stripe_error(400, "parameter_invalid",
+                            "start_time and end_time must align with UTC day boundaries")
+    windows = [(s, min(s + 86400, end)) for s in range(start, end, 86400)] if grouping else [(start, end)]
+    summaries = []
+    for low, high in reversed(windows):
+        total = sum(
+            int(e["payload"]["value"])
+            for e in meter_events
+            if e["event_name"] == meter["event_name"]
+            and e["payload"].get(meter["customer_mapping"]["event_payload_key"]) == customer
+            and low <= e["timestamp"] < high
+        )
+        summaries.append({
+            "id": f"mtrusg_{meter['id']}_{customer}_{low}",
+            "object": "billing.meter_event_summary",
+            "aggregated_value": total,
+            "start_time": low,
+            "end_time": high,
+            "livemode": False,
+            "meter": meter["id"],
+        })
+    limit = int(request.query.get("limit", 10))
     return web.json_response(
-        {"object": "list", "url": request.path, "has_more": False, "data": [summary]}
+        {"object": "list", "url": request.path, "has_more": len(summaries) > limit,
+         "data": summaries[:limit]}
     )
 
 

@@ -7,6 +7,8 @@
 //! - [`durable`]: the production sink: the log writer, batching and the appliers.
 //! - [`store`]: what a store writer does with a batch, and its transient and permanent errors.
 //! - [`postgres_sink`]: hourly rollups in Postgres, one transaction per log range.
+//! - [`rollups`]: per-day totals of the usage tables for reconciliation, and the rollups
+//!   rebuilt from the raw events.
 //! - [`clickhouse_sink`]: raw events in ClickHouse, with the argument why replay never
 //!   inserts a batch twice.
 //! - [`wal`]: the write-ahead log: framed, checksummed segments, recovery.
@@ -20,6 +22,7 @@ pub mod durable;
 pub use apex_core::failpoint;
 pub mod names;
 pub mod postgres_sink;
+pub mod rollups;
 pub mod sink;
 pub mod store;
 pub mod wal;

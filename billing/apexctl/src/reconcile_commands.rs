@@ -1,9 +1,13 @@
 //! `apexctl reconcile`: one period compared across the stores and Stripe
-//! ([`apex_stripe::reconcile`]), printed as a table or JSON; exit 1 on any drift. (Being built:
-//! issue 18.)
+//! ([`apex_stripe::reconcile`]), printed as a table of what is not ok with a summary, or as
+//! JSON; exit 1 on any drift.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+use apex_billing::pricing;
+use apex_stripe::client::ClientSettings;
+use apex_stripe::reconcile::{self, Report, Request, Verdict};
 use clap::Args;
 
 use crate::config::CtlConfig;
@@ -17,19 +21,124 @@ pub(crate) struct ReconcileArgs {
     /// Only this customer (`cus_...`).
     #[arg(long)]
     pub(crate) customer: Option<String>,
-    /// Also compare with Stripe's own meter event summaries and invoices.
+    /// Also compare with Stripe's own meter event summaries and invoices (needs
+    /// `STRIPE_SECRET_KEY`).
     #[arg(long)]
     pub(crate) stripe: bool,
-    /// Print JSON.
+    /// Print JSON: the report (`period`, `stripe`, `unmapped_customers`, `pairs`), its
+    /// `summary` (per check: ok, drift, unsynced) and `clean`.
     #[arg(long)]
     pub(crate) json: bool,
 }
 
 pub(crate) async fn run(
-    _args: ReconcileArgs,
-    _ctl: &CtlConfig,
-    _pool: &sqlx::PgPool,
-    _now: chrono::DateTime<chrono::Utc>,
+    args: ReconcileArgs,
+    ctl: &CtlConfig,
+    pool: &sqlx::PgPool,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("reconcile is not built yet")
+    let period = pricing::parse_month(&args.period).with_context(|| {
+        format!(
+            "--period {:?}: expected a month YYYY-MM (0000-01 to 9998-12)",
+            args.period
+        )
+    })?;
+    anyhow::ensure!(
+        period.start.timestamp() >= 0,
+        "--period {}: usage is stored from 1970 on",
+        args.period
+    );
+    let client = if args.stripe {
+        Some(apex_stripe::client_from_config(
+            &ctl.cron.stripe,
+            ClientSettings {
+                requests_per_second: ctl.cron.stripe_rate,
+                ..ClientSettings::default()
+            },
+        )?)
+    } else {
+        None
+    };
+    let request = Request {
+        period,
+        customer: args.customer,
+        now,
+    };
+    let report = reconcile::reconcile(pool, &ctl.cron.stores, client.as_ref(), &request).await?;
+    if args.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["summary"] = serde_json::to_value(report.summary())?;
+        value["clean"] = report.is_clean().into();
+        println!("{value}");
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_text(report: &Report) {
+    let open: Vec<_> = report
+        .pairs
+        .iter()
+        .filter(|p| p.verdict != Verdict::Ok)
+        .collect();
+    if !open.is_empty() {
+        println!(
+            "{:<8} {:<34} {:<24} {:<14} {:<24} {:>16} {:>16} {:>14}  note",
+            "verdict", "check", "customer", "metric", "day/line", "left", "right", "difference"
+        );
+        for pair in open {
+            let verdict = match pair.verdict {
+                Verdict::Drift => "DRIFT",
+                Verdict::Unsynced => "unsynced",
+                Verdict::Ok => "ok",
+            };
+            println!(
+                "{:<8} {:<34} {:<24} {:<14} {:<24} {:>16} {:>16} {:>+14}  {}",
+                verdict,
+                pair.check,
+                pair.customer_id,
+                pair.metric_type.as_deref().unwrap_or("-"),
+                pair.day.as_deref().or(pair.line.as_deref()).unwrap_or("-"),
+                pair.left,
+                pair.right,
+                pair.difference,
+                pair.note.as_deref().unwrap_or("")
+            );
+        }
+    }
+    if !report.unmapped_customers.is_empty() {
+        println!(
+            "not mapped to Stripe (nothing reported or invoiced to compare): {}",
+            report.unmapped_customers.join(", ")
+        );
+    }
+    let counts = report.summary();
+    // In the checks' order; those that ask Stripe only when it was asked.
+    let summary: Vec<String> = reconcile::CHECKS
+        .iter()
+        .filter(|check| report.stripe || !reconcile::STRIPE_CHECKS.contains(check))
+        .map(|check| {
+            let c = counts.get(check).copied().unwrap_or_default();
+            format!(
+                "{check} {} ok, {} drift, {} unsynced",
+                c.ok, c.drift, c.unsynced
+            )
+        })
+        .collect();
+    println!(
+        "reconcile {}{}: {} — {}",
+        report.period,
+        if report.stripe { " (with Stripe)" } else { "" },
+        if report.is_clean() {
+            "no drift"
+        } else {
+            "DRIFT"
+        },
+        summary.join("; ")
+    );
 }

@@ -1,0 +1,374 @@
+//! `apexctl rollup rebuild` end to end against the real ClickHouse and Postgres: a daily
+//! rollup gap made as the ClickHouse server dying between a part and its view's part would
+//! make it (the view detached while the pipeline's writer inserts a batch), an excess row, and
+//! Postgres hours changed and added behind the pipeline's back; the dry run reports each and
+//! changes nothing, the rebuild repairs it (reconcile is clean after), a second rebuild
+//! changes nothing; bad requests are refused with a reason.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use apex_core::model::{Metric, UsageRecord};
+use apex_core::testing::TestStores;
+use apex_pipeline::clickhouse_sink::{self, Progress};
+use apex_pipeline::postgres_sink;
+use apex_pipeline::store::Batch;
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use serde_json::{Value, json};
+
+/// Writes `records` as one pipeline batch through both store writers, as the appliers do.
+async fn write_usage(
+    stores: &TestStores,
+    log_id: &str,
+    position: &mut u64,
+    records: &[UsageRecord],
+) {
+    let batch = Batch {
+        log_id,
+        start: *position,
+        end: *position + 100 * records.len() as u64,
+        records,
+    };
+    clickhouse_sink::write_batch(
+        &stores.config.clickhouse(),
+        &batch,
+        &mut Progress::default(),
+    )
+    .await
+    .unwrap();
+    postgres_sink::apply_batch(&mut stores.pool.acquire().await.unwrap(), &batch)
+        .await
+        .unwrap();
+    *position = batch.end;
+}
+
+fn record(customer: &str, metric: Metric, quantity: u64, at: DateTime<Utc>) -> UsageRecord {
+    UsageRecord {
+        customer_id: Arc::from(customer),
+        metric,
+        quantity,
+        event_id: None,
+        timestamp_ms: at.timestamp_millis(),
+        received_ms: at.timestamp_millis(),
+        metadata: None,
+    }
+}
+
+fn at(day: NaiveDate, hour: u32) -> DateTime<Utc> {
+    day.and_hms_opt(hour, 0, 0).unwrap().and_utc()
+}
+
+fn apexctl(stores: &TestStores, args: &[&str]) -> (i32, String, String) {
+    let out = common::apexctl_command(stores).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `rollup rebuild --json` of `store` over `first..=last`; returns the changes.
+fn rebuild(
+    stores: &TestStores,
+    store: &str,
+    first: NaiveDate,
+    last: NaiveDate,
+    dry: bool,
+) -> Value {
+    let (from, to) = (first.to_string(), last.to_string());
+    let mut args = vec![
+        "rollup", "rebuild", "--store", store, "--from", &from, "--to", &to, "--json",
+    ];
+    if dry {
+        args.push("--dry-run");
+    }
+    let (code, out, err) = apexctl(stores, &args);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["dry_run"], dry);
+    assert_eq!(report["store"], store);
+    report["changes"].clone()
+}
+
+/// Drifts of `reconcile --json` over every month of `days`, as (check, customer, metric,
+/// day, difference); asserts the exit code says the same.
+fn drifts(
+    stores: &TestStores,
+    days: &[NaiveDate],
+) -> BTreeSet<(String, String, String, String, i64)> {
+    let months: BTreeSet<String> = days.iter().map(|d| d.format("%Y-%m").to_string()).collect();
+    let mut found = BTreeSet::new();
+    for month in months {
+        let (code, out, err) = apexctl(stores, &["reconcile", "--period", &month, "--json"]);
+        let report: Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+        let mut these = BTreeSet::new();
+        for pair in report["pairs"].as_array().unwrap() {
+            if pair["verdict"] == "drift" {
+                these.insert((
+                    pair["check"].as_str().unwrap().to_owned(),
+                    pair["customer_id"].as_str().unwrap().to_owned(),
+                    pair["metric_type"].as_str().unwrap().to_owned(),
+                    pair["day"].as_str().unwrap().to_owned(),
+                    pair["difference"].as_i64().unwrap(),
+                ));
+            }
+        }
+        assert_eq!(code, if these.is_empty() { 0 } else { 1 }, "{report:#}");
+        found.extend(these);
+    }
+    found
+}
+
+async fn daily_total(stores: &TestStores, customer: &str, metric: &str, day: NaiveDate) -> u64 {
+    stores
+        .config
+        .clickhouse()
+        .query(
+            "SELECT sum(quantity) FROM usage_daily \
+             WHERE customer_id = ? AND metric_type = ? AND day = toDate(?)",
+        )
+        .bind(customer)
+        .bind(metric)
+        .bind(day.to_string())
+        .fetch_one::<u64>()
+        .await
+        .unwrap()
+}
+
+async fn hours(stores: &TestStores) -> Vec<(String, String, DateTime<Utc>, i64)> {
+    sqlx::query_as(
+        "SELECT customer_id, metric_type, recorded_at, quantity FROM usage_records ORDER BY 1, 2, 3",
+    )
+    .fetch_all(&stores.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_once() {
+    let stores = TestStores::migrated().await;
+    let ch = stores.config.clickhouse();
+    let today = Utc::now().date_naive();
+    let (d1, d2) = (today - Duration::days(3), today - Duration::days(2));
+    let days = [d1, d2];
+    let (a, b) = ("cus_rollupAAAAAAAAAAA", "cus_rollupBBBBBBBBBBB");
+    let log = "log_rollup";
+    let mut position = 0;
+    write_usage(
+        &stores,
+        log,
+        &mut position,
+        &[
+            record(a, Metric::Impressions, 100, at(d1, 10)),
+            record(a, Metric::ApiCalls, 50, at(d2, 11)),
+            record(b, Metric::DataTransfer, 1_000, at(d1, 5)),
+        ],
+    )
+    .await;
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+
+    // The gap: a batch whose events part landed without its view's part (the view is
+    // detached while the pipeline's writer inserts it, as a server dying between the two
+    // parts leaves it).
+    ch.query("DETACH TABLE usage_daily_mv")
+        .execute()
+        .await
+        .unwrap();
+    write_usage(
+        &stores,
+        log,
+        &mut position,
+        &[record(a, Metric::Impressions, 25, at(d1, 14))],
+    )
+    .await;
+    ch.query("ATTACH TABLE usage_daily_mv")
+        .execute()
+        .await
+        .unwrap();
+    let gap = (
+        "raw_events/clickhouse_daily".to_owned(),
+        a.to_owned(),
+        "impressions".to_owned(),
+        d1.to_string(),
+        -25,
+    );
+    assert_eq!(drifts(&stores, &days), BTreeSet::from([gap]));
+
+    // The dry run says what would change, and changes nothing.
+    let expected = json!([{
+        "customer_id": a, "metric_type": "impressions", "day": d1.to_string(),
+        "current": 100, "rebuilt": 125, "hours": 0,
+    }]);
+    assert_eq!(rebuild(&stores, "clickhouse", d1, d2, true), expected);
+    assert_eq!(daily_total(&stores, a, "impressions", d1).await, 100);
+    // The rebuild repairs it, and says what it changed; a second one changes nothing.
+    assert_eq!(rebuild(&stores, "clickhouse", d1, d2, false), expected);
+    assert_eq!(daily_total(&stores, a, "impressions", d1).await, 125);
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+    assert_eq!(rebuild(&stores, "clickhouse", d1, d2, false), json!([]));
+
+    // An excess (a rollup row without raw events) is replaced by the raw total.
+    ch.query(
+        "INSERT INTO usage_daily (day, customer_id, metric_type, quantity) \
+         VALUES (toDate(?), ?, 'data_transfer', 9)",
+    )
+    .bind(d2.to_string())
+    .bind(b)
+    .execute()
+    .await
+    .unwrap();
+    assert_eq!(
+        rebuild(&stores, "clickhouse", d1, d2, false),
+        json!([{
+            "customer_id": b, "metric_type": "data_transfer", "day": d2.to_string(),
+            "current": 9, "rebuilt": 0, "hours": 0,
+        }])
+    );
+    assert_eq!(daily_total(&stores, b, "data_transfer", d2).await, 0);
+    assert_eq!(daily_total(&stores, b, "data_transfer", d1).await, 1_000);
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+
+    // Postgres: an hour short and an hour the raw events never had.
+    sqlx::query(
+        "UPDATE usage_records SET quantity = quantity - 5 \
+         WHERE customer_id = $1 AND metric_type = 'api_calls' AND recorded_at = $2",
+    )
+    .bind(a)
+    .bind(at(d2, 11))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_records (customer_id, metric_type, recorded_at, quantity) \
+         VALUES ($1, 'impressions', $2, 40)",
+    )
+    .bind(b)
+    .bind(at(d1, 20))
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let before = hours(&stores).await;
+    assert_eq!(drifts(&stores, &days).len(), 2);
+    let expected = json!([
+        {"customer_id": a, "metric_type": "api_calls", "day": d2.to_string(),
+         "current": 45, "rebuilt": 50, "hours": 1},
+        {"customer_id": b, "metric_type": "impressions", "day": d1.to_string(),
+         "current": 40, "rebuilt": 0, "hours": 1},
+    ]);
+    assert_eq!(rebuild(&stores, "postgres", d1, d2, true), expected);
+    assert_eq!(hours(&stores).await, before);
+    assert_eq!(rebuild(&stores, "postgres", d1, d2, false), expected);
+    assert_eq!(drifts(&stores, &days), BTreeSet::new());
+    assert_eq!(rebuild(&stores, "postgres", d1, d2, false), json!([]));
+    let after: Vec<(String, String, i64)> = hours(&stores)
+        .await
+        .into_iter()
+        .map(|(c, m, _, q)| (c, m, q))
+        .collect();
+    assert_eq!(
+        after,
+        [
+            (a.to_owned(), "api_calls".to_owned(), 50),
+            (a.to_owned(), "impressions".to_owned(), 100),
+            (a.to_owned(), "impressions".to_owned(), 25),
+            (b.to_owned(), "data_transfer".to_owned(), 1_000),
+        ]
+    );
+
+    // The text form.
+    let (code, out, _) = apexctl(
+        &stores,
+        &[
+            "rollup",
+            "rebuild",
+            "--store",
+            "postgres",
+            "--from",
+            &d1.to_string(),
+            "--to",
+            &d2.to_string(),
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("nothing to change"), "{out}");
+}
+
+#[tokio::test]
+async fn bad_rebuild_requests_are_refused_with_a_reason() {
+    let stores = TestStores::migrated().await;
+    let today = Utc::now().date_naive().to_string();
+    for (args, says) in [
+        (
+            vec![
+                "--store",
+                "mysql",
+                "--from",
+                "2026-01-01",
+                "--to",
+                "2026-01-02",
+            ],
+            "--store \"mysql\": expected clickhouse or postgres",
+        ),
+        (
+            vec![
+                "--store",
+                "clickhouse",
+                "--from",
+                "2026-02-30",
+                "--to",
+                "2026-03-02",
+            ],
+            "--from \"2026-02-30\": expected a day YYYY-MM-DD",
+        ),
+        (
+            vec![
+                "--store",
+                "postgres",
+                "--from",
+                "2026-01-01",
+                "--to",
+                "2026-1-2",
+            ],
+            "--to \"2026-1-2\": expected a day YYYY-MM-DD",
+        ),
+        (
+            vec![
+                "--store",
+                "postgres",
+                "--from",
+                "2026-01-05",
+                "--to",
+                "2026-01-02",
+            ],
+            "the range is reversed",
+        ),
+        (
+            vec![
+                "--store",
+                "clickhouse",
+                "--from",
+                "2026-01-01",
+                "--to",
+                "2026-03-01",
+            ],
+            "at most 35 at a time",
+        ),
+        (
+            vec!["--store", "clickhouse", "--from", &today, "--to", &today],
+            "is not a complete day yet",
+        ),
+    ] {
+        let mut all = vec!["rollup", "rebuild", "--dry-run"];
+        all.extend(&args);
+        let (code, out, err) = apexctl(&stores, &all);
+        assert_eq!(code, 1, "{all:?}: {out}{err}");
+        assert!(err.contains(says), "{all:?}: {err}");
+        assert!(out.is_empty(), "{all:?}: {out}");
+    }
+    // Missing flags are clap's usage errors.
+    let (code, _, err) = apexctl(&stores, &["rollup", "rebuild", "--store", "postgres"]);
+    assert_eq!(code, 2, "{err}");
+}
