@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use apex_core::testing::TestStores;
 use sqlx::{Connection, PgConnection};
@@ -55,7 +55,10 @@ async fn assert_untouched(stores: &TestStores) {
     .fetch_one(&stores.pool)
     .await
     .unwrap();
-    assert_eq!(tables, 0, "the simulation wrote to the database it was pointed at");
+    assert_eq!(
+        tables, 0,
+        "the simulation wrote to the database it was pointed at"
+    );
 }
 
 /// Postgres databases whose name starts with `prefix`.
@@ -90,6 +93,8 @@ async fn a_simulated_month_shows_every_event_reconciles_and_repeats_for_its_seed
     let report = std::env::temp_dir().join(format!("{}_report.html", stores.name));
     // The two runs of one seed at once, each on databases of its own.
     let first = simulate(&stores, "7", &["--report", report.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let second = simulate(&stores, "7", &[]).output().unwrap();
@@ -152,14 +157,20 @@ async fn a_simulated_month_shows_every_event_reconciles_and_repeats_for_its_seed
     assert_eq!(a["funnel"]["5_reactivated"], 2);
     // Reconciled: March and April compared, nothing drifted.
     let reconcile = &a["reconcile"];
-    assert_eq!(reconcile["periods"], serde_json::json!(["2026-03", "2026-04"]));
+    assert_eq!(
+        reconcile["periods"],
+        serde_json::json!(["2026-03", "2026-04"])
+    );
     assert_eq!(reconcile["clean"], true, "{reconcile:#}");
     assert_eq!(reconcile["drift"], 0);
     assert!(reconcile["ok"].as_u64().unwrap() > 0, "{reconcile:#}");
     // Its databases were dropped, and the one it was pointed at never written.
     for run in [&a, &b] {
         let name = run["databases"]["name"].as_str().unwrap();
-        assert!(databases_named(&stores, name).await.is_empty(), "{name} kept");
+        assert!(
+            databases_named(&stores, name).await.is_empty(),
+            "{name} kept"
+        );
         assert!(clickhouse_databases_named(&stores, name).await.is_empty());
     }
     assert_untouched(&stores).await;
@@ -213,11 +224,35 @@ fn report_renders_in_chromium(report: &Path, customers: usize) {
         std::process::id(),
         report.file_stem().unwrap().to_string_lossy()
     ));
+    // The method sees a console message when a page makes one (a control page).
+    let control = profile.with_extension("control.html");
+    std::fs::create_dir_all(&profile).unwrap();
+    std::fs::write(
+        &control,
+        "<html><body><script>console.error('control')</script></body></html>",
+    )
+    .unwrap();
+    let seen = chromium(&profile.join("control"))
+        .args(["--dump-dom", &format!("file://{}", control.display())])
+        .output()
+        .expect("chromium runs");
+    assert_eq!(
+        page_complaints(&seen.stderr).len(),
+        1,
+        "{}",
+        String::from_utf8_lossy(&seen.stderr)
+    );
+    let _ = std::fs::remove_file(&control);
+
     let dom = chromium(&profile.join("dom"))
         .args(["--dump-dom", &url])
         .output()
         .expect("chromium runs");
-    assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
     assert_eq!(page_complaints(&dom.stderr), Vec::<String>::new());
     let dom = String::from_utf8_lossy(&dom.stdout);
     for chart in ["id=\"usage\"", "id=\"funnel\"", "id=\"emails\""] {
@@ -240,7 +275,11 @@ fn report_renders_in_chromium(report: &Path, customers: usize) {
         ])
         .output()
         .expect("chromium runs");
-    assert!(shot.status.success(), "{}", String::from_utf8_lossy(&shot.stderr));
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
     assert_eq!(page_complaints(&shot.stderr), Vec::<String>::new());
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
     let mut reader = decoder.read_info().unwrap();
@@ -256,7 +295,10 @@ fn report_renders_in_chromium(report: &Path, customers: usize) {
         .count();
     // Charts in many colours, and a good part of the page drawn on.
     assert!(colours.len() > 50, "{} colours", colours.len());
-    assert!(not_white > pixels.len() / channels / 50, "{not_white} drawn pixels");
+    assert!(
+        not_white > pixels.len() / channels / 50,
+        "{not_white} drawn pixels"
+    );
     let _ = std::fs::remove_dir_all(&profile);
 }
 
@@ -266,14 +308,38 @@ async fn a_live_stripe_key_or_a_remote_stripe_base_is_refused_and_nothing_is_cre
     // A seed of its own: the databases a run would make start with apex_sim_<seed>_.
     let prefix = "apex_sim_9090901_";
     for (name, value, says) in [
-        ("STRIPE_SECRET_KEY", "sk_live_0123456789abcdef", "live Stripe key"),
-        ("STRIPE_SECRET_KEY", "rk_live_0123456789abcdef", "live Stripe key"),
-        ("STRIPE_API_BASE", "https://api.stripe.com", "not a loopback address"),
-        ("STRIPE_API_BASE", "http://10.0.0.8:12111", "not a loopback address"),
+        (
+            "STRIPE_SECRET_KEY",
+            "sk_live_0123456789abcdef",
+            "live Stripe key",
+        ),
+        (
+            "STRIPE_SECRET_KEY",
+            "rk_live_0123456789abcdef",
+            "live Stripe key",
+        ),
+        (
+            "STRIPE_API_BASE",
+            "https://api.stripe.com",
+            "not a loopback address",
+        ),
+        (
+            "STRIPE_API_BASE",
+            "http://10.0.0.8:12111",
+            "not a loopback address",
+        ),
     ] {
         let output = common::apexctl_command(&stores)
             .env(name, value)
-            .args(["simulate", "--customers", "2", "--days", "1", "--seed", "9090901"])
+            .args([
+                "simulate",
+                "--customers",
+                "2",
+                "--days",
+                "1",
+                "--seed",
+                "9090901",
+            ])
             .output()
             .unwrap();
         assert_eq!(output.status.code(), Some(1), "{name}={value}");

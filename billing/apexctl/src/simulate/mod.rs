@@ -145,7 +145,11 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
     let start = start_day(&args, ctl)?;
     let started = std::time::Instant::now();
     let world = World::create(&ctl.cron.stores, args.seed).await?;
-    let result = simulate(&world, &args, ctl, start).await;
+    // Ctrl-C stops the simulation and still drops its databases.
+    let result = tokio::select! {
+        result = simulate(&world, &args, ctl, start) => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
     let databases = world.name.clone();
     world.finish(args.keep).await;
     let outcome = result?;
@@ -300,7 +304,9 @@ async fn simulate(
         now_secs.clone(),
     )
     .await?;
-    standin.deliver_webhooks_to(&endpoint.url(), &secret).await?;
+    standin
+        .deliver_webhooks_to(&endpoint.url(), &secret)
+        .await?;
     let stripe = StripeConfig {
         secret_key: Some(standin::SIM_KEY.to_owned()),
         api_base: standin.base_url(),
@@ -312,12 +318,11 @@ async fn simulate(
             ..ClientSettings::default()
         },
     )?;
-    let email = apex_notify::config::EmailConfig::from_env(
-        &apex_core::env::EnvSource::from_pairs([
+    let email =
+        apex_notify::config::EmailConfig::from_env(&apex_core::env::EnvSource::from_pairs([
             ("EMAIL_PROVIDER", "file"),
             ("EMAIL_FILE_DIR", world.mail_dir.to_string_lossy().as_ref()),
-        ]),
-    )?;
+        ]))?;
     let jobs: Vec<Job> = ctl
         .cron
         .jobs
@@ -384,11 +389,12 @@ async fn simulate(
         );
     }
     for customer in &mut live {
-        customer.stripe_id = apex_billing::customers::stripe_mappings(pool, Some(&customer.id), true)
-            .await?
-            .into_iter()
-            .find_map(|m| m.stripe_customer_id)
-            .context("a customer without its Stripe customer after the mapping")?;
+        customer.stripe_id =
+            apex_billing::customers::stripe_mappings(pool, Some(&customer.id), true)
+                .await?
+                .into_iter()
+                .find_map(|m| m.stripe_customer_id)
+                .context("a customer without its Stripe customer after the mapping")?;
         if customer.sim.card != Card::Good {
             standin.set_card(&customer.stripe_id, Some(DECLINE)).await?;
         }
@@ -406,27 +412,27 @@ async fn simulate(
     // Something may have enqueued an email since the last drain.
     let mut mail_due = true;
     let mut hour = 0u64;
-    let loop_start = std::time::Instant::now();
-    let mut prof: BTreeMap<String, f64> = BTreeMap::new();
+    let mut stripe_clock = Some(t0);
     let mut at = t0;
     while at < end {
         let next = at + Duration::hours(1);
         // The hour's usage, stamped within it; suspended customers' records are refused at
         // the edge, so they send none.
-        let t = std::time::Instant::now();
         let statuses: HashMap<String, String> = apex_billing::customers::list_customers(pool)
             .await?
             .into_iter()
             .map(|c| (c.id, c.status))
             .collect();
-        *prof.entry("statuses".into()).or_default() += t.elapsed().as_secs_f64();
         let mut records = Vec::new();
         for customer in &live {
             if statuses.get(&*customer.id).map(String::as_str) != Some("active") {
                 continue;
             }
-            let impressions =
-                mix::hourly_quantity(&customer.sim, customer.allowance.unwrap_or(10_000_000), hour);
+            let impressions = mix::hourly_quantity(
+                &customer.sim,
+                customer.allowance.unwrap_or(10_000_000),
+                hour,
+            );
             *usage
                 .entry(customer.sim.name.clone())
                 .or_default()
@@ -451,12 +457,10 @@ async fn simulate(
                 });
             }
         }
-        let t = std::time::Instant::now();
         world.ingest(records).await?;
         if at.hour() == 0 {
-            world.analyze().await?;
+            world.compact().await?;
         }
-        *prof.entry("ingest".to_string()).or_default() += t.elapsed().as_secs_f64();
 
         // The hour's steps: every job's slots in (at, next], and the actions due.
         let mut steps: Vec<(DateTime<Utc>, Step)> = Vec::new();
@@ -478,8 +482,23 @@ async fn simulate(
         }
         steps.sort();
         for (slot, step) in steps {
-            standin.set_clock(slot).await?;
             now_secs.store(slot.timestamp(), Ordering::SeqCst);
+            // Stripe's clock is set for the steps that reach Stripe (between them it runs on
+            // from the last setting, by the few real seconds the others take).
+            let reaches_stripe = match &step {
+                Step::Job(i) => matches!(
+                    jobs[*i].kind,
+                    JobKind::StripeSync
+                        | JobKind::InvoiceClose
+                        | JobKind::DunningRetries
+                        | JobKind::DunningPostponed
+                ),
+                Step::Act(_) => true,
+            };
+            if reaches_stripe && stripe_clock != Some(slot) {
+                standin.set_clock(slot).await?;
+                stripe_clock = Some(slot);
+            }
             let mut billing_moved = false;
             match step {
                 Step::Job(i) => {
@@ -487,20 +506,18 @@ async fn simulate(
                     if job.kind == JobKind::EmailQueue && !mail_due {
                         continue;
                     }
-                    let t = std::time::Instant::now();
                     let outcome = job.run(&world.context(ctl, &stripe, &email, slot)).await;
-                    *prof.entry(job.name.clone()).or_default() += t.elapsed().as_secs_f64();
                     if let Some(error) = outcome.error {
                         timeline.push(slot, "job_failed", "-", format!("{}: {error}", job.name));
                     }
                     match job.kind {
                         JobKind::EmailQueue => {
                             mail_due = false;
-                            let t = std::time::Instant::now();
                             timeline.collect_emails(pool, slot).await?;
-                            *prof.entry("collect_emails".into()).or_default() += t.elapsed().as_secs_f64();
                         }
-                        JobKind::UsageLimits => timeline.collect_alerts(pool, slot).await?,
+                        JobKind::UsageLimits => {
+                            timeline.collect_alerts(pool, slot).await?;
+                        }
                         JobKind::InvoiceClose | JobKind::DunningRetries => billing_moved = true,
                         // The hourly follow-up moves dunning only when it made a retry.
                         JobKind::DunningPostponed => {
@@ -522,12 +539,8 @@ async fn simulate(
                 }
             }
             if billing_moved {
-                let t = std::time::Instant::now();
                 standin.settle_webhooks().await?;
-                *prof.entry("settle".into()).or_default() += t.elapsed().as_secs_f64();
-                let t = std::time::Instant::now();
                 let news = timeline.collect_billing(pool, slot).await?;
-                *prof.entry("collect_billing".into()).or_default() += t.elapsed().as_secs_f64();
                 plan_reactions(&live, &by_id, &news, slot, &mut actions, &mut collected);
                 // Stripe's automatic collection, an hour after an invoice is finalized.
                 for invoice in apex_billing::invoices::list(pool, None, None, 100_000).await? {
@@ -548,7 +561,6 @@ async fn simulate(
         hour += 1;
     }
 
-    eprintln!("PROFILE {prof:?} loop {:?}", loop_start.elapsed());
     // Everything applied to both stores, then the reconciliation of every month touched.
     world.wait_applied(true).await?;
     standin.set_clock(end).await?;
@@ -579,10 +591,8 @@ async fn simulate(
             };
             *verdicts.entry(verdict).or_default() += 1;
         }
-        let names: HashMap<&str, &str> = live
-            .iter()
-            .map(|c| (&*c.id, c.sim.name.as_str()))
-            .collect();
+        let names: HashMap<&str, &str> =
+            live.iter().map(|c| (&*c.id, c.sim.name.as_str())).collect();
         for drift in report.drifts() {
             drifts.push(format!(
                 "{} {} {} {}: {} vs {} ({:+})",
@@ -642,7 +652,9 @@ fn plan_reactions(
 ) {
     let card = |id: &str| by_id.get(id).map(|&i| live[i].sim.card);
     for (customer, _) in &news.retries_failed {
-        if card(customer) == Some(Card::FailsThenRecovers) && collected.insert(format!("card:{customer}")) {
+        if card(customer) == Some(Card::FailsThenRecovers)
+            && collected.insert(format!("card:{customer}"))
+        {
             actions
                 .entry(at + Duration::hours(9))
                 .or_default()
@@ -689,7 +701,12 @@ async fn act(
         }
         Action::PayByHand(id, invoice) => {
             standin.collect(invoice, true).await?;
-            timeline.push_for(at, "paid_by_hand", id, "paid on the hosted invoice page".into());
+            timeline.push_for(
+                at,
+                "paid_by_hand",
+                id,
+                "paid on the hosted invoice page".into(),
+            );
         }
     }
     Ok(())

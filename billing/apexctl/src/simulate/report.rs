@@ -62,7 +62,6 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(56)
-            .right_y_label_area_size(10)
             .build_cartesian_2d(1u32..days.max(2), 0f64..top)
             .map_err(draw_error)?;
         chart
@@ -75,7 +74,8 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
             chart
                 .draw_series(LineSeries::new(
                     [(1, threshold), (days.max(2), threshold)],
-                    RED.mix(0.5).stroke_width(if threshold == 100.0 { 3 } else { 1 }),
+                    RED.mix(0.5)
+                        .stroke_width(if threshold == 100.0 { 3 } else { 1 }),
                 ))
                 .map_err(draw_error)?
                 .label(format!("{threshold} %"))
@@ -104,7 +104,12 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
 }
 
 /// A bar chart of `bars` (label, value).
-fn bar_chart(title: &str, x_desc: &str, bars: &[(String, u64)], colour: RGBColor) -> anyhow::Result<String> {
+fn bar_chart(
+    title: &str,
+    x_desc: &str,
+    bars: &[(String, u64)],
+    colour: RGBColor,
+) -> anyhow::Result<String> {
     let top = bars.iter().map(|(_, v)| *v).max().unwrap_or(0).max(1) + 1;
     let labels: Vec<String> = bars.iter().map(|(l, _)| l.clone()).collect();
     let mut svg = String::new();
@@ -116,7 +121,11 @@ fn bar_chart(title: &str, x_desc: &str, bars: &[(String, u64)], colour: RGBColor
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(48)
-            .build_cartesian_2d((0u32..bars.len() as u32).into_segmented(), 0u64..top)
+            // A segmented range holds its end too: the last bar is `len - 1`.
+            .build_cartesian_2d(
+                (0u32..(bars.len() as u32).saturating_sub(1)).into_segmented(),
+                0u64..top,
+            )
             .map_err(draw_error)?;
         chart
             .configure_mesh()
@@ -151,7 +160,11 @@ fn escape(text: &str) -> String {
 }
 
 /// The page.
-pub(crate) fn html(outcome: &Outcome, args: &SimulateArgs, start: NaiveDate) -> anyhow::Result<String> {
+pub(crate) fn html(
+    outcome: &Outcome,
+    args: &SimulateArgs,
+    start: NaiveDate,
+) -> anyhow::Result<String> {
     let usage = usage_chart(outcome, start, args.days)?;
     let funnel: Vec<(String, u64)> = outcome
         .funnel()
@@ -167,11 +180,21 @@ pub(crate) fn html(outcome: &Outcome, args: &SimulateArgs, start: NaiveDate) -> 
     let emails: Vec<(String, u64)> = (0..args.days)
         .map(|d| {
             let day = start + Duration::days(i64::from(d));
-            let sent = outcome.timeline.emails_per_day.get(&day).copied().unwrap_or(0);
+            let sent = outcome
+                .timeline
+                .emails_per_day
+                .get(&day)
+                .copied()
+                .unwrap_or(0);
             (day.format("%m-%d").to_string(), sent)
         })
         .collect();
-    let emails = bar_chart("Emails sent per day", "simulated day", &emails, RGBColor(0x29, 0x80, 0xb9))?;
+    let emails = bar_chart(
+        "Emails sent per day",
+        "simulated day",
+        &emails,
+        RGBColor(0x29, 0x80, 0xb9),
+    )?;
     let mut page = String::new();
     let end = start + Duration::days(i64::from(args.days) - 1);
     let _ = write!(
@@ -209,8 +232,10 @@ pub(crate) fn html(outcome: &Outcome, args: &SimulateArgs, start: NaiveDate) -> 
     for (kind, n) in outcome.timeline.counts() {
         let _ = write!(page, "<td>{kind}: <b>{n}</b></td>");
     }
-    page.push_str("</tr></table>\n<h2>Timeline</h2>\n<table>\n<tr><th>day</th><th>time</th>\
-                   <th>event</th><th>customer</th><th>detail</th></tr>\n");
+    page.push_str(
+        "</tr></table>\n<h2>Timeline</h2>\n<table>\n<tr><th>day</th><th>time</th>\
+                   <th>event</th><th>customer</th><th>detail</th></tr>\n",
+    );
     for e in &outcome.timeline.events {
         let _ = writeln!(
             page,

@@ -133,9 +133,13 @@ impl StandIn {
     /// Sets Stripe's clock to `now`.
     pub(crate) async fn set_clock(&self, now: DateTime<Utc>) -> anyhow::Result<()> {
         let seconds = now.timestamp_micros() as f64 / 1e6;
-        self.call("POST", "/_config/sim/clock", &serde_json::json!({ "now": seconds }))
-            .await
-            .map(drop)
+        self.call(
+            "POST",
+            "/_config/sim/clock",
+            &serde_json::json!({ "now": seconds }),
+        )
+        .await
+        .map(drop)
     }
 
     /// Has the stand-in sign its invoice events with `secret` and send them to `url`.

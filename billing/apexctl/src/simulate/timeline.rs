@@ -96,7 +96,13 @@ impl Timeline {
     }
 
     /// Adds an event at `at`; the events of one step are sorted when the step ends.
-    pub(crate) fn push(&mut self, at: DateTime<Utc>, kind: &'static str, customer: &str, detail: String) {
+    pub(crate) fn push(
+        &mut self,
+        at: DateTime<Utc>,
+        kind: &'static str,
+        customer: &str,
+        detail: String,
+    ) {
         self.events.push(Event {
             at,
             day: (at.date_naive() - self.start).num_days() + 1,
@@ -108,7 +114,13 @@ impl Timeline {
     }
 
     /// Adds an event for customer `id`.
-    pub(crate) fn push_for(&mut self, at: DateTime<Utc>, kind: &'static str, id: &str, detail: String) {
+    pub(crate) fn push_for(
+        &mut self,
+        at: DateTime<Utc>,
+        kind: &'static str,
+        id: &str,
+        detail: String,
+    ) {
         let name = self.name_of(Some(id));
         self.push(at, kind, &name, detail);
     }
@@ -125,13 +137,20 @@ impl Timeline {
     }
 
     /// Usage alerts recorded since the last look.
-    pub(crate) async fn collect_alerts(&mut self, pool: &PgPool, at: DateTime<Utc>) -> anyhow::Result<()> {
+    pub(crate) async fn collect_alerts(
+        &mut self,
+        pool: &PgPool,
+        at: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
         let all = alerts::list(pool, None, DateTime::<Utc>::UNIX_EPOCH).await?;
         for alert in all.into_iter().rev() {
             if self.seen_alerts.insert(alert.id) {
                 let detail = format!(
                     "{} at {} %: {} of {}",
-                    alert.metric_type, alert.threshold_percent, alert.usage_quantity, alert.limit_quantity
+                    alert.metric_type,
+                    alert.threshold_percent,
+                    alert.usage_quantity,
+                    alert.limit_quantity
                 );
                 self.push_for(at, "alert", &alert.customer_id, detail);
             }
@@ -140,7 +159,11 @@ impl Timeline {
     }
 
     /// Emails sent since the last look (trial reminders are the reminder emails).
-    pub(crate) async fn collect_emails(&mut self, pool: &PgPool, at: DateTime<Utc>) -> anyhow::Result<()> {
+    pub(crate) async fn collect_emails(
+        &mut self,
+        pool: &PgPool,
+        at: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
         let recent = email_log::recent(pool, 100_000).await?;
         for email in recent.into_iter().rev() {
             if !self.seen_emails.insert(email.id) {
@@ -148,7 +171,12 @@ impl Timeline {
             }
             let customer = email.customer_id.clone().unwrap_or_default();
             if let Some(ahead) = email.email_type.strip_prefix("trial_ending_") {
-                self.push_for(at, "trial_reminder", &customer, format!("trial ends in {ahead}"));
+                self.push_for(
+                    at,
+                    "trial_reminder",
+                    &customer,
+                    format!("trial ends in {ahead}"),
+                );
             }
             *self.emails_per_day.entry(at.date_naive()).or_default() += 1;
             let detail = format!("{} ({})", email.email_type, email.status);
@@ -165,7 +193,9 @@ impl Timeline {
     ) -> anyhow::Result<DunningNews> {
         let mut news = DunningNews::default();
         for invoice in invoices::list(pool, None, None, 100_000).await? {
-            let before = self.invoice_status.insert(invoice.id, invoice.status.clone());
+            let before = self
+                .invoice_status
+                .insert(invoice.id, invoice.status.clone());
             if before.as_deref() == Some(invoice.status.as_str()) {
                 continue;
             }
@@ -210,7 +240,8 @@ impl Timeline {
                     (n, "failed") if n > 0 => {
                         let code = row.failure_code.clone().unwrap_or_default();
                         self.push_for(at, "retry", id, format!("attempt {n}: declined ({code})"));
-                        news.retries_failed.push((id.clone(), row.invoice_id.clone()));
+                        news.retries_failed
+                            .push((id.clone(), row.invoice_id.clone()));
                     }
                     (n, "succeeded") if n > 0 => {
                         self.push_for(at, "retry", id, format!("attempt {n}: paid {amount}"));
