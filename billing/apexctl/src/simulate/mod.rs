@@ -151,6 +151,7 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     let databases = world.name.clone();
+    let mail_dir = world.mail_dir.clone();
     world.finish(args.keep).await;
     let outcome = result?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -179,7 +180,7 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
                 "clean": clean,
                 "drifts": outcome.drifts,
             },
-            "databases": { "name": databases, "kept": args.keep },
+            "databases": { "name": databases, "kept": args.keep, "mail_dir": mail_dir },
             "elapsed_secs": elapsed,
         });
         println!("{document}");
@@ -205,7 +206,10 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
             println!("  drift: {drift}");
         }
         if args.keep {
-            println!("kept: Postgres database {databases}, ClickHouse database {databases}");
+            println!(
+                "kept: Postgres database {databases}, ClickHouse database {databases}, emails in {}",
+                mail_dir.display()
+            );
         }
         eprintln!("simulated {} days in {elapsed:.1} s", args.days);
     }

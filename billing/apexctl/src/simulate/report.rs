@@ -212,9 +212,9 @@ pub(crate) fn html(
         days = args.days,
     );
     let clean = outcome.drifts.is_empty();
-    let _ = write!(
+    let _ = writeln!(
         page,
-        "<p class=\"{}\"><b>Reconciliation ({}): {} pairs, {} ok, {} unsynced, {} drift.</b></p>\n",
+        "<p class=\"{}\"><b>Reconciliation ({}): {} pairs, {} ok, {} unsynced, {} drift.</b></p>",
         if clean { "ok" } else { "drift" },
         escape(&outcome.periods.join(", ")),
         outcome.pairs,
