@@ -72,8 +72,9 @@ fn shuffled(rng: &mut ChaCha8Rng, n: usize) -> Vec<usize> {
     order
 }
 
-/// `count` customers for `seed`. With at least 8 customers every role is dealt: each plan,
-/// each fee band, two trials, two cards that recover and two that end in suspension.
+/// `count` customers for `seed`. With at least 10 customers every role is dealt: each plan,
+/// each fee band, two trials, two cards that recover and two that end in suspension (with 6
+/// to 9, one trial).
 pub(crate) fn customers(count: u32, seed: u64) -> Vec<SimCustomer> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let n = count as usize;

@@ -55,7 +55,7 @@ use world::World;
 /// [--report FILE.html] [--keep]`.
 #[derive(Args)]
 pub(crate) struct SimulateArgs {
-    /// Synthetic customers (1 to 500; 8 or more play every role of the timeline).
+    /// Synthetic customers (1 to 500; 10 or more play every role of the timeline).
     #[arg(long, default_value_t = 20)]
     pub(crate) customers: u32,
     /// Simulated days (1 to 366).
@@ -432,6 +432,7 @@ async fn simulate(
             if statuses.get(&*customer.id).map(String::as_str) != Some("active") {
                 continue;
             }
+            // Enterprise has no allowance: it uses at the pace of Growth's 10,000,000.
             let impressions = mix::hourly_quantity(
                 &customer.sim,
                 customer.allowance.unwrap_or(10_000_000),
