@@ -19,7 +19,8 @@
 # scripts/stripe-standin.py with it, one process per test. Likewise aiosmtpd (pinned), a real
 # SMTP server the email tests send to (apex_notify::testing::SmtpStandIn). And promtool
 # (Debian's prometheus package, unpacked there, no daemon), which the tests run on
-# apex-server's /metrics.
+# apex-server's /metrics. And Debian's chromium (with fonts-liberation for its text), which
+# the report test of `apexctl simulate` runs headless on the report file.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,6 +54,7 @@ print_env() {
   echo "${prefix}APEX_STRIPE_STANDIN_PYTHON=$standin_venv/bin/python"
   echo "${prefix}APEX_SMTP_STANDIN_PYTHON=$smtp_venv/bin/python"
   echo "${prefix}APEX_PROMTOOL=$promtool_dir/usr/bin/promtool"
+  echo "${prefix}APEX_CHROMIUM=/usr/bin/chromium"
 }
 
 # promtool: Debian's prometheus package, downloaded and unpacked once (a marker says done).
@@ -113,6 +115,7 @@ install_missing() {
   [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
   command -v curl >/dev/null || need+=(curl)
   command -v psql >/dev/null || need+=(postgresql-client-15)
+  [ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
   [ ${#need[@]} -eq 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run as root to install them"
   log "installing ${need[*]}"
