@@ -26,16 +26,20 @@ fi
 scripts/stack.sh status >&2
 eval "$(scripts/stack.sh env)"
 
-step "stack: drop test databases left by runs that are no longer alive"
-# Test databases are named apex_t_<pid>_...: only those of dead processes are dropped,
-# so a suite running elsewhere on the same stack keeps its databases.
-stale() { { grep -E '^apex_t_[0-9]+_' || true; } | while read -r db; do
-  pid=${db#apex_t_}; pid=${pid%%_*}
+step "stack: drop test and simulation databases left by runs that are no longer alive"
+# Test databases are named apex_t_<pid>_..., `apexctl simulate`'s apex_sim_<seed>_<secs>_<pid>
+# (a run killed with -9 cannot drop them): only those of dead processes are dropped, so a
+# suite or a simulation running elsewhere on the same stack keeps its databases.
+stale() { { grep -E '^apex_(t_[0-9]+_|sim_[0-9]+_[0-9]+_[0-9]+$)' || true; } | while read -r db; do
+  case "$db" in
+    apex_t_*) pid=${db#apex_t_}; pid=${pid%%_*} ;;
+    *) pid=${db##*_} ;;
+  esac
   kill -0 "$pid" 2>/dev/null || echo "$db"
 done; }
-psql "$DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'apex_t_%'" | stale |
+psql "$DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'apex\_t\_%' OR datname LIKE 'apex\_sim\_%'" | stale |
   while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
-curl -sf "$CLICKHOUSE_URL/?query=SELECT%20name%20FROM%20system.databases%20WHERE%20name%20LIKE%20'apex_t_%25'" | stale |
+curl -sf "$CLICKHOUSE_URL/?query=SELECT%20name%20FROM%20system.databases%20WHERE%20name%20LIKE%20'apex_t_%25'%20OR%20name%20LIKE%20'apex_sim_%25'" | stale |
   while read -r db; do curl -sf "$CLICKHOUSE_URL/" --data-binary "DROP DATABASE IF EXISTS $db" >/dev/null; done
 
 step "cargo fmt --check"

@@ -102,7 +102,7 @@ pub async fn stripe(
         message: "the body is not a Stripe event (id evt_..., type, data.object)".into(),
     })?;
     let mut conn = connection(state, &event.id, "stripe").await?;
-    let handled = webhooks::handle(&mut conn, &state.dunning, &event)
+    let handled = webhooks::handle(&mut conn, &state.dunning, &event, chrono::Utc::now())
         .await
         .map_err(|e| not_stored(e, &event.id, "stripe"))?;
     if let Handled::Stored {

@@ -154,6 +154,7 @@ async fn payment_failed(
         &mut stores.pool.acquire().await.unwrap(),
         &Policy::default(),
         &event,
+        chrono::Utc::now(),
     )
     .await
     .unwrap();

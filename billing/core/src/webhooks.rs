@@ -287,11 +287,13 @@ pub async fn invoice_settled_by_event(
 /// `policy` (a failure opens a case, a payment or a void closes it, each with its statuses
 /// and emails) or the subscription's new status, and the processed mark. Errors are the
 /// store's ([`BillingError::Database`]); Stripe retries a delivery that fails, and nothing
-/// of it stays.
+/// of it stays. `now` is the time of handling (the edge's wall clock; a simulation's clock):
+/// dunning dates the emails and steps of a case from it, never from the process clock.
 pub async fn handle(
     conn: &mut PgConnection,
     policy: &Policy,
     event: &Event,
+    now: DateTime<Utc>,
 ) -> Result<Handled, BillingError> {
     let created: Option<DateTime<Utc>> = event
         .created
@@ -328,8 +330,7 @@ pub async fn handle(
                 .and_then(|r| r.get("idempotency_key"))
                 .and_then(Value::as_str),
         };
-        let effect =
-            dunning::apply_invoice_event(&mut tx, policy, &invoice_event, Utc::now()).await?;
+        let effect = dunning::apply_invoice_event(&mut tx, policy, &invoice_event, now).await?;
         subscriptions_updated = u64::from(effect.subscription_moved);
     } else if let Some((target, status)) = status_change(event) {
         subscriptions_updated =

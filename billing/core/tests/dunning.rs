@@ -67,6 +67,7 @@ async fn deliver(stores: &TestStores, body: &str) -> Handled {
         &mut stores.pool.acquire().await.unwrap(),
         &Policy::default(),
         &event,
+        chrono::Utc::now(),
     )
     .await
     .unwrap()

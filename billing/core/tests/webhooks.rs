@@ -55,6 +55,7 @@ async fn deliver(stores: &TestStores, body: &str) -> Handled {
         &mut stores.pool.acquire().await.unwrap(),
         &Default::default(),
         &event,
+        chrono::Utc::now(),
     )
     .await
     .unwrap()

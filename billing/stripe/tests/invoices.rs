@@ -707,6 +707,7 @@ async fn deliver(stores: &TestStores, payload: &[u8]) {
         &mut stores.pool.acquire().await.unwrap(),
         &Default::default(),
         &event,
+        chrono::Utc::now(),
     )
     .await
     .unwrap();

@@ -341,13 +341,17 @@ impl Receiver {
         .map_err(|e| bad(e.to_string()))?;
         let event = webhooks::parse_event(&payload)
             .ok_or_else(|| bad("the body is not a Stripe event".to_owned()))?;
+        // Handled at the simulated time (the step's), so dunning dates its emails and steps on
+        // the simulation's clock, as the edge does on the wall clock.
+        let now = chrono::DateTime::from_timestamp(self.now.load(Ordering::SeqCst), 0)
+            .ok_or_else(|| bad("the simulated clock is out of range".to_owned()))?;
         let unavailable = |e: String| (StatusCode::SERVICE_UNAVAILABLE, e);
         let mut conn = self
             .pool
             .acquire()
             .await
             .map_err(|e| unavailable(e.to_string()))?;
-        webhooks::handle(&mut conn, &self.policy, &event)
+        webhooks::handle(&mut conn, &self.policy, &event, now)
             .await
             .map_err(|e| unavailable(e.to_string()))?;
         Ok(())
