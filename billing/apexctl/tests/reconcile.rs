@@ -270,6 +270,12 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     let day = yesterday.to_string();
     let mut expected = BTreeSet::new();
     let ch = stores.config.clickhouse();
+    // An hour later on the database's clock: Stripe's summaries have caught up with what the
+    // sync sent (minutes after a send they may not have, and that pair is unsynced).
+    sqlx::query("UPDATE stripe_usage_sync SET synced_at = synced_at - interval '1 hour'")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
 
     // 1. A raw event the Postgres rollups never got (the materialized view adds it to the
     //    daily rollup, as for any insert).
@@ -336,6 +342,23 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     let (code, report) = reconcile(&stores, &standin, &month, &[]);
     assert_eq!(drifts(&report), expected, "{report:#}");
     assert_eq!(code, 1);
+    let synced_pair = report["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["check"] == "postgres_hourly/stripe_reported"
+                && p["customer_id"] == b.as_str()
+                && p["metric_type"] == "impressions"
+                && p["day"] == day.as_str()
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&synced_pair["verdict"], &synced_pair["difference"]),
+        (&Value::from("unsynced"), &Value::from(-2)),
+        "{synced_pair:#}"
+    );
 
     // 4. A reported quantity Stripe never got: against the rollups and against Stripe.
     execute(
@@ -552,7 +575,10 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
             .clone();
         (pair.verdict, pair.difference)
     };
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    // The run's clock is the test's, never the wall clock: the database's change times are
+    // compared only with the database's.
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-10-02T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
 
@@ -565,11 +591,20 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
         &[record(&studio, Metric::Impressions, 3_000, at(day, 11))],
     )
     .await;
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-10-20T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(
         preview(&report),
         (apex_stripe::reconcile::Verdict::Unsynced, 30)
+    );
+    // Only until October's close is due (a day after October plus the longest revenue wait):
+    // a close that never runs is drift.
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-12-01T00:00:00Z").await;
+    assert_eq!(
+        preview(&report),
+        (apex_stripe::reconcile::Verdict::Drift, 30)
     );
 
     // October's invoice carries the adjustment: September is billed in full again.
@@ -581,22 +616,24 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
     .await
     .unwrap();
     assert_eq!(closed.failed.len(), 0, "{closed:?}");
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-11-02T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
 }
 
-/// The library's reconciliation of `period` on the wall clock, with Stripe.
+/// The library's reconciliation of `period` at the run's time `now`, with Stripe.
 async fn reconcile_library(
     stores: &TestStores,
     stripe: &StripeClient,
     period: Period,
     checks: apex_stripe::reconcile::Checks,
+    now: &str,
 ) -> apex_stripe::reconcile::Report {
     let request = apex_stripe::reconcile::Request {
         period,
         customer: None,
-        now: Utc::now(),
+        now: now.parse().unwrap(),
     };
     apex_stripe::reconcile::reconcile_with(
         &stores.pool,

@@ -200,7 +200,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     // The dry run says what would change, and changes nothing.
     let expected = json!([{
         "customer_id": a, "metric_type": "impressions", "day": d1.to_string(),
-        "current": 100, "rebuilt": 125, "hours": 0,
+        "current": 100, "rebuilt": 125, "hours": 0, "hours_decreased": 0,
     }]);
     assert_eq!(rebuild(&stores, "clickhouse", d1, d2, true), expected);
     assert_eq!(daily_total(&stores, a, "impressions", d1).await, 100);
@@ -224,7 +224,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
         rebuild(&stores, "clickhouse", d1, d2, false),
         json!([{
             "customer_id": b, "metric_type": "data_transfer", "day": d2.to_string(),
-            "current": 9, "rebuilt": 0, "hours": 0,
+            "current": 9, "rebuilt": 0, "hours": 0, "hours_decreased": 0,
         }])
     );
     assert_eq!(daily_total(&stores, b, "data_transfer", d2).await, 0);
@@ -254,13 +254,44 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     assert_eq!(drifts(&stores, &days).len(), 2);
     let expected = json!([
         {"customer_id": a, "metric_type": "api_calls", "day": d2.to_string(),
-         "current": 45, "rebuilt": 50, "hours": 1},
+         "current": 45, "rebuilt": 50, "hours": 1, "hours_decreased": 0},
         {"customer_id": b, "metric_type": "impressions", "day": d1.to_string(),
-         "current": 40, "rebuilt": 0, "hours": 1},
+         "current": 40, "rebuilt": 0, "hours": 1, "hours_decreased": 1},
     ]);
     assert_eq!(rebuild(&stores, "postgres", d1, d2, true), expected);
     assert_eq!(hours(&stores).await, before);
-    assert_eq!(rebuild(&stores, "postgres", d1, d2, false), expected);
+    // Lowering billed usage needs --allow-decrease: refused (naming the day), nothing changed.
+    let (from, to) = (d1.to_string(), d2.to_string());
+    let (code, out, err) = apexctl(
+        &stores,
+        &[
+            "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("--allow-decrease") && err.contains(&format!("{b} impressions {d1}")),
+        "{err}"
+    );
+    assert_eq!(hours(&stores).await, before);
+    let (code, out, err) = apexctl(
+        &stores,
+        &[
+            "rollup",
+            "rebuild",
+            "--store",
+            "postgres",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--allow-decrease",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["changes"], expected);
     assert_eq!(drifts(&stores, &days), BTreeSet::new());
     assert_eq!(rebuild(&stores, "postgres", d1, d2, false), json!([]));
     let after: Vec<(String, String, i64)> = hours(&stores)
@@ -322,14 +353,14 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     postgres_sink::apply_batch(&mut conn, &half(position, position + 100, &late[..1]))
         .await
         .unwrap();
-    let (from, to) = (d1.to_string(), d2.to_string());
     let (code, out, err) = apexctl(
         &stores,
         &[
             "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
         ],
     );
-    assert_eq!(code, 1, "{out}{err}");
+    // Busy: exit 3, run it again.
+    assert_eq!(code, 3, "{out}{err}");
     assert!(err.contains("straddles Postgres's watermark"), "{err}");
     // Once it has the rest, the stores agree and there is nothing to rebuild.
     postgres_sink::apply_batch(&mut conn, &half(position + 100, position + 200, &late[1..]))
