@@ -463,3 +463,65 @@ async fn bad_rebuild_requests_are_refused_with_a_reason() {
     let (code, _, err) = apexctl(&stores, &["rollup", "rebuild", "--store", "postgres"]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[tokio::test]
+async fn a_rebuild_refuses_while_another_runs_and_asks_to_run_again_while_a_batch_is_open() {
+    let stores = TestStores::migrated().await;
+    let ch = stores.config.clickhouse();
+    let today = Utc::now().date_naive();
+    let (d1, d2) = (today - Duration::days(3), today - Duration::days(2));
+    let (from, to) = (d1.to_string(), d2.to_string());
+    let args = |store| {
+        vec![
+            "rollup".to_owned(),
+            "rebuild".to_owned(),
+            "--store".to_owned(),
+            store,
+            "--from".to_owned(),
+            from.clone(),
+            "--to".to_owned(),
+            to.clone(),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        apexctl(&stores, &args)
+    };
+    // Another ClickHouse rebuild holds the store's lock: refused (two would insert the same
+    // shortfall twice); a dry run, which only reads, still runs.
+    let mut other = stores.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x6170_6578_7262_6368_i64)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let (code, out, err) = run(args("clickhouse".into()));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("another rollup rebuild of clickhouse is running"),
+        "{err}"
+    );
+    let mut dry = args("clickhouse".into());
+    dry.push("--dry-run".into());
+    let (code, out, err) = run(dry);
+    assert_eq!(code, 0, "{out}{err}");
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+
+    // A pipeline batch touching the days is being written (a `started` marker without
+    // `done`): nothing is changed, exit 3 says to run it again.
+    ch.query(
+        "INSERT INTO pipeline_batches (log_id, batch_id, end_position, rows, state, min_ts, \
+             max_ts) VALUES ('log_open', 0, 100, 1, 'started', toDateTime(?), toDateTime(?))",
+    )
+    .bind(at(d1, 10).timestamp() as u32)
+    .bind(at(d1, 11).timestamp() as u32)
+    .execute()
+    .await
+    .unwrap();
+    let (code, out, err) = run(args("clickhouse".into()));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("being written to ClickHouse"), "{err}");
+}
