@@ -469,6 +469,62 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
         )),
         "{text}"
     );
+
+    // 7. A's invoice back in `draft` (the close still building it, written moments ago on
+    //    the run's clock): its difference from Stripe's is unsynced; written two days ago, it
+    //    is drift; and drift at once while a total_mismatch review says the close gave up.
+    let stripe_pair = |report: &Value| {
+        report["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["check"] == "invoice/stripe_invoice" && p["customer_id"] == a.as_str())
+            .cloned()
+            .unwrap()
+    };
+    sqlx::query("UPDATE invoices SET status = 'draft' WHERE customer_id = $1")
+        .bind(&a)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let (_, report) = reconcile(&stores, &standin, &month, &[]);
+    assert_eq!(stripe_pair(&report)["verdict"], "unsynced", "{report:#}");
+    sqlx::query(
+        "UPDATE invoices SET created_at = created_at - interval '2 days' WHERE customer_id = $1",
+    )
+    .bind(&a)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let (_, report) = reconcile(&stores, &standin, &month, &[]);
+    assert_eq!(stripe_pair(&report)["verdict"], "drift", "{report:#}");
+    sqlx::query(
+        "UPDATE invoices SET created_at = created_at + interval '2 days' WHERE customer_id = $1",
+    )
+    .bind(&a)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    apex_billing::invoices::open_review(
+        &stores.pool,
+        &a,
+        period.start,
+        "total_mismatch",
+        -100,
+        "Stripe's draft differs: not finalized",
+        now,
+    )
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&stores, &standin, &month, &[]);
+    let pair = stripe_pair(&report);
+    assert_eq!(pair["verdict"], "drift", "{report:#}");
+    assert!(
+        pair["note"].as_str().unwrap().contains("total_mismatch review"),
+        "{pair:#}"
+    );
+    assert_eq!(drifts(&report), expected, "{report:#}");
+    assert_eq!(code, 1);
 }
 
 #[tokio::test]
