@@ -6,9 +6,11 @@
 //!
 //! Every read is one grouped query over the whole range, never one per customer and day.
 //! Days are UTC days: `usage_events.ts` is read as `toDate(ts, 'UTC')`, `usage_records` as
-//! `recorded_at AT TIME ZONE 'UTC'`. The daily rollup's materialized view groups by
-//! `toDate(ts)`, the server's own day: the stack's ClickHouse runs in UTC, and on a server
-//! that does not, the rollup's days would not be UTC days.
+//! `recorded_at AT TIME ZONE 'UTC'`, hours as `intDiv(toUInt32(ts), 3600) * 3600` (never the
+//! server's zone). The daily rollup's materialized view groups by `toDate(ts)`, the server's
+//! own day: the stack's ClickHouse runs in UTC; on a server that does not
+//! ([`server_timezone`]), the rollup's days are not UTC days, the ClickHouse rebuild refuses
+//! and reconciliation warns.
 //!
 //! # Rebuilding while the pipeline writes
 //!
@@ -26,8 +28,12 @@
 //!   never a gap for readers. An excess (which the pipeline cannot make) is repaired by
 //!   deleting that customer's, metric's and day's rows (a mutation, asynchronous in 18.16:
 //!   the rebuild waits for it in `system.mutations`), then reading both sides again the same
-//!   way and inserting what is now short (so a batch whose view part the delete took as well
-//!   is put back too); readers may see the day short while the mutation runs.
+//!   way (retried with a growing pause while a batch lands) and inserting what is now short
+//!   (so a batch whose view part the delete took as well is put back too); readers may see
+//!   the day short while the mutation runs. If the wait or the re-read fails, the error
+//!   ([`RollupError::Interrupted`]) names the keys left short, and the next run puts them
+//!   back. Statements name at most 500 keys each (ClickHouse's `max_query_size`). Two
+//!   rebuilds of one store never run at once (`apexctl` takes an advisory lock per store).
 //! - Postgres ([`rebuild_postgres`]): the rollups are additive upserts, each batch recorded in
 //!   `pipeline_batches` in the same transaction. The rebuild takes `pipeline_batches` in SHARE
 //!   mode in its transaction, which makes the Postgres applier wait (its first statement
@@ -38,7 +44,13 @@
 //!   ClickHouse has not reached the watermark, the rebuild refuses and may be run again (a
 //!   batch's records are usually minutes old, the rebuilt days at least a day). The hours are
 //!   then set (inserted, updated or deleted) and the transaction commits, releasing the
-//!   applier, which adds its next batches on top of the repaired hours.
+//!   applier, which adds its next batches on top of the repaired hours. The lock waits 5 s
+//!   at most (`lock_timeout`: a rebuild never queues behind a long transaction with the
+//!   applier queued behind it), statements 60 s, and ClickHouse's answers 30 s each. An hour
+//!   would only be lowered on request (the pipeline never leaves Postgres above the raw
+//!   events, so raw rows may be missing instead). The dry run locks nothing: it reads the
+//!   rollups and the watermarks in one snapshot (the applier writes both in one
+//!   transaction).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -520,7 +520,10 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     let pair = stripe_pair(&report);
     assert_eq!(pair["verdict"], "drift", "{report:#}");
     assert!(
-        pair["note"].as_str().unwrap().contains("total_mismatch review"),
+        pair["note"]
+            .as_str()
+            .unwrap()
+            .contains("total_mismatch review"),
         "{pair:#}"
     );
     assert_eq!(drifts(&report), expected, "{report:#}");

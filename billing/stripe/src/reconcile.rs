@@ -761,6 +761,8 @@ async fn stripe_days(
     Ok(days)
 }
 
+// The figures read once for the whole period, handed down rather than read again.
+#[allow(clippy::too_many_arguments)]
 async fn compare_meters(
     report: &mut Report,
     pool: &PgPool,

@@ -756,8 +756,15 @@ async fn reconcile_waits_for_a_pending_event_a_day_and_calls_a_day_held_for_a_pe
     let later = now + Days::hours(21);
     let summary = run_sync_at(&stores, &standin, None, later).await;
     assert_eq!(summary.unconfirmed.len(), 1, "{summary:?}");
-    let (verdict, note) =
-        reconciled(&stores, &standin, &customer, day, later, POSTGRES_VS_REPORTED).await;
+    let (verdict, note) = reconciled(
+        &stores,
+        &standin,
+        &customer,
+        day,
+        later,
+        POSTGRES_VS_REPORTED,
+    )
+    .await;
     assert_eq!(verdict, Verdict::Drift, "{note}");
     assert!(note.ends_with(apex_stripe::sync::NEEDS_A_PERSON), "{note}");
     // Stripe holds neither what it accepted (0) nor that plus the pending 300.
