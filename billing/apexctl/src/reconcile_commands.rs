@@ -21,6 +21,11 @@ const EXIT_NOT_CHECKED: u8 = 3;
 /// Exit codes: 0 no drift; 1 drift, or bad input (a bad `--period`, an unknown customer);
 /// 3 the comparison could not be made (a store or Stripe failed).
 #[derive(Args)]
+#[command(
+    after_help = "Exit codes: 0 no drift (unsynced differences are not drift); 1 drift, or bad \
+                  input (a bad --period, an unknown customer); 3 the comparison could not be \
+                  made (a store or Stripe failed)."
+)]
 pub(crate) struct ReconcileArgs {
     /// The billing period, `YYYY-MM` (UTC).
     #[arg(long)]

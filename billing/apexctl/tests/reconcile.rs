@@ -260,12 +260,20 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     ));
     assert!(!pairs.iter().any(|p| p["customer_id"] == unmapped.as_str()
         && p["check"].as_str().unwrap().contains("stripe")));
-    // Today (when in the period) is not complete: unsynced, not drift.
-    if now.date_naive().format("%Y-%m").to_string() == month {
-        assert!(pairs.iter().any(
+    // Today is not complete: unsynced, not drift (in today's month, which on the 1st is not
+    // the period's).
+    let this_month = now.date_naive().format("%Y-%m").to_string();
+    let today_report = if this_month == month {
+        report.clone()
+    } else {
+        reconcile(&stores, &standin, &this_month, &[]).1
+    };
+    assert!(
+        today_report["pairs"].as_array().unwrap().iter().any(
             |p| p["verdict"] == "unsynced" && p["day"] == now.date_naive().to_string().as_str()
-        ));
-    }
+        ),
+        "{today_report:#}"
+    );
 
     let day = yesterday.to_string();
     let mut expected = BTreeSet::new();
@@ -575,6 +583,19 @@ async fn bad_requests_are_refused_with_a_reason() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(report["pairs"], serde_json::json!([]));
     assert_eq!(report["stripe"], false);
+    // A store that cannot be read is not drift: exit 3, with the reason, nothing on stdout.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = common::apexctl_command(&stores)
+        .env("CLICKHOUSE_URL", &url)
+        .args(["reconcile", "--period", "2026-01", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("could not compare"), "{err}");
+    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test]
