@@ -448,7 +448,14 @@ async def meter_event_summaries(request):
             "livemode": False,
             "meter": meter["id"],
         })
-    limit = int(request.query.get("limit", 10))
+    # As Stripe: a limit that is not an integer from 1 to 100 is a 400, never a 500.
+    try:
+        limit = int(request.query.get("limit", 10))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        return stripe_error(400, "parameter_invalid_integer",
+                            "Invalid integer: limit must be between 1 and 100.", param="limit")
     return web.json_response(
         {"object": "list", "url": request.path, "has_more": len(summaries) > limit,
          "data": summaries[:limit]}

@@ -50,8 +50,16 @@ async fn the_guides_track_request_is_recorded_durably() {
 
     // Reconciled: the raw events, the daily rollup and the hourly rollups agree per day once
     // the ClickHouse applier has caught up (until then its days are unsynced, never drift).
+    // The month of the records themselves (the wall clock may have passed midnight of the
+    // 1st since), read from the rollups the total above waited for.
+    let recorded: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT min(recorded_at) FROM usage_records WHERE customer_id = $1")
+            .bind(&customer_id)
+            .fetch_one(&server.stores.pool)
+            .await
+            .unwrap();
     let request = apex_stripe::reconcile::Request {
-        period: apex_billing::pricing::calendar_month(chrono::Utc::now()),
+        period: apex_billing::pricing::calendar_month(recorded),
         customer: Some(customer_id.clone()),
         now: chrono::Utc::now(),
     };

@@ -96,8 +96,10 @@ pub fn encode_row(out: &mut Vec<u8>, batch: &Batch<'_>, seq: u32, record: &Usage
     out.extend_from_slice(&seq.to_le_bytes());
 }
 
-const STARTED: i8 = 1;
-const DONE: i8 = 2;
+/// `pipeline_batches.state` of a batch being written (`started`).
+pub const STARTED: i8 = 1;
+/// `pipeline_batches.state` of a batch whose rows are all in `usage_events` (`done`).
+pub const DONE: i8 = 2;
 
 /// Reads the newest marker of `log_id`.
 pub async fn resume(client: &Client, log_id: &str) -> Result<Resume, ChError> {

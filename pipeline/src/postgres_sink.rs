@@ -70,6 +70,36 @@ pub async fn watermark(db: impl PgExecutor<'_>, log_id: &str) -> Result<u64, sql
     Ok(end.map_or(0, |e| e.max(0) as u64))
 }
 
+/// Every log's watermark ([`watermark`]), by log id.
+pub async fn watermarks(db: impl PgExecutor<'_>) -> Result<Vec<(String, u64)>, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT log_id, max(end_position) FROM pipeline_batches GROUP BY log_id ORDER BY log_id",
+    )
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(log, end)| (log, end.max(0) as u64))
+        .collect())
+}
+
+/// How long ago (seconds, on the database's clock) the oldest batch of `log_id` ending past
+/// `after` was applied; `None` when there is none.
+pub async fn applied_age_past(
+    db: impl PgExecutor<'_>,
+    log_id: &str,
+    after: u64,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - min(applied_at))::bigint FROM pipeline_batches \
+         WHERE log_id = $1 AND end_position > $2",
+    )
+    .bind(log_id)
+    .bind(i64::try_from(after).unwrap_or(i64::MAX))
+    .fetch_one(db)
+    .await
+}
+
 /// True if the batch starting at `start` of `log_id` was committed.
 pub async fn batch_applied(
     db: impl PgExecutor<'_>,

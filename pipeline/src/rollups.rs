@@ -6,9 +6,11 @@
 //!
 //! Every read is one grouped query over the whole range, never one per customer and day.
 //! Days are UTC days: `usage_events.ts` is read as `toDate(ts, 'UTC')`, `usage_records` as
-//! `recorded_at AT TIME ZONE 'UTC'`. The daily rollup's materialized view groups by
-//! `toDate(ts)`, the server's own day: the stack's ClickHouse runs in UTC, and on a server
-//! that does not, the rollup's days would not be UTC days.
+//! `recorded_at AT TIME ZONE 'UTC'`, hours as `intDiv(toUInt32(ts), 3600) * 3600` (never the
+//! server's zone). The daily rollup's materialized view groups by `toDate(ts)`, the server's
+//! own day: the stack's ClickHouse runs in UTC; on a server that does not
+//! ([`server_timezone`]), the rollup's days are not UTC days, the ClickHouse rebuild refuses
+//! and reconciliation warns.
 //!
 //! # Rebuilding while the pipeline writes
 //!
@@ -26,8 +28,12 @@
 //!   never a gap for readers. An excess (which the pipeline cannot make) is repaired by
 //!   deleting that customer's, metric's and day's rows (a mutation, asynchronous in 18.16:
 //!   the rebuild waits for it in `system.mutations`), then reading both sides again the same
-//!   way and inserting what is now short (so a batch whose view part the delete took as well
-//!   is put back too); readers may see the day short while the mutation runs.
+//!   way (retried with a growing pause while a batch lands) and inserting what is now short
+//!   (so a batch whose view part the delete took as well is put back too); readers may see
+//!   the day short while the mutation runs. If the wait or the re-read fails, the error
+//!   ([`RollupError::Interrupted`]) names the keys left short, and the next run puts them
+//!   back. Statements name at most 500 keys each (ClickHouse's `max_query_size`). Two
+//!   rebuilds of one store never run at once (`apexctl` takes an advisory lock per store).
 //! - Postgres ([`rebuild_postgres`]): the rollups are additive upserts, each batch recorded in
 //!   `pipeline_batches` in the same transaction. The rebuild takes `pipeline_batches` in SHARE
 //!   mode in its transaction, which makes the Postgres applier wait (its first statement
@@ -38,7 +44,13 @@
 //!   ClickHouse has not reached the watermark, the rebuild refuses and may be run again (a
 //!   batch's records are usually minutes old, the rebuilt days at least a day). The hours are
 //!   then set (inserted, updated or deleted) and the transaction commits, releasing the
-//!   applier, which adds its next batches on top of the repaired hours.
+//!   applier, which adds its next batches on top of the repaired hours. The lock waits 5 s
+//!   at most (`lock_timeout`: a rebuild never queues behind a long transaction with the
+//!   applier queued behind it), statements 60 s, and ClickHouse's answers 30 s each. An hour
+//!   would only be lowered on request (the pipeline never leaves Postgres above the raw
+//!   events, so raw rows may be missing instead). The dry run locks nothing: it reads the
+//!   rollups and the watermarks in one snapshot (the applier writes both in one
+//!   transaction).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,7 +62,8 @@ use sqlx::{Connection, PgConnection, PgExecutor};
 
 use apex_core::model::Metric;
 
-use crate::clickhouse_sink::ChError;
+use crate::clickhouse_sink::{self, ChError};
+use crate::postgres_sink;
 
 /// A customer's total of one metric on one UTC day (units: impressions and API calls, bytes
 /// of data transfer).
@@ -68,10 +81,52 @@ pub enum RollupError {
     /// Postgres failed.
     #[error("postgres: {0}")]
     Postgres(#[from] sqlx::Error),
-    /// The pipeline was writing the days concurrently, or a stored value is unreadable: no
-    /// change was made.
+    /// The pipeline was writing the days concurrently: no change was made, and running it
+    /// again is safe.
     #[error("{0}")]
     Busy(String),
+    /// A stored value is unreadable (an unknown metric, a negative total).
+    #[error("{0}")]
+    Corrupt(String),
+    /// The request is refused as it stands (a decrease without `allow_decrease`, a server not
+    /// in UTC): nothing was changed.
+    #[error("{0}")]
+    Refused(String),
+    /// A ClickHouse rebuild deleted an excess but could not put back what the days are now
+    /// short of: those keys are short until the rebuild is run again.
+    #[error("{0}")]
+    Interrupted(String),
+}
+
+/// How many keys one ClickHouse statement names at most: the `ALTER ... DELETE` condition and
+/// the `INSERT ... VALUES` list grow with them, and ClickHouse refuses a query over
+/// `max_query_size` (256 KiB by default); 500 keys stay far below it.
+const KEYS_PER_STATEMENT: usize = 500;
+
+/// How long one ClickHouse request of the Postgres rebuild may take while it holds the
+/// Postgres applier waiting.
+const LOCKED_CLICKHOUSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The ClickHouse server's time zone (`SELECT timezone()`): the daily rollup's view groups by
+/// `toDate(ts)`, the server's day, so its days are UTC days only on a server in UTC.
+pub async fn server_timezone(client: &Client) -> Result<String, RollupError> {
+    Ok(client
+        .query("SELECT timezone()")
+        .fetch_one::<String>()
+        .await?)
+}
+
+/// Refuses a rebuild of the daily rollup on a server whose days are not UTC days.
+async fn require_utc(client: &Client) -> Result<(), RollupError> {
+    let zone = server_timezone(client).await?;
+    if zone == "UTC" || zone == "Etc/UTC" {
+        Ok(())
+    } else {
+        Err(RollupError::Refused(format!(
+            "the ClickHouse server runs in {zone}, not UTC: the daily rollup's days are not UTC \
+             days, and a rebuild by UTC days would corrupt it"
+        )))
+    }
 }
 
 fn day_start(day: NaiveDate) -> DateTime<Utc> {
@@ -90,7 +145,7 @@ fn from_ch_date(days: u16) -> NaiveDate {
 
 fn metric(name: &str) -> Result<Metric, RollupError> {
     name.parse()
-        .map_err(|e| RollupError::Busy(format!("unreadable metric in the store: {e}")))
+        .map_err(|e| RollupError::Corrupt(format!("unreadable metric in the store: {e}")))
 }
 
 fn collect<I>(rows: I) -> Result<DayTotals, RollupError>
@@ -147,7 +202,7 @@ async fn raw_hourly_below(
     let below = vec!["(log_id = ? AND batch_id < ?)"; watermarks.len()].join(" OR ");
     let mut query = client
         .query(&format!(
-            "SELECT customer_id, toString(metric_type), toUInt32(toStartOfHour(ts)) AS h, \
+            "SELECT customer_id, toString(metric_type), toUInt32(intDiv(toUInt32(ts), 3600) * 3600) AS h, \
                  sum(quantity) FROM usage_events \
              WHERE ts >= toDateTime(?) AND ts < toDateTime(?) AND ({below}) \
              GROUP BY customer_id, metric_type, h"
@@ -226,7 +281,11 @@ pub async fn postgres_daily(
     .await?;
     let mut days = BTreeMap::new();
     for (customer, name, day, quantity, changed_at) in rows {
-        let quantity = u64::try_from(quantity).unwrap_or(0);
+        let quantity = u64::try_from(quantity).map_err(|_| {
+            RollupError::Corrupt(format!(
+                "usage_records of {customer}, {name} on {day} sum to {quantity}, below zero"
+            ))
+        })?;
         if quantity > 0 {
             days.insert(
                 (customer, metric(&name)?, day),
@@ -240,48 +299,74 @@ pub async fn postgres_daily(
     Ok(days)
 }
 
-/// The UTC days of the pipeline's batches that may be between the two stores at the moment
-/// of a read: applied by one store's applier and not (or not wholly) by the other's, or
-/// still being written to ClickHouse. `None` means any day may be (the ClickHouse applier is
-/// behind the Postgres one, and its markers do not say which days the missing batches hold).
+/// How long a batch one store holds and the other not may wait, in seconds, before the
+/// difference it makes stops being "in flight" (see [`InFlight`]): a stuck applier.
+pub const IN_FLIGHT_LIMIT_SECONDS: i64 = 600;
+
+/// One log's position in both stores at a reading.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogPosition {
+    /// The log.
+    pub log_id: String,
+    /// The end of the last batch Postgres applied (its watermark).
+    pub postgres_end: u64,
+    /// The end of the last batch ClickHouse finished (`done`).
+    pub clickhouse_end: u64,
+    /// How long the oldest batch one store holds and the other not has waited, seconds (0
+    /// when both are level): the Postgres applier's `applied_at` when ClickHouse is behind,
+    /// ClickHouse's marker `written_at` when Postgres is behind (each on its own server's
+    /// clock).
+    pub lag_seconds: i64,
+}
+
+/// The pipeline's batches that may be between the two stores at the moment of a read:
+/// applied by one store's applier and not (or not wholly) by the other's, or still being
+/// written to ClickHouse, for less than [`IN_FLIGHT_LIMIT_SECONDS`] (a batch waiting longer
+/// is a stuck applier, and explains nothing).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InFlight {
-    /// Days of batches in flight between the stores (raw events vs Postgres).
-    pub between_stores: Option<Vec<NaiveDate>>,
+    /// Days of ClickHouse batches not (wholly) applied by Postgres yet: raw events and
+    /// Postgres may differ either way.
+    pub between_stores: Vec<NaiveDate>,
+    /// Whether Postgres holds batches whose ClickHouse rows are not all written yet: raw
+    /// events may fall short of Postgres (never exceed it), on days the markers cannot name.
+    pub clickhouse_behind: bool,
     /// Days of ClickHouse batches open (`started` without `done`), or written since the
     /// reading this one was taken after: their rollup part may lag their rows (raw events vs
     /// the daily rollup).
     pub clickhouse_open: Vec<NaiveDate>,
-    /// Per log: the Postgres watermark and ClickHouse's newest finished batch end, at the time
-    /// of the reading.
-    positions: Vec<(String, u64, u64)>,
+    /// Each log's position at the reading.
+    pub positions: Vec<LogPosition>,
 }
 
 impl InFlight {
-    /// Whether `day` may differ between the raw events and Postgres only because a batch is
-    /// in flight.
-    pub fn between_stores(&self, day: NaiveDate) -> bool {
-        self.between_stores
-            .as_ref()
-            .is_none_or(|days| days.contains(&day))
+    /// Whether a batch in flight explains the raw events (`raw`) and Postgres (`postgres`)
+    /// differing on `day`.
+    pub fn explains(&self, day: NaiveDate, raw: u64, postgres: u64) -> bool {
+        self.between_stores.contains(&day) || (self.clickhouse_behind && raw < postgres)
+    }
+
+    /// Both readings together (the positions are the later reading's).
+    pub fn union(mut self, other: InFlight) -> InFlight {
+        for day in other.between_stores {
+            if !self.between_stores.contains(&day) {
+                self.between_stores.push(day);
+            }
+        }
+        self.clickhouse_behind |= other.clickhouse_behind;
+        for day in other.clickhouse_open {
+            if !self.clickhouse_open.contains(&day) {
+                self.clickhouse_open.push(day);
+            }
+        }
+        self.positions = other.positions;
+        self
     }
 }
 
-/// Each log's applied end in Postgres (its watermark).
-async fn postgres_watermarks(db: impl PgExecutor<'_>) -> Result<Vec<(String, u64)>, RollupError> {
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT log_id, max(end_position) FROM pipeline_batches GROUP BY log_id ORDER BY log_id",
-    )
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(log, end)| (log, u64::try_from(end).unwrap_or(0)))
-        .collect())
-}
-
-/// A ClickHouse batch marker: log, start, end, whether done, span of its timestamps.
-type Marker = (String, u64, u64, bool, u32, u32);
+/// A ClickHouse batch marker: log, start, end, whether done, span of its timestamps, age of
+/// its first marker in seconds.
+type Marker = (String, u64, u64, bool, u32, u32, i64);
 
 async fn clickhouse_markers_from(
     client: &Client,
@@ -290,17 +375,19 @@ async fn clickhouse_markers_from(
 ) -> Result<Vec<Marker>, RollupError> {
     let rows = client
         .query(
-            "SELECT log_id, batch_id, max(end_position), max(state) = 2, min(min_ts), max(max_ts) \
+            "SELECT log_id, batch_id, max(end_position), max(state) = ?, min(min_ts), \
+                 max(max_ts), toInt64(now()) - toInt64(min(written_at)) \
              FROM pipeline_batches WHERE log_id = ? AND end_position > ? \
              GROUP BY log_id, batch_id ORDER BY batch_id",
         )
+        .bind(clickhouse_sink::DONE)
         .bind(log_id)
         .bind(from)
-        .fetch_all::<(String, u64, u64, u8, u32, u32)>()
+        .fetch_all::<(String, u64, u64, u8, u32, u32, i64)>()
         .await?;
     Ok(rows
         .into_iter()
-        .map(|(l, s, e, done, lo, hi)| (l, s, e, done == 1, lo, hi))
+        .map(|(l, s, e, done, lo, hi, age)| (l, s, e, done == 1, lo, hi, age))
         .collect())
 }
 
@@ -331,7 +418,7 @@ pub async fn in_flight(
     db: &mut PgConnection,
     since: Option<&InFlight>,
 ) -> Result<InFlight, RollupError> {
-    let watermarks = postgres_watermarks(&mut *db).await?;
+    let watermarks = postgres_sink::watermarks(&mut *db).await?;
     let mut logs: Vec<String> = client
         .query("SELECT DISTINCT log_id FROM pipeline_batches")
         .fetch_all::<String>()
@@ -341,72 +428,65 @@ pub async fn in_flight(
             logs.push(log.clone());
         }
     }
-    let mut flight = InFlight {
-        between_stores: Some(Vec::new()),
-        clickhouse_open: Vec::new(),
-        positions: Vec::new(),
-    };
+    logs.sort();
+    let mut flight = InFlight::default();
     for log in logs {
         let applied = watermarks
             .iter()
             .find(|(l, _)| *l == log)
             .map_or(0, |(_, end)| *end);
         let clickhouse_end: u64 = client
-            .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ? AND state = 2")
+            .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ? AND state = ?")
             .bind(log.as_str())
+            .bind(clickhouse_sink::DONE)
             .fetch_one()
             .await?;
         // Against an earlier reading, from where each store was then.
         let (applied_floor, clickhouse_floor) = since
-            .and_then(|s| s.positions.iter().find(|(l, _, _)| *l == log))
-            .map_or((applied, clickhouse_end), |(_, pg, ch)| {
-                (applied.min(*pg), clickhouse_end.min(*ch))
+            .and_then(|s| s.positions.iter().find(|p| p.log_id == log))
+            .map_or((applied, clickhouse_end), |p| {
+                (
+                    applied.min(p.postgres_end),
+                    clickhouse_end.min(p.clickhouse_end),
+                )
             });
         // Batches that end past the Postgres watermark are not (wholly) in Postgres yet; those
-        // past ClickHouse's earlier end were written during the reads.
+        // past ClickHouse's earlier end were written during the reads. Only young ones are in
+        // flight.
         let markers =
             clickhouse_markers_from(client, &log, applied_floor.min(clickhouse_floor)).await?;
-        for (_, _, end, done, lo, hi) in &markers {
-            if !done || *end > clickhouse_floor {
+        let mut lag_seconds = 0;
+        for (_, _, end, done, lo, hi, age) in &markers {
+            let young = *age < IN_FLIGHT_LIMIT_SECONDS;
+            if (!done || *end > clickhouse_floor) && young {
                 span_days(*lo, *hi, &mut flight.clickhouse_open);
             }
-            if *end > applied_floor
-                && let Some(days) = flight.between_stores.as_mut()
-            {
-                span_days(*lo, *hi, days);
+            if *end > applied_floor {
+                lag_seconds = lag_seconds.max(*age);
+                if young {
+                    span_days(*lo, *hi, &mut flight.between_stores);
+                }
             }
         }
         if clickhouse_end < applied {
             // Postgres holds batches whose ClickHouse markers are not all written yet: the
-            // days they hold are unknown.
-            flight.between_stores = None;
+            // days they hold are unknown, but they can only make the raw events fall short.
+            let age = postgres_sink::applied_age_past(&mut *db, &log, clickhouse_end)
+                .await?
+                .unwrap_or(0);
+            lag_seconds = lag_seconds.max(age);
+            if age < IN_FLIGHT_LIMIT_SECONDS {
+                flight.clickhouse_behind = true;
+            }
         }
-        flight.positions.push((log, applied, clickhouse_end));
+        flight.positions.push(LogPosition {
+            log_id: log,
+            postgres_end: applied,
+            clickhouse_end,
+            lag_seconds,
+        });
     }
     Ok(flight)
-}
-
-impl InFlight {
-    /// Both readings together.
-    pub fn union(mut self, other: InFlight) -> InFlight {
-        self.between_stores = match (self.between_stores, other.between_stores) {
-            (Some(mut a), Some(b)) => {
-                for day in b {
-                    if !a.contains(&day) {
-                        a.push(day);
-                    }
-                }
-                Some(a)
-            }
-            _ => None,
-        };
-        for day in other.clickhouse_open {
-            if !self.clickhouse_open.contains(&day) {
-                self.clickhouse_open.push(day);
-            }
-        }
-        self
-    }
 }
 
 /// One customer, metric and day of a rebuild: the rollup's total before and the raw total
@@ -425,6 +505,9 @@ pub struct Change {
     pub rebuilt: u64,
     /// Hours changed (Postgres only; 0 for ClickHouse's daily rows).
     pub hours: usize,
+    /// Of those, hours lowered (Postgres only): the pipeline never leaves Postgres above the
+    /// raw events, so a decrease may mean raw rows are missing instead.
+    pub hours_decreased: usize,
 }
 
 /// The changes between two sets of day totals, `current` to `rebuilt`.
@@ -443,6 +526,7 @@ fn differences(current: &DayTotals, rebuilt: &DayTotals) -> Vec<Change> {
                 current: before,
                 rebuilt: after,
                 hours: 0,
+                hours_decreased: 0,
             })
         })
         .collect()
@@ -458,13 +542,14 @@ async fn clickhouse_activity(
 ) -> Result<(u64, (u64, u64)), RollupError> {
     let (open, count, hash): (u64, u64, u64) = client
         .query(
-            "SELECT countIf(s = 1), sum(n), sum(h) FROM ( \
+            "SELECT countIf(s = ?), sum(n), sum(h) FROM ( \
                  SELECT log_id, batch_id, max(state) AS s, count() AS n, \
                      sum(cityHash64(log_id, batch_id, toInt8(state))) AS h \
                  FROM pipeline_batches \
                  WHERE min_ts < toDateTime(?) AND max_ts >= toDateTime(?) \
                  GROUP BY log_id, batch_id)",
         )
+        .bind(clickhouse_sink::STARTED)
         .bind(end)
         .bind(start)
         .fetch_one()
@@ -483,6 +568,7 @@ pub async fn rebuild_clickhouse(
     last: NaiveDate,
     dry_run: bool,
 ) -> Result<Vec<Change>, RollupError> {
+    require_utc(client).await?;
     let (raw, rollup) = read_quietly(client, first, last).await?;
     let changes = differences(&rollup, &raw);
     if dry_run || changes.is_empty() {
@@ -494,20 +580,53 @@ pub async fn rebuild_clickhouse(
     let shortfalls = if excess.is_empty() {
         changes.clone()
     } else {
-        let keys = vec!["(customer_id = ? AND metric_type = ? AND day = toDate(?))"; excess.len()]
-            .join(" OR ");
-        let mut delete = client.query(&format!("ALTER TABLE usage_daily DELETE WHERE {keys}"));
-        for change in &excess {
-            delete = delete
-                .bind(change.customer_id.as_str())
-                .bind(change.metric_type.as_str())
-                .bind(change.day.to_string());
+        for chunk in excess.chunks(KEYS_PER_STATEMENT) {
+            let keys =
+                vec!["(customer_id = ? AND metric_type = ? AND day = toDate(?))"; chunk.len()]
+                    .join(" OR ");
+            let mut delete = client.query(&format!("ALTER TABLE usage_daily DELETE WHERE {keys}"));
+            for change in chunk {
+                delete = delete
+                    .bind(change.customer_id.as_str())
+                    .bind(change.metric_type.as_str())
+                    .bind(change.day.to_string());
+            }
+            delete.execute().await?;
         }
-        delete.execute().await?;
-        wait_for_mutations(client).await?;
+        // From here on the deleted keys are short until the insert below: every failure says
+        // so, naming them.
+        let short = |why: String| {
+            let keys: Vec<String> = excess
+                .iter()
+                .map(|c| format!("{} {} {}", c.customer_id, c.metric_type.as_str(), c.day))
+                .collect();
+            RollupError::Interrupted(format!(
+                "{why}: the daily rollup of {} is now short (its excess rows were deleted); run \
+                 the rebuild again to put the raw totals back",
+                keys.join(", ")
+            ))
+        };
+        wait_for_mutations(client)
+            .await
+            .map_err(|e| short(e.to_string()))?;
         // Read again: a batch whose view part landed before the mutation began lost it too,
-        // and is a shortfall now like the rest.
-        let (raw, rollup) = read_quietly(client, first, last).await?;
+        // and is a shortfall now like the rest. A batch landing meanwhile makes the read busy:
+        // retried with a growing pause, as the pipeline's batches take seconds.
+        let mut pause = Duration::from_millis(200);
+        let mut attempt = 0;
+        let (raw, rollup) = loop {
+            match read_quietly(client, first, last).await {
+                Ok(read) => break read,
+                Err(RollupError::Busy(why)) if attempt < 8 => {
+                    tracing::debug!(%why, "re-read after the delete is busy; retrying");
+                    attempt += 1;
+                    // Waiting for the pipeline's batch to finish: nothing to wait on instead.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(short(e.to_string())),
+            }
+        };
         differences(&rollup, &raw)
     };
     if shortfalls.iter().any(|c| c.current > c.rebuilt) {
@@ -517,12 +636,12 @@ pub async fn rebuild_clickhouse(
                 .into(),
         ));
     }
-    if !shortfalls.is_empty() {
-        let values = vec!["(toDate(?), ?, ?, toUInt64(?))"; shortfalls.len()].join(", ");
+    for chunk in shortfalls.chunks(KEYS_PER_STATEMENT) {
+        let values = vec!["(toDate(?), ?, ?, toUInt64(?))"; chunk.len()].join(", ");
         let mut insert = client.query(&format!(
             "INSERT INTO usage_daily (day, customer_id, metric_type, quantity) VALUES {values}"
         ));
-        for change in &shortfalls {
+        for change in chunk {
             insert = insert
                 .bind(change.day.to_string())
                 .bind(change.customer_id.as_str())
@@ -586,24 +705,71 @@ async fn wait_for_mutations(client: &Client) -> Result<(), RollupError> {
     ))
 }
 
+/// A ClickHouse request made while the Postgres applier waits on the rebuild: bounded.
+async fn bounded<T>(
+    request: impl std::future::Future<Output = Result<T, ChError>>,
+) -> Result<T, RollupError> {
+    match tokio::time::timeout(LOCKED_CLICKHOUSE_TIMEOUT, request).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(RollupError::Busy(format!(
+            "ClickHouse did not answer within {} s while the Postgres applier was held: nothing \
+             was changed, try again",
+            LOCKED_CLICKHOUSE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 /// Rebuilds the Postgres hourly rollups of UTC days `first..=last` from the raw events, in
 /// one transaction (see the module documentation for how it stays exact while the pipeline
-/// writes). With `dry_run`, the transaction is rolled back. Returns the customer, metric and
-/// day totals that differ(ed), with how many hours changed. `Busy` when ClickHouse cannot say
-/// exactly which of its rows of the days Postgres holds (see the module documentation).
+/// writes). With `dry_run`, nothing is locked or written: the rollups and the watermarks are
+/// read in one snapshot (the applier writes both in one transaction). Returns the customer,
+/// metric and day totals that differ(ed), with how many hours changed and were lowered.
+/// `Busy` when ClickHouse cannot say exactly which of its rows of the days Postgres holds, or
+/// the applier's lock is not granted within 5 s (see the module documentation); `Refused`
+/// when an hour would be lowered and `allow_decrease` is false (the pipeline never leaves
+/// Postgres above the raw events: raw rows may be missing instead, and those hours feed the
+/// usage sync and the invoices).
 pub async fn rebuild_postgres(
     client: &Client,
     conn: &mut PgConnection,
     first: NaiveDate,
     last: NaiveDate,
     dry_run: bool,
+    allow_decrease: bool,
 ) -> Result<Vec<Change>, RollupError> {
     let mut tx = conn.begin().await?;
-    // The applier's first statement inserts into pipeline_batches: it waits until we commit.
-    sqlx::query("LOCK TABLE pipeline_batches IN SHARE MODE")
-        .execute(&mut *tx)
-        .await?;
-    let watermarks = postgres_watermarks(&mut *tx).await?;
+    if dry_run {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        // Never queue behind a long transaction (the applier would queue behind us), never
+        // hold the applier long.
+        sqlx::query("SET LOCAL lock_timeout = '5s'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SET LOCAL statement_timeout = '60s'")
+            .execute(&mut *tx)
+            .await?;
+        // The applier's first statement inserts into pipeline_batches: it waits until we
+        // commit.
+        if let Err(e) = sqlx::query("LOCK TABLE pipeline_batches IN SHARE MODE")
+            .execute(&mut *tx)
+            .await
+        {
+            if let Some(db) = e.as_database_error()
+                && db.code().as_deref() == Some("55P03")
+            {
+                return Err(RollupError::Busy(
+                    "the pipeline's Postgres applier (or another transaction) held \
+                     pipeline_batches for 5 s: nothing was changed, try again"
+                        .into(),
+                ));
+            }
+            return Err(e.into());
+        }
+    }
+    let watermarks = postgres_sink::watermarks(&mut *tx).await?;
     let (span_start, span_end) = (
         ch_seconds(day_start(first)),
         ch_seconds(day_start(last.succ_opt().unwrap_or(last))),
@@ -611,11 +777,13 @@ pub async fn rebuild_postgres(
     for (log, applied) in &watermarks {
         // Everything Postgres holds of the log must be in ClickHouse: its markers reach the
         // watermark.
-        let covered: u64 = client
-            .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ?")
-            .bind(log.as_str())
-            .fetch_one()
-            .await?;
+        let covered: u64 = bounded(
+            client
+                .query("SELECT max(end_position) FROM pipeline_batches WHERE log_id = ?")
+                .bind(log.as_str())
+                .fetch_one(),
+        )
+        .await?;
         if covered < *applied {
             return Err(RollupError::Busy(format!(
                 "ClickHouse's applier is behind Postgres's on log {log} (at {covered}, Postgres \
@@ -625,22 +793,25 @@ pub async fn rebuild_postgres(
         // `batch_id < watermark` is exact for the days unless a ClickHouse batch below the
         // watermark runs past it (the appliers batch independently) or is still open, and
         // holds records of the days.
-        let split: u64 = client
-            .query(
-                "SELECT count() FROM ( \
-                     SELECT batch_id, max(end_position) AS e, max(state) AS s, \
-                         min(min_ts) AS lo, max(max_ts) AS hi \
-                     FROM pipeline_batches WHERE log_id = ? AND batch_id < ? \
-                     GROUP BY batch_id) \
-                 WHERE (e > ? OR s = 1) AND lo < toDateTime(?) AND hi >= toDateTime(?)",
-            )
-            .bind(log.as_str())
-            .bind(*applied)
-            .bind(*applied)
-            .bind(span_end)
-            .bind(span_start)
-            .fetch_one()
-            .await?;
+        let split: u64 = bounded(
+            client
+                .query(
+                    "SELECT count() FROM ( \
+                         SELECT batch_id, max(end_position) AS e, max(state) AS s, \
+                             min(min_ts) AS lo, max(max_ts) AS hi \
+                         FROM pipeline_batches WHERE log_id = ? AND batch_id < ? \
+                         GROUP BY batch_id) \
+                     WHERE (e > ? OR s = ?) AND lo < toDateTime(?) AND hi >= toDateTime(?)",
+                )
+                .bind(log.as_str())
+                .bind(*applied)
+                .bind(*applied)
+                .bind(clickhouse_sink::STARTED)
+                .bind(span_end)
+                .bind(span_start)
+                .fetch_one(),
+        )
+        .await?;
         if split > 0 {
             return Err(RollupError::Busy(format!(
                 "a ClickHouse batch of log {log} with records of {first}..{last} straddles \
@@ -649,21 +820,44 @@ pub async fn rebuild_postgres(
             )));
         }
     }
-    let raw = raw_hourly_below(client, first, last, &watermarks).await?;
+    let raw = match tokio::time::timeout(
+        LOCKED_CLICKHOUSE_TIMEOUT,
+        raw_hourly_below(client, first, last, &watermarks),
+    )
+    .await
+    {
+        Ok(raw) => raw?,
+        Err(_) => {
+            return Err(RollupError::Busy(format!(
+                "ClickHouse did not answer within {} s while the Postgres applier was held: \
+                 nothing was changed, try again",
+                LOCKED_CLICKHOUSE_TIMEOUT.as_secs()
+            )));
+        }
+    };
     let start = day_start(first);
     let end = day_start(last.succ_opt().unwrap_or(last));
-    let rows: Vec<(String, String, DateTime<Utc>, i64)> = sqlx::query_as(
+    // Locked against any other writer for the write; the dry run only reads its snapshot.
+    let rows: Vec<(String, String, DateTime<Utc>, i64)> = sqlx::query_as(if dry_run {
         "SELECT customer_id, metric_type, recorded_at, quantity FROM usage_records \
-         WHERE recorded_at >= $1 AND recorded_at < $2 FOR UPDATE",
-    )
+         WHERE recorded_at >= $1 AND recorded_at < $2"
+    } else {
+        "SELECT customer_id, metric_type, recorded_at, quantity FROM usage_records \
+         WHERE recorded_at >= $1 AND recorded_at < $2 FOR UPDATE"
+    })
     .bind(start)
     .bind(end)
     .fetch_all(&mut *tx)
     .await?;
     let mut hours: BTreeMap<(String, Metric, i64), (u64, u64)> = BTreeMap::new();
     for (customer, name, at, quantity) in rows {
+        let current = u64::try_from(quantity).map_err(|_| {
+            RollupError::Corrupt(format!(
+                "usage_records of {customer}, {name} at {at} holds {quantity}, below zero"
+            ))
+        })?;
         let key = (customer, metric(&name)?, at.timestamp());
-        hours.entry(key).or_default().0 = u64::try_from(quantity).unwrap_or(0);
+        hours.entry(key).or_default().0 = current;
     }
     for (key, quantity) in raw {
         hours.entry(key).or_default().1 = quantity;
@@ -683,11 +877,15 @@ pub async fn rebuild_postgres(
                 current: 0,
                 rebuilt: 0,
                 hours: 0,
+                hours_decreased: 0,
             });
         change.current = change.current.saturating_add(*current);
         change.rebuilt = change.rebuilt.saturating_add(*rebuilt);
         if current != rebuilt {
             change.hours += 1;
+            if rebuilt < current {
+                change.hours_decreased += 1;
+            }
             customers.push(customer.clone());
             metrics.push(metric.as_str());
             at.push(DateTime::<Utc>::from_timestamp(*hour, 0).unwrap_or_default());
@@ -698,6 +896,28 @@ pub async fn rebuild_postgres(
     if dry_run || changes.is_empty() {
         tx.rollback().await?;
         return Ok(changes);
+    }
+    let lowered: Vec<String> = changes
+        .iter()
+        .filter(|c| c.hours_decreased > 0)
+        .map(|c| {
+            format!(
+                "{} {} {} ({} hour(s))",
+                c.customer_id,
+                c.metric_type.as_str(),
+                c.day,
+                c.hours_decreased
+            )
+        })
+        .collect();
+    if !lowered.is_empty() && !allow_decrease {
+        tx.rollback().await?;
+        return Err(RollupError::Refused(format!(
+            "the rebuild would lower billed usage of {}: the pipeline never leaves Postgres above \
+             the raw events, so raw rows may be missing instead; check them (a dry run lists \
+             every change), then pass --allow-decrease to lower them: nothing was changed",
+            lowered.join(", ")
+        )));
     }
     // Hours whose raw total is 0 are deleted: the pipeline never writes a zero hour.
     sqlx::query(

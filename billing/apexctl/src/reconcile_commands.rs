@@ -1,6 +1,7 @@
 //! `apexctl reconcile`: one period compared across the stores and Stripe
 //! ([`apex_stripe::reconcile`]), printed as a table of what is not ok with a summary, or as
-//! JSON; exit 1 on any drift.
+//! JSON. Exit codes: 0 no drift, 1 drift (or bad input), 3 the comparison could not be
+//! made (a store or Stripe failed: a partial comparison could hide drift).
 
 use std::process::ExitCode;
 
@@ -12,8 +13,19 @@ use clap::Args;
 
 use crate::config::CtlConfig;
 
+/// The exit code of a run that could not compare (a store or Stripe failed).
+const EXIT_NOT_CHECKED: u8 = 3;
+
 /// `apexctl reconcile --period YYYY-MM [--customer C] [--stripe] [--json]`.
+///
+/// Exit codes: 0 no drift; 1 drift, or bad input (a bad `--period`, an unknown customer);
+/// 3 the comparison could not be made (a store or Stripe failed).
 #[derive(Args)]
+#[command(
+    after_help = "Exit codes: 0 no drift (unsynced differences are not drift); 1 drift, or bad \
+                  input (a bad --period, an unknown customer); 3 the comparison could not be \
+                  made (a store or Stripe failed)."
+)]
 pub(crate) struct ReconcileArgs {
     /// The billing period, `YYYY-MM` (UTC).
     #[arg(long)]
@@ -25,8 +37,10 @@ pub(crate) struct ReconcileArgs {
     /// `STRIPE_SECRET_KEY`).
     #[arg(long)]
     pub(crate) stripe: bool,
-    /// Print JSON: the report (`period`, `stripe`, `unmapped_customers`, `pairs`), its
-    /// `summary` (per check: ok, drift, unsynced) and `clean`.
+    /// Print JSON: the report (`period`, `stripe`, `unmapped_customers`,
+    /// `unknown_customers`, `pipeline` (per log: `postgres_end`, `clickhouse_end`,
+    /// `lag_seconds`), `warnings`, `pairs`), its `summary` (per check: ok, drift, unsynced)
+    /// and `clean`.
     #[arg(long)]
     pub(crate) json: bool,
 }
@@ -48,6 +62,12 @@ pub(crate) async fn run(
         "--period {}: usage is stored from 1970 on",
         args.period
     );
+    // ClickHouse's `Date` ends in 2105 (days since 1970 in 16 bits).
+    anyhow::ensure!(
+        period.end <= chrono::DateTime::from_timestamp(4_291_747_200, 0).expect("2106-01-01"),
+        "--period {}: usage is stored up to 2105",
+        args.period
+    );
     let client = if args.stripe {
         Some(apex_stripe::client_from_config(
             &ctl.cron.stripe,
@@ -64,7 +84,19 @@ pub(crate) async fn run(
         customer: args.customer,
         now,
     };
-    let report = reconcile::reconcile(pool, &ctl.cron.stores, client.as_ref(), &request).await?;
+    let report = match reconcile::reconcile(pool, &ctl.cron.stores, client.as_ref(), &request).await
+    {
+        Ok(report) => report,
+        // Bad input is exit 1 like every apexctl error; a failing store or Stripe is not
+        // drift, and says so by its own code.
+        Err(e @ apex_stripe::StripeWorkError::Invalid(_)) if is_bad_input(&e) => {
+            return Err(e.into());
+        }
+        Err(e) => {
+            eprintln!("apexctl: reconcile could not compare the stores: {e}");
+            return Ok(ExitCode::from(EXIT_NOT_CHECKED));
+        }
+    };
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["summary"] = serde_json::to_value(report.summary())?;
@@ -78,6 +110,11 @@ pub(crate) async fn run(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// An unknown customer (the one error of the request itself).
+fn is_bad_input(error: &apex_stripe::StripeWorkError) -> bool {
+    matches!(error, apex_stripe::StripeWorkError::Invalid(m) if m.starts_with("customer ") && m.ends_with(" not found"))
 }
 
 fn print_text(report: &Report) {
@@ -110,6 +147,22 @@ fn print_text(report: &Report) {
                 pair.note.as_deref().unwrap_or("")
             );
         }
+    }
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    for log in report.pipeline.iter().filter(|l| l.lag_seconds > 0) {
+        println!(
+            "pipeline log {}: Postgres at {}, ClickHouse at {}, {} s behind",
+            log.log_id, log.postgres_end, log.clickhouse_end, log.lag_seconds
+        );
+    }
+    if !report.unknown_customers.is_empty() {
+        println!(
+            "usage of customers with no customers row (only the raw events and rollups \
+             compared): {}",
+            report.unknown_customers.join(", ")
+        );
     }
     if !report.unmapped_customers.is_empty() {
         println!(

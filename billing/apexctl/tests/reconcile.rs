@@ -260,16 +260,30 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     ));
     assert!(!pairs.iter().any(|p| p["customer_id"] == unmapped.as_str()
         && p["check"].as_str().unwrap().contains("stripe")));
-    // Today (when in the period) is not complete: unsynced, not drift.
-    if now.date_naive().format("%Y-%m").to_string() == month {
-        assert!(pairs.iter().any(
+    // Today is not complete: unsynced, not drift (in today's month, which on the 1st is not
+    // the period's).
+    let this_month = now.date_naive().format("%Y-%m").to_string();
+    let today_report = if this_month == month {
+        report.clone()
+    } else {
+        reconcile(&stores, &standin, &this_month, &[]).1
+    };
+    assert!(
+        today_report["pairs"].as_array().unwrap().iter().any(
             |p| p["verdict"] == "unsynced" && p["day"] == now.date_naive().to_string().as_str()
-        ));
-    }
+        ),
+        "{today_report:#}"
+    );
 
     let day = yesterday.to_string();
     let mut expected = BTreeSet::new();
     let ch = stores.config.clickhouse();
+    // An hour later on the database's clock: Stripe's summaries have caught up with what the
+    // sync sent (minutes after a send they may not have, and that pair is unsynced).
+    sqlx::query("UPDATE stripe_usage_sync SET synced_at = synced_at - interval '1 hour'")
+        .execute(&stores.pool)
+        .await
+        .unwrap();
 
     // 1. A raw event the Postgres rollups never got (the materialized view adds it to the
     //    daily rollup, as for any insert).
@@ -336,6 +350,23 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
     let (code, report) = reconcile(&stores, &standin, &month, &[]);
     assert_eq!(drifts(&report), expected, "{report:#}");
     assert_eq!(code, 1);
+    let synced_pair = report["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["check"] == "postgres_hourly/stripe_reported"
+                && p["customer_id"] == b.as_str()
+                && p["metric_type"] == "impressions"
+                && p["day"] == day.as_str()
+        })
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&synced_pair["verdict"], &synced_pair["difference"]),
+        (&Value::from("unsynced"), &Value::from(-2)),
+        "{synced_pair:#}"
+    );
 
     // 4. A reported quantity Stripe never got: against the rollups and against Stripe.
     execute(
@@ -446,6 +477,65 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
         )),
         "{text}"
     );
+
+    // 7. A's invoice back in `draft` (the close still building it, written moments ago on
+    //    the run's clock): its difference from Stripe's is unsynced; written two days ago, it
+    //    is drift; and drift at once while a total_mismatch review says the close gave up.
+    let stripe_pair = |report: &Value| {
+        report["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["check"] == "invoice/stripe_invoice" && p["customer_id"] == a.as_str())
+            .cloned()
+            .unwrap()
+    };
+    sqlx::query("UPDATE invoices SET status = 'draft' WHERE customer_id = $1")
+        .bind(&a)
+        .execute(&stores.pool)
+        .await
+        .unwrap();
+    let (_, report) = reconcile(&stores, &standin, &month, &[]);
+    assert_eq!(stripe_pair(&report)["verdict"], "unsynced", "{report:#}");
+    sqlx::query(
+        "UPDATE invoices SET created_at = created_at - interval '2 days' WHERE customer_id = $1",
+    )
+    .bind(&a)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    let (_, report) = reconcile(&stores, &standin, &month, &[]);
+    assert_eq!(stripe_pair(&report)["verdict"], "drift", "{report:#}");
+    sqlx::query(
+        "UPDATE invoices SET created_at = created_at + interval '2 days' WHERE customer_id = $1",
+    )
+    .bind(&a)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+    apex_billing::invoices::open_review(
+        &stores.pool,
+        &a,
+        period.start,
+        "total_mismatch",
+        -100,
+        "Stripe's draft differs: not finalized",
+        now,
+    )
+    .await
+    .unwrap();
+    let (code, report) = reconcile(&stores, &standin, &month, &[]);
+    let pair = stripe_pair(&report);
+    assert_eq!(pair["verdict"], "drift", "{report:#}");
+    assert!(
+        pair["note"]
+            .as_str()
+            .unwrap()
+            .contains("total_mismatch review"),
+        "{pair:#}"
+    );
+    assert_eq!(drifts(&report), expected, "{report:#}");
+    assert_eq!(code, 1);
 }
 
 #[tokio::test]
@@ -493,6 +583,19 @@ async fn bad_requests_are_refused_with_a_reason() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(report["pairs"], serde_json::json!([]));
     assert_eq!(report["stripe"], false);
+    // A store that cannot be read is not drift: exit 3, with the reason, nothing on stdout.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = common::apexctl_command(&stores)
+        .env("CLICKHOUSE_URL", &url)
+        .args(["reconcile", "--period", "2026-01", "--json"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("could not compare"), "{err}");
+    assert!(out.stdout.is_empty());
 }
 
 #[tokio::test]
@@ -552,7 +655,10 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
             .clone();
         (pair.verdict, pair.difference)
     };
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    // The run's clock is the test's, never the wall clock: the database's change times are
+    // compared only with the database's.
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-10-02T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
 
@@ -565,11 +671,20 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
         &[record(&studio, Metric::Impressions, 3_000, at(day, 11))],
     )
     .await;
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-10-20T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(
         preview(&report),
         (apex_stripe::reconcile::Verdict::Unsynced, 30)
+    );
+    // Only until October's close is due (a day after October plus the longest revenue wait):
+    // a close that never runs is drift.
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-12-01T00:00:00Z").await;
+    assert_eq!(
+        preview(&report),
+        (apex_stripe::reconcile::Verdict::Drift, 30)
     );
 
     // October's invoice carries the adjustment: September is billed in full again.
@@ -581,22 +696,24 @@ async fn late_usage_is_unsynced_until_the_next_invoice_adjusts_it() {
     .await
     .unwrap();
     assert_eq!(closed.failed.len(), 0, "{closed:?}");
-    let report = reconcile_library(&stores, &stripe, september, checks).await;
+    let report =
+        reconcile_library(&stores, &stripe, september, checks, "2026-11-02T00:00:00Z").await;
     assert!(report.is_clean(), "{report:#?}");
     assert_eq!(preview(&report), (apex_stripe::reconcile::Verdict::Ok, 0));
 }
 
-/// The library's reconciliation of `period` on the wall clock, with Stripe.
+/// The library's reconciliation of `period` at the run's time `now`, with Stripe.
 async fn reconcile_library(
     stores: &TestStores,
     stripe: &StripeClient,
     period: Period,
     checks: apex_stripe::reconcile::Checks,
+    now: &str,
 ) -> apex_stripe::reconcile::Report {
     let request = apex_stripe::reconcile::Request {
         period,
         customer: None,
-        now: Utc::now(),
+        now: now.parse().unwrap(),
     };
     apex_stripe::reconcile::reconcile_with(
         &stores.pool,

@@ -200,7 +200,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     // The dry run says what would change, and changes nothing.
     let expected = json!([{
         "customer_id": a, "metric_type": "impressions", "day": d1.to_string(),
-        "current": 100, "rebuilt": 125, "hours": 0,
+        "current": 100, "rebuilt": 125, "hours": 0, "hours_decreased": 0,
     }]);
     assert_eq!(rebuild(&stores, "clickhouse", d1, d2, true), expected);
     assert_eq!(daily_total(&stores, a, "impressions", d1).await, 100);
@@ -224,7 +224,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
         rebuild(&stores, "clickhouse", d1, d2, false),
         json!([{
             "customer_id": b, "metric_type": "data_transfer", "day": d2.to_string(),
-            "current": 9, "rebuilt": 0, "hours": 0,
+            "current": 9, "rebuilt": 0, "hours": 0, "hours_decreased": 0,
         }])
     );
     assert_eq!(daily_total(&stores, b, "data_transfer", d2).await, 0);
@@ -254,13 +254,44 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     assert_eq!(drifts(&stores, &days).len(), 2);
     let expected = json!([
         {"customer_id": a, "metric_type": "api_calls", "day": d2.to_string(),
-         "current": 45, "rebuilt": 50, "hours": 1},
+         "current": 45, "rebuilt": 50, "hours": 1, "hours_decreased": 0},
         {"customer_id": b, "metric_type": "impressions", "day": d1.to_string(),
-         "current": 40, "rebuilt": 0, "hours": 1},
+         "current": 40, "rebuilt": 0, "hours": 1, "hours_decreased": 1},
     ]);
     assert_eq!(rebuild(&stores, "postgres", d1, d2, true), expected);
     assert_eq!(hours(&stores).await, before);
-    assert_eq!(rebuild(&stores, "postgres", d1, d2, false), expected);
+    // Lowering billed usage needs --allow-decrease: refused (naming the day), nothing changed.
+    let (from, to) = (d1.to_string(), d2.to_string());
+    let (code, out, err) = apexctl(
+        &stores,
+        &[
+            "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("--allow-decrease") && err.contains(&format!("{b} impressions {d1}")),
+        "{err}"
+    );
+    assert_eq!(hours(&stores).await, before);
+    let (code, out, err) = apexctl(
+        &stores,
+        &[
+            "rollup",
+            "rebuild",
+            "--store",
+            "postgres",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--allow-decrease",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["changes"], expected);
     assert_eq!(drifts(&stores, &days), BTreeSet::new());
     assert_eq!(rebuild(&stores, "postgres", d1, d2, false), json!([]));
     let after: Vec<(String, String, i64)> = hours(&stores)
@@ -322,14 +353,14 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     postgres_sink::apply_batch(&mut conn, &half(position, position + 100, &late[..1]))
         .await
         .unwrap();
-    let (from, to) = (d1.to_string(), d2.to_string());
     let (code, out, err) = apexctl(
         &stores,
         &[
             "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
         ],
     );
-    assert_eq!(code, 1, "{out}{err}");
+    // Busy: exit 3, run it again.
+    assert_eq!(code, 3, "{out}{err}");
     assert!(err.contains("straddles Postgres's watermark"), "{err}");
     // Once it has the rest, the stores agree and there is nothing to rebuild.
     postgres_sink::apply_batch(&mut conn, &half(position + 100, position + 200, &late[1..]))
@@ -431,4 +462,66 @@ async fn bad_rebuild_requests_are_refused_with_a_reason() {
     // Missing flags are clap's usage errors.
     let (code, _, err) = apexctl(&stores, &["rollup", "rebuild", "--store", "postgres"]);
     assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test]
+async fn a_rebuild_refuses_while_another_runs_and_asks_to_run_again_while_a_batch_is_open() {
+    let stores = TestStores::migrated().await;
+    let ch = stores.config.clickhouse();
+    let today = Utc::now().date_naive();
+    let (d1, d2) = (today - Duration::days(3), today - Duration::days(2));
+    let (from, to) = (d1.to_string(), d2.to_string());
+    let args = |store| {
+        vec![
+            "rollup".to_owned(),
+            "rebuild".to_owned(),
+            "--store".to_owned(),
+            store,
+            "--from".to_owned(),
+            from.clone(),
+            "--to".to_owned(),
+            to.clone(),
+        ]
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        apexctl(&stores, &args)
+    };
+    // Another ClickHouse rebuild holds the store's lock: refused (two would insert the same
+    // shortfall twice); a dry run, which only reads, still runs.
+    let mut other = stores.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(0x6170_6578_7262_6368_i64)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let (code, out, err) = run(args("clickhouse".into()));
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("another rollup rebuild of clickhouse is running"),
+        "{err}"
+    );
+    let mut dry = args("clickhouse".into());
+    dry.push("--dry-run".into());
+    let (code, out, err) = run(dry);
+    assert_eq!(code, 0, "{out}{err}");
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+
+    // A pipeline batch touching the days is being written (a `started` marker without
+    // `done`): nothing is changed, exit 3 says to run it again.
+    ch.query(
+        "INSERT INTO pipeline_batches (log_id, batch_id, end_position, rows, state, min_ts, \
+             max_ts) VALUES ('log_open', 0, 100, 1, 'started', toDateTime(?), toDateTime(?))",
+    )
+    .bind(at(d1, 10).timestamp() as u32)
+    .bind(at(d1, 11).timestamp() as u32)
+    .execute()
+    .await
+    .unwrap();
+    let (code, out, err) = run(args("clickhouse".into()));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("being written to ClickHouse"), "{err}");
 }

@@ -11,58 +11,73 @@
 //! # Checks and their verdicts
 //!
 //! Every pair is `ok` (equal), `drift` (a real difference, with `difference = right - left`)
-//! or `unsynced` (a difference the system is still expected to close by itself). `left` is the
-//! first figure a check names, `right` the second (`raw_events/postgres_hourly`: the raw
-//! total, then the rollups'). A customer, metric and day with nothing on either side is not
-//! listed. The rules, check by check (`note` says which applied):
+//! or `unsynced` (a difference the system is still expected to close by itself, and only
+//! until it is due to: every `unsynced` rule has a deadline, after which it is drift). `left`
+//! is the first figure a check names, `right` the second (`raw_events/postgres_hourly`: the
+//! raw total, then the rollups'). A customer, metric and day with nothing on either side is
+//! not listed. The rules, check by check (`note` says which applied):
 //!
 //! - [`RAW_VS_DAILY`]: raw events against the daily rollup. Unsynced only on a day a
 //!   ClickHouse pipeline batch is still being written (a `started` marker without `done`):
 //!   its rollup part follows its rows.
 //! - [`RAW_VS_POSTGRES`]: raw events against the hourly rollups summed per day. The two
-//!   appliers move independently, so unsynced on a day a batch applied by one store and not
-//!   yet the other touches (from the ClickHouse markers, read before and after the totals);
-//!   when the ClickHouse applier is behind the Postgres one, its markers cannot say which
-//!   days the missing batches hold, and every difference is unsynced.
+//!   appliers move independently, so unsynced on a day a ClickHouse batch not yet applied by
+//!   Postgres touches (from the ClickHouse markers, read before and after the totals), and,
+//!   when the ClickHouse applier is behind the Postgres one, for raw totals *below* the
+//!   rollups (the direction a missing ClickHouse batch explains). Either only while the batch
+//!   is younger than [`PIPELINE_LAG_MINUTES`]: a store stuck longer is drift, and
+//!   [`Report::pipeline`] gives each log's position in both stores.
 //! - [`POSTGRES_VS_REPORTED`]: the hourly rollups against `stripe_usage_sync.
 //!   quantity_reported`, with the sync's rules ([`crate::reporting`], [`crate::sync`]). Not
 //!   compared for customers without a Stripe customer (listed in
-//!   [`Report::unmapped_customers`]). More reported than we hold is drift (the sync never
-//!   sends it; it flags the day for a person). Less is unsynced while the sync can still
-//!   close it: the day is not complete, an event is pending, or failed and retried next run
-//!   (not one held for a person), or the day changed (or ended) less than
-//!   [`SYNC_DUE_HOURS`] ago and is still inside Stripe's window; otherwise drift.
+//!   [`Report::unmapped_customers`]). More reported than we hold is drift at any time (the
+//!   sync never sends it). Less is unsynced while the sync can still close it: the day is not
+//!   complete; an event is pending (or failed and is retried), for at most
+//!   [`SYNC_DUE_HOURS`] after it was written (`pending_since`, the run's clock); or the day
+//!   ended less than [`SYNC_DUE_HOURS`] ago (the run's clock) or its rollups changed less than
+//!   [`SYNC_DUE_HOURS`] ago (`usage_records.updated_at` against the database's own `now()`).
+//!   A day the sync holds for a person (a pending event Stripe disagrees with,
+//!   [`crate::sync::NEEDS_A_PERSON`]) and a day out of Stripe's window are drift.
 //! - [`REPORTED_VS_STRIPE`] (`--stripe`): what Stripe accepted by our records against the
-//!   day's meter event summary. Unsynced while the day's event is pending (Stripe may hold
-//!   it already); otherwise drift.
+//!   day's meter event summary. With an event pending, Stripe may hold what was accepted or
+//!   that plus the pending quantity (unsynced), nothing else; an event confirmed less than
+//!   [`STRIPE_SUMMARY_LAG_MINUTES`] ago (database clock) may not be in Stripe's summaries yet
+//!   (unsynced); otherwise drift.
 //! - [`INVOICE_VS_LINES`]: an invoice's total against the sum of its lines; any difference is
 //!   drift.
 //! - [`INVOICE_VS_PREVIEW`]: what was billed for the period (the invoice's own lines, and every
 //!   adjustment correcting it on a later invoice) against the period priced now, on the terms
 //!   kept with the invoice (the preview's code; it is the usage API's preview whenever the
-//!   plan and contract have not changed since). Without an invoice: unsynced (the period is
-//!   not over, or the close has not issued it yet: it waits for revenue). With one, a
-//!   difference is unsynced when a review of the period is open (revenue missing, a credit
-//!   awaiting approval) or when the period's usage or revenue changed after the newest
-//!   invoice that could carry its adjustment was written (the next close adjusts it);
-//!   otherwise drift.
-//!
-//! The "changed" times are `usage_records.updated_at` and `mediated_revenue.updated_at`, on
-//! the database's clock; the run's time and `invoices.created_at` may be on a simulated one. A
-//! change stamped after the run's time is therefore ignored (the rules fall back to the day's
-//! end, and to drift), never taken as a reason to wait.
+//!   plan and contract have not changed since). Without an invoice: unsynced until the close
+//!   is due to have written it ([`invoice_due`]: a day after the month's end, plus the
+//!   longest revenue wait when its revenue is missing), then drift. With one, a difference is
+//!   unsynced when the month's usage or revenue changed after the newest invoice that could
+//!   carry its adjustment was written (both on the database's clock), or a `revenue_missing`
+//!   review of it is open, or a credit of exactly the difference was approved and not yet
+//!   applied, each only until the next close is due ([`next_close_due`]) and only if it will
+//!   run for the month (the customer is not canceled, the month within
+//!   [`invoices::ADJUSTMENT_LOOKBACK_MONTHS`]); a credit of exactly the difference awaiting a
+//!   person's approval is unsynced; one a person dismissed is ok (noted); otherwise drift.
 //! - [`INVOICE_VS_STRIPE`] and [`LINE_VS_STRIPE`] (`--stripe`): our invoice's total and each
-//!   line (by its `apex_line` metadata) against Stripe's invoice. Unsynced while ours is
-//!   `pending` or `draft` (the close is still building it); otherwise drift.
+//!   line (by its `apex_line` metadata) against Stripe's invoice. Drift whenever a
+//!   `total_mismatch` review of the month is open (the close refused to finalize). Unsynced
+//!   while ours is `pending` or `draft`, or has no Stripe invoice yet, for
+//!   [`INVOICE_BUILD_HOURS`] after it was written (`invoices.created_at`, the run's clock);
+//!   otherwise drift. A `voided` invoice is compared like any other: Stripe keeps its lines,
+//!   and so do we.
+//!
+//! Two clocks: the run's time (`now`, possibly simulated) is compared only with times written
+//! on it (days' ends, `pending_since`, `invoices.created_at`), and the database's change times
+//! only with the database's (`now()`, `invoices.recorded_at`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use apex_billing::invoices::{self, Invoice};
+use apex_billing::invoices::{self, Invoice, Review};
 use apex_billing::pricing::Period;
 use apex_billing::statement::{self, PricingTerms};
 use apex_core::model::Metric;
-use apex_pipeline::rollups::{self, DayTotals, InFlight, PostgresDay, RollupError};
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use apex_pipeline::rollups::{self, DayTotals, InFlight, LogPosition, PostgresDay, RollupError};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use stripe_billing::billing_meter_event_summary::{
@@ -74,6 +89,7 @@ use stripe_billing::invoice_line_item::ListInvoiceInvoiceLineItem;
 use crate::StripeWorkError;
 use crate::client::StripeClient;
 use crate::reporting;
+use crate::sync::NEEDS_A_PERSON;
 
 /// Raw events (`usage_events`) against the ClickHouse daily rollup (`usage_daily`).
 pub const RAW_VS_DAILY: &str = "raw_events/clickhouse_daily";
@@ -107,14 +123,22 @@ pub const CHECKS: [&str; 8] = [
 /// The checks that ask Stripe itself (`--stripe`).
 pub const STRIPE_CHECKS: [&str; 3] = [REPORTED_VS_STRIPE, INVOICE_VS_STRIPE, LINE_VS_STRIPE];
 
-/// How long after a day's end (or its last change) the usage sync has to report it before a
-/// shortfall is drift: the sync runs daily (the guide's 02:00), so one day and the run's own
-/// length.
+/// How long after a day's end (or its last change, or an event's writing) the usage sync has
+/// to report it before a shortfall is drift: the `stripe_sync` job runs daily at 02:00 UTC
+/// (`apex_cron`'s jobs), so one day and two hours for the slot and the run's own length.
 pub const SYNC_DUE_HOURS: i64 = 26;
 
-/// The sync's reason for a day it holds for a person rather than retries (see
-/// [`crate::sync`]: a shrunk day, an old pending event Stripe disagrees with).
-const HELD_FOR_A_PERSON: &str = "needs a person";
+/// How long Stripe's meter event summaries may lag an event it accepted, in minutes (its
+/// summaries are aggregated asynchronously).
+pub const STRIPE_SUMMARY_LAG_MINUTES: i64 = 5;
+
+/// How long an invoice may stay `pending`, `draft` or without a Stripe invoice after it was
+/// written, in hours: the close runs daily and finishes what an earlier run left.
+pub const INVOICE_BUILD_HOURS: i64 = 24;
+
+/// How long one store's applier may be behind the other's on a batch, in minutes, before the
+/// difference it makes is drift (a stuck applier) rather than a batch in flight.
+pub const PIPELINE_LAG_MINUTES: i64 = 10;
 
 /// What to reconcile.
 #[derive(Debug, Clone)]
@@ -127,7 +151,9 @@ pub struct Request {
     pub now: DateTime<Utc>,
 }
 
-/// Which checks a run makes ([`reconcile_with`]); [`reconcile`] makes them all.
+/// Which checks a run makes ([`reconcile_with`]); [`reconcile`] makes them all. For tests
+/// that write some stores directly.
+#[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checks {
     /// The ClickHouse raw events against both rollups ([`RAW_VS_DAILY`], [`RAW_VS_POSTGRES`]).
@@ -206,6 +232,14 @@ pub struct Report {
     /// Customers without a Stripe customer: nothing of theirs is compared with what was
     /// reported to Stripe or invoiced (they have neither).
     pub unmapped_customers: Vec<String>,
+    /// Customers with usage or sync rows in the period but no `customers` row: nothing of
+    /// theirs beyond the raw events and rollups can be compared.
+    pub unknown_customers: Vec<String>,
+    /// Each pipeline log's position in Postgres and ClickHouse after the reads, with its lag
+    /// (empty when the raw events were not compared).
+    pub pipeline: Vec<LogPosition>,
+    /// What limits the comparison (e.g. a ClickHouse server not in UTC).
+    pub warnings: Vec<String>,
     /// Every pair compared, by check, customer, metric, day and line.
     pub pairs: Vec<Pair>,
 }
@@ -244,6 +278,7 @@ impl From<RollupError> for StripeWorkError {
     fn from(error: RollupError) -> Self {
         match error {
             RollupError::Postgres(e) => Self::Database(e),
+            RollupError::ClickHouse(e) => Self::Invalid(format!("clickhouse: {e}")),
             other => Self::Invalid(other.to_string()),
         }
     }
@@ -261,7 +296,8 @@ pub async fn reconcile(
     reconcile_with(pool, stores, stripe, request, Checks::default()).await
 }
 
-/// [`reconcile`], making only the checks `checks` selects.
+/// [`reconcile`], making only the checks `checks` selects (for tests).
+#[doc(hidden)]
 pub async fn reconcile_with(
     pool: &PgPool,
     stores: &apex_core::stores::StoreConfig,
@@ -304,15 +340,43 @@ pub async fn reconcile_with(
         let daily = rollups::clickhouse_daily(&client, first, last, customer).await?;
         let postgres = rollups::postgres_daily(&mut *conn, first, last, customer).await?;
         let after = rollups::in_flight(&client, &mut conn, Some(&before)).await?;
-        compare_raw(&mut report, &raw, &daily, &postgres, &before.union(after));
+        let flight = before.union(after);
+        let zone = rollups::server_timezone(&client).await?;
+        if zone != "UTC" && zone != "Etc/UTC" {
+            report.warnings.push(format!(
+                "the ClickHouse server runs in {zone}: the daily rollup's days are its days, \
+                 not UTC days, so {RAW_VS_DAILY} differences may be the zone's"
+            ));
+        }
+        compare_raw(&mut report, &raw, &daily, &postgres, &flight);
+        report.pipeline = flight.positions;
         postgres
     } else {
         rollups::postgres_daily(pool, first, last, customer).await?
     };
 
+    let known: BTreeSet<&str> = mappings.iter().map(|m| m.id.as_str()).collect();
+    let mut unknown: BTreeSet<String> = postgres
+        .keys()
+        .map(|(c, _, _)| c)
+        .filter(|c| !known.contains(c.as_str()))
+        .cloned()
+        .collect();
     if checks.usage_sync {
         let synced = sync_rows(pool, first, last, customer).await?;
-        compare_reported(&mut report, &postgres, &synced, &mapped, request.now);
+        unknown.extend(
+            synced
+                .keys()
+                .map(|(c, _, _)| c)
+                .filter(|c| !known.contains(c.as_str()))
+                .cloned(),
+        );
+        let db_now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+        let clocks = Clocks {
+            now: request.now,
+            db_now,
+        };
+        compare_reported(&mut report, &postgres, &synced, &mapped, clocks);
         if let Some(stripe) = stripe {
             compare_meters(
                 &mut report,
@@ -322,10 +386,12 @@ pub async fn reconcile_with(
                 &postgres,
                 &mapped,
                 request,
+                db_now,
             )
             .await?;
         }
     }
+    report.unknown_customers = unknown.into_iter().collect();
     for mapping in &mappings {
         // A month outside the customer's life is never invoiced unasked (as the close).
         let in_life =
@@ -333,7 +399,7 @@ pub async fn reconcile_with(
         if !mapped.contains_key(mapping.id.as_str()) || !in_life {
             continue;
         }
-        compare_invoice(&mut report, pool, stripe, &mapping.id, request).await?;
+        compare_invoice(&mut report, pool, stripe, mapping, request).await?;
     }
     report.pairs.sort_by(|a, b| {
         let rank = |p: &Pair| CHECKS.iter().position(|c| *c == p.check);
@@ -409,19 +475,23 @@ fn compare_raw(
     let keys: BTreeSet<&rollups::DayKey> = raw.keys().chain(postgres.keys()).collect();
     for key in keys {
         let (customer, metric, day) = key;
+        let left = raw.get(key).copied().unwrap_or(0);
+        let right = postgres.get(key).map_or(0, |d| d.quantity);
         report.pairs.push(pair(
             RAW_VS_POSTGRES,
             customer,
             Some(*metric),
             Some(*day),
-            i128::from(raw.get(key).copied().unwrap_or(0)),
-            i128::from(postgres.get(key).map_or(0, |d| d.quantity)),
-            if flight.between_stores(*day) {
+            i128::from(left),
+            i128::from(right),
+            if flight.explains(*day, left, right) {
                 (
                     Verdict::Unsynced,
-                    "a pipeline batch touching the day is applied by one store and not yet the \
-                     other"
-                        .into(),
+                    format!(
+                        "a pipeline batch touching the day is applied by one store and not yet \
+                         the other (for less than {} s)",
+                        rollups::IN_FLIGHT_LIMIT_SECONDS
+                    ),
                 )
             } else {
                 (
@@ -444,7 +514,34 @@ struct SyncRow {
     quantity_reported: i64,
     status: String,
     pending_quantity: Option<i64>,
+    pending_since: Option<DateTime<Utc>>,
     last_error: Option<String>,
+    synced_at: Option<DateTime<Utc>>,
+}
+
+/// The run's time and the database's: each compared only with times written on it.
+#[derive(Debug, Clone, Copy)]
+struct Clocks {
+    /// The run's (possibly simulated) time.
+    now: DateTime<Utc>,
+    /// The database's `now()`.
+    db_now: DateTime<Utc>,
+}
+
+/// What was reported to Stripe (`stripe_usage_sync.quantity_reported`, accepted events only)
+/// per customer, metric and UTC day of `first..=last`, of one customer if given (one query);
+/// `apexctl rollup rebuild` warns when a rebuilt day falls below it.
+pub async fn reported_totals(
+    pool: &PgPool,
+    first: NaiveDate,
+    last: NaiveDate,
+    customer: Option<&str>,
+) -> Result<BTreeMap<rollups::DayKey, u64>, StripeWorkError> {
+    Ok(sync_rows(pool, first, last, customer)
+        .await?
+        .into_iter()
+        .map(|(key, row)| (key, u64::try_from(row.quantity_reported).unwrap_or(0)))
+        .collect())
 }
 
 /// The period's `stripe_usage_sync` rows, by customer, metric and day (one query).
@@ -456,7 +553,7 @@ async fn sync_rows(
 ) -> Result<BTreeMap<rollups::DayKey, SyncRow>, StripeWorkError> {
     let rows: Vec<SyncRow> = sqlx::query_as(
         "SELECT customer_id, usage_date, metric_type, quantity_reported, status, \
-                pending_quantity, last_error \
+                pending_quantity, pending_since, last_error, synced_at \
          FROM stripe_usage_sync \
          WHERE usage_date BETWEEN $1 AND $2 AND ($3::text IS NULL OR customer_id = $3)",
     )
@@ -484,24 +581,26 @@ fn day_end(day: NaiveDate) -> DateTime<Utc> {
 }
 
 /// Why a day whose rollup differs from what was reported is or is not drift (see the module
-/// documentation).
+/// documentation). `changed_at` is the day's latest rollup change, on the database's clock.
 fn reported_verdict(
     day: NaiveDate,
     total: u64,
     reported: u64,
     row: Option<&SyncRow>,
     changed_at: Option<DateTime<Utc>>,
-    now: DateTime<Utc>,
+    clocks: Clocks,
 ) -> (Verdict, String) {
-    if day_end(day) > now {
-        return (Verdict::Unsynced, "the day is not complete".into());
-    }
+    let now = clocks.now;
+    // Before anything else: the sync never reports more than the day holds, complete or not.
     if reported > total {
         return (
             Verdict::Drift,
             "more was reported to Stripe than the rollups hold (the sync cannot take it back)"
                 .into(),
         );
+    }
+    if day_end(day) > now {
+        return (Verdict::Unsynced, "the day is not complete".into());
     }
     let reportable = reporting::reportable_days(now).contains(&day);
     if !reportable {
@@ -513,39 +612,64 @@ fn reported_verdict(
             ),
         );
     }
-    if let Some(row) = row {
+    let due = Duration::hours(SYNC_DUE_HOURS);
+    if let Some(row) = row
+        && row.pending_quantity.is_some()
+    {
         let error = row.last_error.as_deref().unwrap_or("");
-        if row.status == "failed" && error.contains(HELD_FOR_A_PERSON) {
+        // Held: the sync sends nothing more for the day until a person looks.
+        if row.status == "failed" && error.ends_with(NEEDS_A_PERSON) {
             return (Verdict::Drift, format!("the sync holds it: {error}"));
         }
-        if row.pending_quantity.is_some() || row.status == "pending" {
+        // `pending_since` is written with the sync run's time: the run's clock.
+        if let Some(since) = row.pending_since
+            && now - since >= due
+        {
             return (
-                Verdict::Unsynced,
-                "an event is pending: the next sync sends it again".into(),
+                Verdict::Drift,
+                format!(
+                    "an event of the day has been pending since {since} ({}), more than \
+                     {SYNC_DUE_HOURS} h: the sync does not settle it",
+                    if error.is_empty() { &row.status } else { error }
+                ),
             );
         }
-        if row.status == "failed" {
-            return (
-                Verdict::Unsynced,
-                format!("the last send failed and is retried by the next sync: {error}"),
-            );
-        }
+        return (
+            Verdict::Unsynced,
+            if row.status == "failed" {
+                format!("the last send failed and is retried by the next sync: {error}")
+            } else {
+                "an event is pending: the next sync sends it again".into()
+            },
+        );
     }
-    let since = changed_at.map_or(day_end(day), |c| c.max(day_end(day)));
-    if now < since + Duration::hours(SYNC_DUE_HOURS) {
-        (
+    // Nothing pending (a day flagged as shrunk whose total has grown back is sent again like
+    // any other): due a sync after the day's end on the run's clock, and after its last
+    // change on the database's.
+    if now < day_end(day) + due {
+        return (
             Verdict::Unsynced,
             "not yet due: the next daily sync reports it".into(),
-        )
-    } else {
-        (
-            Verdict::Drift,
-            format!(
-                "the usage was not reported although the sync was due {SYNC_DUE_HOURS} h after \
-                 the day (or its last change)"
-            ),
-        )
+        );
     }
+    if let Some(changed) = changed_at
+        && clocks.db_now < changed + due
+    {
+        return (
+            Verdict::Unsynced,
+            format!(
+                "the day's rollups changed at {changed} (database clock), less than \
+                 {SYNC_DUE_HOURS} h ago: the next daily sync reports it"
+            ),
+        );
+    }
+    (
+        Verdict::Drift,
+        format!(
+            "the usage was not reported although the sync was due {SYNC_DUE_HOURS} h after the \
+             day (and its last change)"
+        ),
+    )
 }
 
 fn compare_reported(
@@ -553,7 +677,7 @@ fn compare_reported(
     postgres: &BTreeMap<rollups::DayKey, PostgresDay>,
     synced: &BTreeMap<rollups::DayKey, SyncRow>,
     mapped: &HashMap<&str, &str>,
-    now: DateTime<Utc>,
+    clocks: Clocks,
 ) {
     let keys: BTreeSet<&rollups::DayKey> = postgres.keys().chain(synced.keys()).collect();
     for key in keys {
@@ -569,13 +693,8 @@ fn compare_reported(
             total,
             reported,
             row,
-            // A change stamped after the run's time is on another clock (the database's,
-            // against a simulated one) and says nothing about this run's days.
-            postgres
-                .get(key)
-                .map(|d| d.changed_at)
-                .filter(|c| *c <= now),
-            now,
+            postgres.get(key).map(|d| d.changed_at),
+            clocks,
         );
         report.pairs.push(pair(
             POSTGRES_VS_REPORTED,
@@ -642,6 +761,8 @@ async fn stripe_days(
     Ok(days)
 }
 
+// The figures read once for the whole period, handed down rather than read again.
+#[allow(clippy::too_many_arguments)]
 async fn compare_meters(
     report: &mut Report,
     pool: &PgPool,
@@ -650,6 +771,7 @@ async fn compare_meters(
     postgres: &BTreeMap<rollups::DayKey, PostgresDay>,
     mapped: &HashMap<&str, &str>,
     request: &Request,
+    db_now: DateTime<Utc>,
 ) -> Result<(), StripeWorkError> {
     let meters: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
         "SELECT metric_type, stripe_meter_id FROM stripe_meters",
@@ -693,106 +815,200 @@ async fn compare_meters(
             let key = (customer.to_owned(), metric, day);
             let row = synced.get(&key);
             let reported = row.map_or(0, |r| u64::try_from(r.quantity_reported).unwrap_or(0));
-            let pending = row.is_some_and(|r| r.pending_quantity.is_some());
+            let stripe_total = theirs.get(&day).copied().unwrap_or(0);
             report.pairs.push(pair(
                 REPORTED_VS_STRIPE,
                 customer,
                 Some(metric),
                 Some(day),
                 i128::from(reported),
-                i128::from(theirs.get(&day).copied().unwrap_or(0)),
-                if pending {
-                    (
-                        Verdict::Unsynced,
-                        "an event of the day is pending: Stripe may hold it already".into(),
-                    )
-                } else {
-                    (
-                        Verdict::Drift,
-                        "Stripe's meter differs from what it accepted by our records".into(),
-                    )
-                },
+                i128::from(stripe_total),
+                meter_verdict(row, reported, stripe_total, db_now),
             ));
         }
     }
     Ok(())
 }
 
-/// What was billed for a period, cents: the invoice's own lines and every later adjustment
-/// correcting it (the invoice close's own figure for adjustments).
-async fn billed_for(
-    pool: &PgPool,
-    customer: &str,
-    period_start: DateTime<Utc>,
-) -> Result<i64, StripeWorkError> {
-    Ok(sqlx::query_scalar(
-        "SELECT coalesce(sum(l.amount_cents), 0)::bigint FROM invoice_lines l \
-         JOIN invoices i ON i.id = l.invoice_id \
-         WHERE i.customer_id = $1 \
-           AND ((i.period_start = $2 AND l.kind <> 'adjustment') OR l.corrects_period_start = $2)",
+/// Why Stripe's meter total of a day differing from what it accepted by our records is or is
+/// not drift (see the module documentation).
+fn meter_verdict(
+    row: Option<&SyncRow>,
+    reported: u64,
+    stripe_total: u64,
+    db_now: DateTime<Utc>,
+) -> (Verdict, String) {
+    if let Some(pending) = row.and_then(|r| r.pending_quantity) {
+        let pending = u64::try_from(pending).unwrap_or(0);
+        if stripe_total == reported.saturating_add(pending) {
+            return (
+                Verdict::Unsynced,
+                format!(
+                    "Stripe holds the pending event of {pending} already; the next sync records it"
+                ),
+            );
+        }
+        return (
+            Verdict::Drift,
+            format!(
+                "Stripe's meter holds neither what it accepted by our records nor that plus the \
+                 pending {pending}"
+            ),
+        );
+    }
+    if let Some(synced) = row.and_then(|r| r.synced_at)
+        && db_now - synced < Duration::minutes(STRIPE_SUMMARY_LAG_MINUTES)
+    {
+        return (
+            Verdict::Unsynced,
+            format!(
+                "an event was accepted at {synced}, less than {STRIPE_SUMMARY_LAG_MINUTES} min ago: \
+                 Stripe's summaries may not show it yet"
+            ),
+        );
+    }
+    (
+        Verdict::Drift,
+        "Stripe's meter differs from what it accepted by our records".into(),
     )
-    .bind(customer)
-    .bind(period_start)
-    .fetch_one(pool)
-    .await?)
 }
 
-/// Whether a difference between what was billed for a period and what it prices at now is
-/// one the invoicing will settle by itself, and why.
-async fn preview_pending(
-    pool: &PgPool,
-    customer: &str,
+/// When the close is due to have written a month's invoice, on the run's clock: it runs daily
+/// and closes a month the day after it ends, or, while its revenue is missing, once the
+/// revenue wait is over (at most [`invoices::MAX_REVENUE_WAIT_DAYS`]; the configured wait is
+/// the close's setting, not known here).
+pub fn invoice_due(period: &Period, revenue_known: bool) -> DateTime<Utc> {
+    let wait = if revenue_known {
+        Duration::zero()
+    } else {
+        Duration::days(invoices::MAX_REVENUE_WAIT_DAYS)
+    };
+    period.end + wait + Duration::days(1)
+}
+
+/// When the next close that can adjust a month is due, on the run's clock: the month after
+/// the latest invoiced one (`latest_period_start`), as [`invoice_due`] (its revenue unknown).
+/// `None` when no such close will run: the customer is canceled before that month begins, or
+/// the month is beyond [`invoices::ADJUSTMENT_LOOKBACK_MONTHS`] from it.
+pub fn next_close_due(
     period: &Period,
-    now: DateTime<Utc>,
-) -> Result<Option<String>, StripeWorkError> {
-    let open_review: Option<String> = sqlx::query_scalar(
-        "SELECT kind FROM invoice_reviews WHERE customer_id = $1 AND period_start = $2 \
-           AND resolved_at IS NULL AND kind IN ('revenue_missing', 'negative_adjustment') \
-         ORDER BY id LIMIT 1",
-    )
-    .bind(customer)
-    .bind(period.start)
-    .fetch_optional(pool)
-    .await?;
-    if let Some(kind) = open_review {
-        return Ok(Some(format!(
-            "an open {kind} review of the period awaits a person"
-        )));
+    latest_period_start: DateTime<Utc>,
+    canceled_at: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let next = apex_billing::pricing::month_period(
+        latest_period_start.year() + i32::from(latest_period_start.month() == 12),
+        latest_period_start.month() % 12 + 1,
+    )?;
+    let months = (next.start.year() - period.start.year()) * 12 + next.start.month() as i32
+        - period.start.month() as i32;
+    if months > invoices::ADJUSTMENT_LOOKBACK_MONTHS || canceled_at.is_some_and(|c| c <= next.start)
+    {
+        return None;
     }
-    // The newest invoice that could carry an adjustment of the period, against the period's
-    // latest usage or revenue change.
-    let (written, changed): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
-        "SELECT (SELECT max(created_at) FROM invoices WHERE customer_id = $1 \
-                   AND period_start >= $2), \
-                GREATEST( \
-                  (SELECT max(updated_at) FROM usage_records WHERE customer_id = $1 \
-                     AND recorded_at >= $2 AND recorded_at < $3), \
-                  (SELECT max(updated_at) FROM mediated_revenue WHERE customer_id = $1 \
-                     AND month = $4))",
-    )
-    .bind(customer)
-    .bind(period.start)
-    .bind(period.end)
-    .bind(period.start.date_naive())
-    .fetch_one(pool)
-    .await?;
-    Ok(match (written, changed) {
-        (Some(written), Some(changed)) if changed > written && changed <= now => Some(
-            "the period's usage or revenue changed after its newest invoice was written: the \
-             next invoice adjusts it"
-                .into(),
+    Some(invoice_due(&next, false))
+}
+
+/// What the invoicing is still expected to settle of a difference between what was billed for
+/// a month and what it prices at now (see the module documentation).
+struct PreviewFacts<'a> {
+    /// `priced - billed`, cents.
+    difference: i64,
+    /// The month's reviews, newest first.
+    reviews: &'a [Review],
+    /// The newest invoice that could adjust it, with the month's latest change.
+    newest: Option<invoices::NewestInvoice>,
+    /// When the customer was canceled.
+    canceled_at: Option<DateTime<Utc>>,
+}
+
+fn preview_verdict(
+    period: &Period,
+    facts: &PreviewFacts<'_>,
+    now: DateTime<Utc>,
+) -> (Verdict, String) {
+    let next_due = facts
+        .newest
+        .and_then(|n| next_close_due(period, n.latest_period_start, facts.canceled_at));
+    let before_next_close = |why: String| match next_due {
+        Some(due) if now < due => (
+            Verdict::Unsynced,
+            format!("{why}: the next close (due by {due}) adjusts it"),
         ),
-        _ => None,
-    })
+        Some(due) => (
+            Verdict::Drift,
+            format!("{why}, but the close due by {due} has not adjusted it"),
+        ),
+        None => (
+            Verdict::Drift,
+            format!(
+                "{why}, but no later close adjusts the month (customer canceled, or beyond the adjustment lookback)"
+            ),
+        ),
+    };
+    let credit = facts
+        .reviews
+        .iter()
+        .find(|r| r.kind == "negative_adjustment" && r.resolution.as_deref() != Some("superseded"));
+    if let Some(review) = credit
+        && review.amount_cents == facts.difference
+    {
+        match (review.resolved_at, review.resolution.as_deref()) {
+            (None, _) => {
+                return (
+                    Verdict::Unsynced,
+                    format!(
+                        "a credit of {} cents awaits a person's approval (review {})",
+                        -review.amount_cents, review.id
+                    ),
+                );
+            }
+            (Some(_), Some("dismissed")) => {
+                return (
+                    Verdict::Ok,
+                    format!(
+                        "a person dismissed this credit (review {}): nothing is sent",
+                        review.id
+                    ),
+                );
+            }
+            (Some(_), Some("approved")) if review.applied_invoice_id.is_none() => {
+                return before_next_close(format!(
+                    "a credit approved in review {} is not on an invoice yet",
+                    review.id
+                ));
+            }
+            _ => {}
+        }
+    }
+    if facts.newest.is_some_and(|n| n.changed_after()) {
+        return before_next_close(
+            "the month's usage or revenue changed after its newest invoice was written".into(),
+        );
+    }
+    if let Some(review) = facts
+        .reviews
+        .iter()
+        .find(|r| r.kind == "revenue_missing" && r.resolved_at.is_none())
+    {
+        return before_next_close(format!(
+            "the month was invoiced without its revenue (review {} open)",
+            review.id
+        ));
+    }
+    (
+        Verdict::Drift,
+        "what was billed for the period differs from what it prices at now".into(),
+    )
 }
 
 async fn compare_invoice(
     report: &mut Report,
     pool: &PgPool,
     stripe: Option<&StripeClient>,
-    customer: &str,
+    mapping: &apex_billing::customers::StripeMapping,
     request: &Request,
 ) -> Result<(), StripeWorkError> {
+    let customer = mapping.id.as_str();
     let period = request.period;
     let month = invoices::month_text(period.start);
     let Some(invoice) = invoices::for_period(pool, customer, period.start).await? else {
@@ -800,10 +1016,25 @@ async fn compare_invoice(
             let mut conn = pool.acquire().await?;
             statement::invoice_preview(&mut conn, customer, &month, &period).await?
         };
-        let why = if period.end > request.now {
-            "the period is not over: no invoice yet"
+        let due = invoice_due(&period, preview.mediated_revenue_cents.is_some());
+        let verdict = if period.end > request.now {
+            (
+                Verdict::Unsynced,
+                "the period is not over: no invoice yet".into(),
+            )
+        } else if request.now < due {
+            (
+                Verdict::Unsynced,
+                format!(
+                    "no invoice issued yet: the close is due to issue it by {due} (it waits for \
+                     the month's revenue)"
+                ),
+            )
         } else {
-            "no invoice issued yet (the close waits for the month's revenue, or has not run)"
+            (
+                Verdict::Drift,
+                format!("no invoice although the close was due to issue it by {due}"),
+            )
         };
         report.pairs.push(pair(
             INVOICE_VS_PREVIEW,
@@ -812,7 +1043,7 @@ async fn compare_invoice(
             None,
             0,
             i128::from(preview.total_cents),
-            (Verdict::Unsynced, why.into()),
+            verdict,
         ));
         return Ok(());
     };
@@ -843,13 +1074,20 @@ async fn compare_invoice(
             statement::month_inputs_priced_as(&mut conn, customer, &period, &pricing).await?;
         statement::compose_invoice(&inputs, &month, &period)?
     };
-    let billed = billed_for(pool, customer, period.start).await?;
-    let otherwise = match preview_pending(pool, customer, &period, request.now).await? {
-        Some(why) => (Verdict::Unsynced, why),
-        None => (
-            Verdict::Drift,
-            "what was billed for the period differs from what it prices at now".into(),
-        ),
+    let billed = invoices::billed_for(pool, customer, period.start).await?;
+    let priced_cents = i64::try_from(priced.total_cents)
+        .map_err(|_| StripeWorkError::Invalid("a priced total is too large".into()))?;
+    let reviews = invoices::period_reviews(pool, customer, period.start).await?;
+    let verdict = if priced_cents == billed {
+        (Verdict::Ok, String::new())
+    } else {
+        let facts = PreviewFacts {
+            difference: priced_cents - billed,
+            reviews: &reviews,
+            newest: invoices::newest_invoice_since(pool, customer, &period).await?,
+            canceled_at: mapping.canceled_at,
+        };
+        preview_verdict(&period, &facts, request.now)
     };
     report.pairs.push(pair(
         INVOICE_VS_PREVIEW,
@@ -857,12 +1095,24 @@ async fn compare_invoice(
         None,
         None,
         i128::from(billed),
-        i128::from(priced.total_cents),
-        otherwise,
+        i128::from(priced_cents),
+        verdict,
     ));
 
     if let Some(stripe) = stripe {
-        compare_stripe_invoice(report, stripe, customer, &invoice, &lines).await?;
+        let mismatch = reviews
+            .iter()
+            .find(|r| r.kind == "total_mismatch" && r.resolved_at.is_none());
+        compare_stripe_invoice(
+            report,
+            stripe,
+            customer,
+            &invoice,
+            &lines,
+            mismatch,
+            request.now,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -893,11 +1143,28 @@ async fn compare_stripe_invoice(
     customer: &str,
     invoice: &Invoice,
     lines: &[invoices::Line],
+    mismatch: Option<&Review>,
+    now: DateTime<Utc>,
 ) -> Result<(), StripeWorkError> {
     if invoice.status == "nothing_due" {
         return Ok(());
     }
-    let building = matches!(invoice.status.as_str(), "pending" | "draft");
+    // Still being built, for a day at most (`created_at` is the close's time, the run's clock).
+    // A total_mismatch review means the close gave up on it: drift, whatever its status.
+    let building = mismatch.is_none()
+        && (matches!(invoice.status.as_str(), "pending" | "draft")
+            || invoice.stripe_invoice_id.is_none())
+        && now - invoice.created_at < Duration::hours(INVOICE_BUILD_HOURS);
+    let stuck = |what: &str| match mismatch {
+        Some(review) => format!(
+            "{what}: the close refused to finalize it (total_mismatch review {} open: {})",
+            review.id, review.details
+        ),
+        None => format!(
+            "{what}: the close has not finished it {INVOICE_BUILD_HOURS} h after writing it ({})",
+            invoice.status
+        ),
+    };
     let Some(stripe_id) = invoice.stripe_invoice_id.as_deref() else {
         report.pairs.push(pair(
             INVOICE_VS_STRIPE,
@@ -906,10 +1173,14 @@ async fn compare_stripe_invoice(
             None,
             i128::from(invoice.total_cents),
             0,
-            (
-                Verdict::Unsynced,
-                "the close has not created the Stripe invoice yet".into(),
-            ),
+            if building {
+                (
+                    Verdict::Unsynced,
+                    "the close has not created the Stripe invoice yet".into(),
+                )
+            } else {
+                (Verdict::Drift, stuck("no Stripe invoice"))
+            },
         ));
         return Ok(());
     };
@@ -930,6 +1201,11 @@ async fn compare_stripe_invoice(
                     "the close is still building Stripe's invoice ({})",
                     invoice.status
                 ),
+            )
+        } else if mismatch.is_some() || matches!(invoice.status.as_str(), "pending" | "draft") {
+            (
+                Verdict::Drift,
+                stuck(&format!("{what} differs from Stripe's invoice {stripe_id}")),
             )
         } else {
             (
@@ -995,7 +1271,17 @@ mod tests {
             quantity_reported: 100,
             status: status.into(),
             pending_quantity: pending,
+            pending_since: pending.map(|_| at("2026-11-11T02:00:00Z")),
             last_error: error.map(str::to_owned),
+            synced_at: None,
+        }
+    }
+
+    /// The run's clock `now`; the database's far away (as in a simulation) unless given.
+    fn clocks(now: &str, db_now: Option<&str>) -> Clocks {
+        Clocks {
+            now: at(now),
+            db_now: db_now.map_or(at("2031-01-01T00:00:00Z"), at),
         }
     }
 
@@ -1003,7 +1289,7 @@ mod tests {
     fn a_shortfall_of_what_was_reported_is_unsynced_only_while_the_sync_can_close_it() {
         let day: NaiveDate = "2026-11-10".parse().unwrap();
         let verdict = |total, reported, row: Option<&SyncRow>, changed, now| {
-            reported_verdict(day, total, reported, row, changed, at(now)).0
+            reported_verdict(day, total, reported, row, changed, clocks(now, None)).0
         };
         // Today is not complete.
         assert_eq!(
@@ -1020,47 +1306,234 @@ mod tests {
             verdict(5, 0, None, None, "2026-11-12T03:00:00Z"),
             Verdict::Drift
         );
-        // A late record changed the day yesterday evening: the next sync corrects it.
+        // A late record changed the day an hour ago on the database's clock: the next sync
+        // corrects it, whatever the run's clock says.
         let sent = row("sent", None, None);
+        let changed = at("2030-12-31T23:00:00Z");
+        assert_eq!(
+            verdict(150, 100, Some(&sent), Some(changed), "2026-11-21T01:00:00Z"),
+            Verdict::Unsynced
+        );
+        // Changed two days ago on the database's clock: drift.
         assert_eq!(
             verdict(
                 150,
                 100,
                 Some(&sent),
-                Some(at("2026-11-20T20:00:00Z")),
+                Some(at("2030-12-29T00:00:00Z")),
+                "2026-11-21T01:00:00Z"
+            ),
+            Verdict::Drift
+        );
+        // Pending and retryable failures are unsynced for a day after the event was written
+        // (`pending_since`, the run's clock), then drift.
+        let pending = row("pending", Some(50), None);
+        assert_eq!(
+            verdict(150, 100, Some(&pending), None, "2026-11-11T20:00:00Z"),
+            Verdict::Unsynced
+        );
+        assert_eq!(
+            verdict(150, 100, Some(&pending), None, "2026-11-12T05:00:00Z"),
+            Verdict::Drift
+        );
+        let failed = row("failed", Some(50), Some("stripe: 500"));
+        assert_eq!(
+            verdict(150, 100, Some(&failed), None, "2026-11-11T20:00:00Z"),
+            Verdict::Unsynced
+        );
+        // Held for a person (the sync's own marker, a pending event kept): drift at once.
+        let held = row(
+            "failed",
+            Some(50),
+            Some(&format!(
+                "Stripe holds 7 for the day; ...: not sent again, {NEEDS_A_PERSON}"
+            )),
+        );
+        assert_eq!(
+            verdict(150, 100, Some(&held), None, "2026-11-11T20:00:00Z"),
+            Verdict::Drift
+        );
+        // A day flagged as shrunk (nothing pending) whose total grew back is sent by the next
+        // sync like any other day: unsynced while the change is young.
+        let shrunk = row(
+            "failed",
+            None,
+            Some(&format!(
+                "usage total 90 is below the 100 already reported: not sent, {NEEDS_A_PERSON}"
+            )),
+        );
+        assert_eq!(
+            verdict(
+                150,
+                100,
+                Some(&shrunk),
+                Some(changed),
                 "2026-11-21T01:00:00Z"
             ),
             Verdict::Unsynced
         );
-        // Pending and retryable failures are unsynced; a day held for a person is drift.
-        let pending = row("pending", Some(50), None);
+        // More reported than held: drift at any time, even on a day not complete yet.
         assert_eq!(
-            verdict(150, 100, Some(&pending), None, "2026-11-25T01:00:00Z"),
-            Verdict::Unsynced
-        );
-        let failed = row("failed", Some(50), Some("stripe: 500"));
-        assert_eq!(
-            verdict(150, 100, Some(&failed), None, "2026-11-25T01:00:00Z"),
-            Verdict::Unsynced
-        );
-        let held = row(
-            "failed",
-            Some(50),
-            Some("Stripe holds 7 for the day; ...: not sent again, needs a person"),
-        );
-        assert_eq!(
-            verdict(150, 100, Some(&held), None, "2026-11-25T01:00:00Z"),
+            verdict(90, 100, Some(&sent), None, "2026-11-10T12:00:00Z"),
             Verdict::Drift
         );
-        // More reported than held, or a day out of Stripe's window: drift.
-        assert_eq!(
-            verdict(90, 100, Some(&sent), None, "2026-11-11T01:00:00Z"),
-            Verdict::Drift
-        );
+        // A day out of Stripe's window: drift.
         assert_eq!(
             verdict(150, 100, Some(&pending), None, "2026-12-30T01:00:00Z"),
             Verdict::Drift
         );
+    }
+
+    #[test]
+    fn stripe_s_meter_may_hold_a_pending_event_or_not_nothing_else() {
+        let pending = row("pending", Some(50), None);
+        let db_now = at("2026-11-20T00:00:00Z");
+        assert_eq!(
+            meter_verdict(Some(&pending), 100, 150, db_now).0,
+            Verdict::Unsynced
+        );
+        assert_eq!(
+            meter_verdict(Some(&pending), 100, 120, db_now).0,
+            Verdict::Drift
+        );
+        assert_eq!(
+            meter_verdict(Some(&pending), 100, 160, db_now).0,
+            Verdict::Drift
+        );
+        // Just accepted: Stripe's summaries may lag a few minutes.
+        let mut sent = row("sent", None, None);
+        sent.synced_at = Some(db_now - Duration::minutes(1));
+        assert_eq!(
+            meter_verdict(Some(&sent), 100, 60, db_now).0,
+            Verdict::Unsynced
+        );
+        sent.synced_at = Some(db_now - Duration::minutes(30));
+        assert_eq!(
+            meter_verdict(Some(&sent), 100, 60, db_now).0,
+            Verdict::Drift
+        );
+    }
+
+    fn review(id: i64, kind: &str, amount: i64, resolution: Option<&str>) -> Review {
+        Review {
+            id,
+            customer_id: "cus_a".into(),
+            period_start: at("2026-09-01T00:00:00Z"),
+            kind: kind.into(),
+            amount_cents: amount,
+            details: String::new(),
+            created_at: at("2026-10-02T00:00:00Z"),
+            resolved_at: resolution.map(|_| at("2026-10-03T00:00:00Z")),
+            resolution: resolution.map(str::to_owned),
+            applied_invoice_id: None,
+        }
+    }
+
+    #[test]
+    fn a_billed_month_differing_from_its_price_now_waits_only_for_the_next_close() {
+        let period = apex_billing::pricing::month_period(2026, 9).unwrap();
+        let september = at("2026-09-01T00:00:00Z");
+        // Changed after the newest invoice (database clock, far from the run's).
+        let changed = invoices::NewestInvoice {
+            latest_period_start: september,
+            written_at: at("2031-01-01T00:00:00Z"),
+            changed_at: Some(at("2031-01-01T00:05:00Z")),
+        };
+        let facts = |newest, reviews: &'static [Review], canceled_at| PreviewFacts {
+            difference: 500,
+            reviews,
+            newest: Some(newest),
+            canceled_at,
+        };
+        let verdict = |f: &PreviewFacts<'_>, now| preview_verdict(&period, f, at(now)).0;
+        // October's close is due by 2026-11-30 (a day after the month, plus the longest wait).
+        assert_eq!(
+            next_close_due(&period, september, None),
+            Some(at("2026-11-30T00:00:00Z"))
+        );
+        assert_eq!(
+            verdict(&facts(changed, &[], None), "2026-10-20T00:00:00Z"),
+            Verdict::Unsynced
+        );
+        assert_eq!(
+            verdict(&facts(changed, &[], None), "2026-11-30T00:00:00Z"),
+            Verdict::Drift
+        );
+        // Canceled before October: no close will adjust September.
+        assert_eq!(
+            verdict(
+                &facts(changed, &[], Some(at("2026-09-20T00:00:00Z"))),
+                "2026-10-20T00:00:00Z"
+            ),
+            Verdict::Drift
+        );
+        // Beyond the lookback: no close will adjust it.
+        assert_eq!(
+            next_close_due(&period, at("2027-09-01T00:00:00Z"), None),
+            None
+        );
+        // Nothing changed after the invoice: drift, unless a review explains it.
+        let unchanged = invoices::NewestInvoice {
+            changed_at: Some(at("2030-12-31T00:00:00Z")),
+            ..changed
+        };
+        assert_eq!(
+            verdict(&facts(unchanged, &[], None), "2026-10-20T00:00:00Z"),
+            Verdict::Drift
+        );
+        static OPEN_REVENUE: std::sync::LazyLock<Vec<Review>> =
+            std::sync::LazyLock::new(|| vec![review(1, "revenue_missing", 0, None)]);
+        let open_revenue: &'static [Review] = &OPEN_REVENUE;
+        assert_eq!(
+            verdict(
+                &facts(unchanged, open_revenue, None),
+                "2026-10-20T00:00:00Z"
+            ),
+            Verdict::Unsynced
+        );
+        assert_eq!(
+            verdict(
+                &facts(unchanged, open_revenue, None),
+                "2026-12-20T00:00:00Z"
+            ),
+            Verdict::Drift
+        );
+        // A credit of exactly the difference: awaiting approval (unsynced), dismissed (ok,
+        // noted), approved and not applied (until the next close).
+        let credit = |resolution| {
+            let reviews: &'static [Review] = Box::leak(
+                vec![review(2, "negative_adjustment", -500, resolution)].into_boxed_slice(),
+            );
+            let mut f = facts(unchanged, reviews, None);
+            f.difference = -500;
+            f
+        };
+        assert_eq!(
+            verdict(&credit(None), "2027-05-01T00:00:00Z"),
+            Verdict::Unsynced
+        );
+        let (dismissed, note) = preview_verdict(
+            &period,
+            &credit(Some("dismissed")),
+            at("2027-05-01T00:00:00Z"),
+        );
+        assert_eq!(dismissed, Verdict::Ok);
+        assert!(note.contains("dismissed"), "{note}");
+        assert_eq!(
+            verdict(&credit(Some("approved")), "2026-10-20T00:00:00Z"),
+            Verdict::Unsynced
+        );
+        assert_eq!(
+            verdict(&credit(Some("approved")), "2026-12-20T00:00:00Z"),
+            Verdict::Drift
+        );
+    }
+
+    #[test]
+    fn a_missing_invoice_is_due_a_day_after_the_month_or_after_the_revenue_wait() {
+        let period = apex_billing::pricing::month_period(2026, 9).unwrap();
+        assert_eq!(invoice_due(&period, true), at("2026-10-02T00:00:00Z"));
+        assert_eq!(invoice_due(&period, false), at("2026-10-30T00:00:00Z"));
     }
 
     #[test]

@@ -37,6 +37,12 @@ use super::catalog::Failure;
 use super::client::{StripeClient, StripeError};
 use super::reporting::{self, DayReport};
 
+/// The end of the reason (`stripe_usage_sync.last_error`) of a day the sync holds for a person
+/// rather than retries: an old pending event Stripe's total disagrees with, or a day whose
+/// usage shrank below what was reported. Reconciliation (`crate::reconcile`) tells such days
+/// from retried failures by it.
+pub const NEEDS_A_PERSON: &str = "needs a person";
+
 /// The advisory lock that keeps runs one at a time ("apexsync").
 const SYNC_LOCK: i64 = 0x6170_6578_7379_6e63;
 
@@ -630,7 +636,7 @@ impl CustomerSync<'_> {
             metric,
             format!(
                 "Stripe holds {stripe_total} for the day; we recorded {reported} accepted and \
-                 {pending} pending: not sent again, needs a person"
+                 {pending} pending: not sent again, {NEEDS_A_PERSON}"
             ),
         )
         .await
@@ -647,7 +653,7 @@ impl CustomerSync<'_> {
             day,
             metric,
             format!(
-                "usage total {total} is below the {reported} already reported: not sent, needs a person"
+                "usage total {total} is below the {reported} already reported: not sent, {NEEDS_A_PERSON}"
             ),
         )
         .await

@@ -684,3 +684,91 @@ async fn a_mapping_whose_ids_were_lost_adopts_what_stripe_has() {
     assert_eq!(standin.objects("customers").len(), 1);
     assert_eq!(standin.objects("subscriptions").len(), 1);
 }
+
+/// Reconciliation of the sync's own ledger, with Stripe's meter (rollups written directly:
+/// no raw events to compare), at the run's time `now`: the verdict and note of `check` for
+/// the customer's day.
+async fn reconciled(
+    stores: &TestStores,
+    standin: &StripeStandIn,
+    customer: &str,
+    day: NaiveDate,
+    now: DateTime<Utc>,
+    check: &str,
+) -> (apex_stripe::reconcile::Verdict, String) {
+    let request = apex_stripe::reconcile::Request {
+        period: apex_billing::pricing::calendar_month(day.and_hms_opt(0, 0, 0).unwrap().and_utc()),
+        customer: Some(customer.to_owned()),
+        now,
+    };
+    let checks = apex_stripe::reconcile::Checks {
+        raw_events: false,
+        ..Default::default()
+    };
+    let report = apex_stripe::reconcile::reconcile_with(
+        &stores.pool,
+        &stores.config,
+        Some(&client(standin)),
+        &request,
+        checks,
+    )
+    .await
+    .unwrap();
+    let pair = report
+        .pairs
+        .iter()
+        .find(|p| p.check == check && p.day.as_deref() == Some(day.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no {check} pair: {report:#?}"));
+    (pair.verdict, pair.note.clone().unwrap_or_default())
+}
+
+#[tokio::test]
+async fn reconcile_waits_for_a_pending_event_a_day_and_calls_a_day_held_for_a_person_drift() {
+    use apex_stripe::reconcile::{POSTGRES_VS_REPORTED, REPORTED_VS_STRIPE, Verdict};
+    let (stores, standin, customer, day) = left_pending(false, 300).await;
+    let now = Utc::now();
+    // Left pending by this run: the next sync sends it again.
+    let (verdict, note) =
+        reconciled(&stores, &standin, &customer, day, now, POSTGRES_VS_REPORTED).await;
+    assert_eq!(verdict, Verdict::Unsynced, "{note}");
+    // Still pending more than a day after it was written (no sync settled it): drift.
+    let (verdict, note) = reconciled(
+        &stores,
+        &standin,
+        &customer,
+        day,
+        now + Days::hours(27),
+        POSTGRES_VS_REPORTED,
+    )
+    .await;
+    assert_eq!(verdict, Verdict::Drift, "{note}");
+    assert!(note.contains("pending since"), "{note}");
+
+    // Stripe's meter then holds something else (40): the next sync holds the day for a
+    // person, and reconcile calls it drift on both pairs, quoting the sync's reason.
+    let stripe_customer = stripe_customer_of(&stores, &customer).await.unwrap();
+    let stamp = day.and_hms_opt(12, 0, 0).unwrap().and_utc().timestamp();
+    let stray = serde_json::json!({
+        "event_name": "apex_impressions", "identifier": "stray_r", "timestamp": stamp,
+        "payload": {"stripe_customer_id": stripe_customer, "value": "40"},
+    });
+    standin.post_json("/v1/billing/meter_events", &stray);
+    let later = now + Days::hours(21);
+    let summary = run_sync_at(&stores, &standin, None, later).await;
+    assert_eq!(summary.unconfirmed.len(), 1, "{summary:?}");
+    let (verdict, note) = reconciled(
+        &stores,
+        &standin,
+        &customer,
+        day,
+        later,
+        POSTGRES_VS_REPORTED,
+    )
+    .await;
+    assert_eq!(verdict, Verdict::Drift, "{note}");
+    assert!(note.ends_with(apex_stripe::sync::NEEDS_A_PERSON), "{note}");
+    // Stripe holds neither what it accepted (0) nor that plus the pending 300.
+    let (verdict, note) =
+        reconciled(&stores, &standin, &customer, day, later, REPORTED_VS_STRIPE).await;
+    assert_eq!(verdict, Verdict::Drift, "{note}");
+}

@@ -513,9 +513,10 @@ async fn earlier_invoices(
     .await?)
 }
 
-/// What was billed for the month starting `period_start`: its own invoice's lines (not the
-/// adjustments of other months it carries) and every adjustment for it since.
-async fn billed_for(
+/// What was billed for the month starting `period_start`, cents: its own invoice's lines (not
+/// the adjustments of other months it carries) and every adjustment for it since. The close's
+/// figure for adjustments; reconciliation (`apex_stripe::reconcile`) compares it too.
+pub async fn billed_for(
     db: impl PgExecutor<'_>,
     customer_id: &str,
     period_start: DateTime<Utc>,
@@ -682,6 +683,71 @@ pub async fn resolve_review(
             }
         }
     })
+}
+
+/// Every review of `customer_id`'s month starting `period_start`, open or resolved, newest
+/// first (reconciliation reads which of its differences a person or the next close settles).
+pub async fn period_reviews(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    period_start: DateTime<Utc>,
+) -> Result<Vec<Review>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM invoice_reviews WHERE customer_id = $1 AND period_start = $2 \
+         ORDER BY created_at DESC, id DESC",
+    )
+    .bind(customer_id)
+    .bind(period_start)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The newest invoice that could carry an adjustment of a month, against the month's latest
+/// change (see [`newest_invoice_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct NewestInvoice {
+    /// The latest month invoiced from the month on (its `period_start`).
+    pub latest_period_start: DateTime<Utc>,
+    /// When the last of those invoices was written (`invoices.recorded_at`, the database's
+    /// clock).
+    pub written_at: DateTime<Utc>,
+    /// The month's latest usage or revenue change (`usage_records.updated_at`,
+    /// `mediated_revenue.updated_at`, the database's clock), if any.
+    pub changed_at: Option<DateTime<Utc>>,
+}
+
+impl NewestInvoice {
+    /// True when the month's usage or revenue changed after the newest invoice that could
+    /// carry its adjustment was written: only a later close adjusts it. Both times are the
+    /// database's, so a simulated clock cannot make it true or false.
+    pub fn changed_after(&self) -> bool {
+        self.changed_at.is_some_and(|c| c > self.written_at)
+    }
+}
+
+/// Of `customer_id`'s invoices for `period`'s month and later ones, the latest month and the
+/// last write (`None` without any), with the month's latest usage or revenue change.
+pub async fn newest_invoice_since(
+    db: impl PgExecutor<'_>,
+    customer_id: &str,
+    period: &Period,
+) -> Result<Option<NewestInvoice>, BillingError> {
+    Ok(sqlx::query_as(
+        "SELECT max(period_start) AS latest_period_start, max(recorded_at) AS written_at, \
+             GREATEST( \
+               (SELECT max(updated_at) FROM usage_records WHERE customer_id = $1 \
+                  AND recorded_at >= $2 AND recorded_at < $3), \
+               (SELECT max(updated_at) FROM mediated_revenue WHERE customer_id = $1 \
+                  AND month = $4)) AS changed_at \
+         FROM invoices WHERE customer_id = $1 AND period_start >= $2 \
+         HAVING count(*) > 0",
+    )
+    .bind(customer_id)
+    .bind(period.start)
+    .bind(period.end)
+    .bind(period.start.date_naive())
+    .fetch_optional(db)
+    .await?)
 }
 
 /// The invoice of `customer_id` for the month starting `period_start`, if written.
