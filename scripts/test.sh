@@ -35,7 +35,8 @@ stale() { { grep -E '^apex_(t_[0-9]+_|sim_[0-9]+_[0-9]+_[0-9]+$)' || true; } | w
     apex_t_*) pid=${db#apex_t_}; pid=${pid%%_*} ;;
     *) pid=${db##*_} ;;
   esac
-  kill -0 "$pid" 2>/dev/null || echo "$db"
+  # /proc, not `kill -0`: that fails for another user's live process too (EPERM).
+  [ -d "/proc/$pid" ] || echo "$db"
 done; }
 psql "$DATABASE_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'apex\_t\_%' OR datname LIKE 'apex\_sim\_%'" | stale |
   while read -r db; do psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null; done
