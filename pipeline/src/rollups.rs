@@ -148,17 +148,35 @@ fn metric(name: &str) -> Result<Metric, RollupError> {
         .map_err(|e| RollupError::Corrupt(format!("unreadable metric in the store: {e}")))
 }
 
-fn collect<I>(rows: I) -> Result<DayTotals, RollupError>
-where
-    I: IntoIterator<Item = (String, String, NaiveDate, u64)>,
-{
-    let mut totals = DayTotals::new();
-    for (customer, name, day, quantity) in rows {
+/// The non-zero totals of `rows` (customer, metric name, time, quantity) by customer, metric
+/// and time.
+fn collect<K: Ord>(
+    rows: impl IntoIterator<Item = (String, String, K, u64)>,
+) -> Result<BTreeMap<(String, Metric, K), u64>, RollupError> {
+    let mut totals = BTreeMap::new();
+    for (customer, name, at, quantity) in rows {
         if quantity > 0 {
-            totals.insert((customer, metric(&name)?, day), quantity);
+            totals.insert((customer, metric(&name)?, at), quantity);
         }
     }
     Ok(totals)
+}
+
+/// The day totals `query` reads as (customer, metric, ClickHouse day number, quantity) rows,
+/// its last two parameters the `(? = '' OR customer_id = ?)` of one customer if given.
+async fn day_totals(
+    query: clickhouse::query::Query,
+    customer: Option<&str>,
+) -> Result<DayTotals, RollupError> {
+    let rows = query
+        .bind(customer.unwrap_or(""))
+        .bind(customer.unwrap_or(""))
+        .fetch_all::<(String, String, u16, u64)>()
+        .await?;
+    collect(
+        rows.into_iter()
+            .map(|(c, m, d, q)| (c, m, from_ch_date(d), q)),
+    )
 }
 
 /// Raw event totals (`usage_events`) of UTC days `first..=last`, of one customer if given.
@@ -169,7 +187,7 @@ pub async fn raw_daily(
     last: NaiveDate,
     customer: Option<&str>,
 ) -> Result<DayTotals, RollupError> {
-    let rows = client
+    let query = client
         .query(
             "SELECT customer_id, toString(metric_type), toUInt16(toDate(ts, 'UTC')) AS d, \
                  sum(quantity) FROM usage_events \
@@ -177,15 +195,8 @@ pub async fn raw_daily(
              GROUP BY customer_id, metric_type, d",
         )
         .bind(ch_seconds(day_start(first)))
-        .bind(ch_seconds(day_start(last.succ_opt().unwrap_or(last))))
-        .bind(customer.unwrap_or(""))
-        .bind(customer.unwrap_or(""))
-        .fetch_all::<(String, String, u16, u64)>()
-        .await?;
-    collect(
-        rows.into_iter()
-            .map(|(c, m, d, q)| (c, m, from_ch_date(d), q)),
-    )
+        .bind(ch_seconds(day_start(last.succ_opt().unwrap_or(last))));
+    day_totals(query, customer).await
 }
 
 /// Raw event totals per UTC hour of `first..=last`, restricted to the rows of batches below
@@ -213,13 +224,7 @@ async fn raw_hourly_below(
         query = query.bind(log.as_str()).bind(*end);
     }
     let rows = query.fetch_all::<(String, String, u32, u64)>().await?;
-    let mut hours = BTreeMap::new();
-    for (customer, name, hour, quantity) in rows {
-        if quantity > 0 {
-            hours.insert((customer, metric(&name)?, i64::from(hour)), quantity);
-        }
-    }
-    Ok(hours)
+    collect(rows.into_iter().map(|(c, m, h, q)| (c, m, i64::from(h), q)))
 }
 
 /// Daily rollup totals (`usage_daily`, summed: the SummingMergeTree may not have merged a
@@ -230,7 +235,7 @@ pub async fn clickhouse_daily(
     last: NaiveDate,
     customer: Option<&str>,
 ) -> Result<DayTotals, RollupError> {
-    let rows = client
+    let query = client
         .query(
             "SELECT customer_id, toString(metric_type), toUInt16(day) AS d, sum(quantity) \
              FROM usage_daily \
@@ -238,15 +243,8 @@ pub async fn clickhouse_daily(
              GROUP BY customer_id, metric_type, d",
         )
         .bind(first.to_string())
-        .bind(last.to_string())
-        .bind(customer.unwrap_or(""))
-        .bind(customer.unwrap_or(""))
-        .fetch_all::<(String, String, u16, u64)>()
-        .await?;
-    collect(
-        rows.into_iter()
-            .map(|(c, m, d, q)| (c, m, from_ch_date(d), q)),
-    )
+        .bind(last.to_string());
+    day_totals(query, customer).await
 }
 
 /// A day of the Postgres rollups: its total and the latest change to any of its hours.

@@ -225,9 +225,7 @@ pub(crate) async fn run(
                         r.invoice_id,
                         r.attempt_number,
                         r.status,
-                        r.next_retry_at
-                            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-                            .unwrap_or_else(|| "-".into()),
+                        minute_or_dash(r.next_retry_at),
                     );
                 }
                 if total > rows.len() as i64 {
@@ -412,6 +410,12 @@ fn plain(e: BillingError) -> anyhow::Error {
     }
 }
 
+/// A time in the tables, to the minute (UTC); `-` for none.
+fn minute_or_dash(at: Option<DateTime<Utc>>) -> String {
+    at.map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
 fn print_rows(rows: &[DunningRow]) {
     println!(
         "{:<8} {:<24} {:>7} {:<10} {:<20} {:>10}  detail",
@@ -460,9 +464,7 @@ fn print_rows(rows: &[DunningRow]) {
             r.invoice_id,
             r.attempt_number,
             r.status,
-            r.next_retry_at
-                .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
-                .unwrap_or_else(|| "-".into()),
+            minute_or_dash(r.next_retry_at),
             dollars(r.amount_due_cents.max(0).unsigned_abs()),
             detail
         );

@@ -23,6 +23,27 @@ fn apexctl_with_jwt_secret(stores: &TestStores, args: &[&str], secret: Option<&s
     command.output().expect("apexctl runs")
 }
 
+/// `apexctl revenue set` of `cents` for `customer`'s `month`, then `extra`.
+fn revenue_set(
+    stores: &TestStores,
+    customer: &str,
+    month: &str,
+    cents: &str,
+    extra: &[&str],
+) -> Output {
+    let args = [
+        "revenue",
+        "set",
+        "--customer",
+        customer,
+        "--month",
+        month,
+        "--cents",
+        cents,
+    ];
+    apexctl(stores, &[&args[..], extra].concat())
+}
+
 fn stdout_of(output: &Output) -> String {
     assert!(
         output.status.success(),
@@ -201,21 +222,7 @@ async fn apexctl_sets_mediated_revenue_per_month() {
         .await
         .unwrap()
     };
-    let set = |month: &str, cents: &str| {
-        apexctl(
-            &stores,
-            &[
-                "revenue",
-                "set",
-                "--customer",
-                customer,
-                "--month",
-                month,
-                "--cents",
-                cents,
-            ],
-        )
-    };
+    let set = |month: &str, cents: &str| revenue_set(&stores, customer, month, cents, &[]);
     stdout_of(&set("2025-11", "5000000"));
     stdout_of(&set("2025-12", "1"));
     // A second figure for a month replaces the first.
@@ -232,19 +239,7 @@ async fn apexctl_sets_mediated_revenue_per_month() {
     ] {
         assert!(!set(month, cents).status.success(), "{month} {cents}");
     }
-    let unknown = apexctl(
-        &stores,
-        &[
-            "revenue",
-            "set",
-            "--customer",
-            "cus_nobody",
-            "--month",
-            "2025-11",
-            "--cents",
-            "1",
-        ],
-    );
+    let unknown = revenue_set(&stores, "cus_nobody", "2025-11", "1", &[]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("not found"));
     assert_eq!(stored().await, vec![(nov, 4_000_000), (dec, 1)]);
@@ -385,17 +380,7 @@ async fn the_admin_commands_print_json_too() {
         |out: Output| -> serde_json::Value { serde_json::from_str(&stdout_of(&out)).unwrap() };
     let first = json_of(apexctl(&stores, &["migrate", "--json"]));
     // Every migration of the folders, applied now, in order.
-    let versions = |store: &str| -> Vec<i64> {
-        let dir = apex_core::testing::package_dir().join(format!("../../migrations/{store}"));
-        let mut versions: Vec<i64> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".sql"))
-            .map(|n| n.split('_').next().unwrap().parse().unwrap())
-            .collect();
-        versions.sort_unstable();
-        versions
-    };
+    let versions = apex_core::testing::migration_file_versions;
     assert_eq!(
         first,
         serde_json::json!({
@@ -430,19 +415,12 @@ async fn the_admin_commands_print_json_too() {
             "customer_id": customer, "revoked": true})
     );
 
-    let revenue = json_of(apexctl(
+    let revenue = json_of(revenue_set(
         &stores,
-        &[
-            "revenue",
-            "set",
-            "--customer",
-            customer,
-            "--month",
-            "2026-04",
-            "--cents",
-            "125000",
-            "--json",
-        ],
+        customer,
+        "2026-04",
+        "125000",
+        &["--json"],
     ));
     assert_eq!(
         revenue,

@@ -74,6 +74,20 @@ impl Diagnosis {
         &self.checks[name].1
     }
 
+    /// Asserts the reason of `name` starts with `prefix`.
+    #[track_caller]
+    fn assert_reason_starts(&self, name: &str, prefix: &str) {
+        let reason = self.reason_of(name);
+        assert!(reason.starts_with(prefix), "{name}: {reason}");
+    }
+
+    /// Asserts the reason of `name` contains `part`.
+    #[track_caller]
+    fn assert_reason_contains(&self, name: &str, part: &str) {
+        let reason = self.reason_of(name);
+        assert!(reason.contains(part), "{name}: {reason}");
+    }
+
     /// The checks that are not `ok`, by name.
     fn not_ok(&self) -> BTreeMap<&str, &str> {
         self.checks
@@ -137,6 +151,11 @@ async fn record_every_jobs_last_slot(stores: &TestStores, at: DateTime<Utc>) {
     }
 }
 
+/// Runs one statement with no parameters.
+async fn execute(stores: &TestStores, sql: &'static str) {
+    sqlx::query(sql).execute(&stores.pool).await.unwrap();
+}
+
 async fn record_run(stores: &TestStores, job: &str, slot: DateTime<Utc>, status: &str) {
     sqlx::query(
         "INSERT INTO cron_runs (job_name, scheduled_for, started_at, finished_at, status) \
@@ -145,6 +164,34 @@ async fn record_run(stores: &TestStores, job: &str, slot: DateTime<Utc>, status:
     .bind(job)
     .bind(slot)
     .bind(status)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+}
+
+/// Marks the 03:00 dunning run as running since `started`.
+async fn dunning_run_started(stores: &TestStores, started: DateTime<Utc>) {
+    sqlx::query(
+        "UPDATE cron_runs SET status = 'running', finished_at = NULL, started_at = $1 \
+         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
+    )
+    .bind(started)
+    .execute(&stores.pool)
+    .await
+    .unwrap();
+}
+
+/// A failed first attempt at the customer's `invoice` and its pending retry, due at `due`.
+async fn retry_pending(stores: &TestStores, customer: &str, invoice: &str, due: &str) {
+    sqlx::query(
+        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
+             next_retry_at) VALUES \
+           ($1, $2, 0, 'failed', NULL), \
+           ($1, $2, 1, 'pending', $3)",
+    )
+    .bind(customer)
+    .bind(invoice)
+    .bind(due.parse::<DateTime<Utc>>().unwrap())
     .execute(&stores.pool)
     .await
     .unwrap();
@@ -175,26 +222,20 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
         healthy.reason_of("stripe.api"),
         format!("Stripe at {} accepted the key", standin.base_url())
     );
-    assert!(
-        healthy
-            .reason_of("stripe.mapping")
-            .starts_with("meters for impressions, api_calls, data_transfer (active in Stripe)"),
-        "{}",
-        healthy.reason_of("stripe.mapping")
+    healthy.assert_reason_starts(
+        "stripe.mapping",
+        "meters for impressions, api_calls, data_transfer (active in Stripe)",
     );
     // The welcome email of the sign-up, due since NOW.
     assert_eq!(
         healthy.reason_of("email.queue"),
         "1 email due, the longest due for less than a minute"
     );
-    assert!(
-        healthy
-            .reason_of("dunning.retries")
-            .starts_with("no retry overdue (due by 2026-05-14 03:00 UTC); 0 due since"),
-        "{}",
-        healthy.reason_of("dunning.retries")
+    healthy.assert_reason_starts(
+        "dunning.retries",
+        "no retry overdue (due by 2026-05-14 03:00 UTC); 0 due since",
     );
-    assert!(healthy.reason_of("stripe.key").starts_with("test mode"));
+    healthy.assert_reason_starts("stripe.key", "test mode");
     for spec in JOBS {
         assert_eq!(healthy.status_of(&format!("cron.{}", spec.name)), "ok");
     }
@@ -206,10 +247,11 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
 
     // The troubles, each made by hand.
     // The 02:00 Stripe sync last ran the day before: cron is not running it.
-    sqlx::query("DELETE FROM cron_runs WHERE job_name = 'stripe_sync'")
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    execute(
+        &stores,
+        "DELETE FROM cron_runs WHERE job_name = 'stripe_sync'",
+    )
+    .await;
     record_run(
         &stores,
         "stripe_sync",
@@ -218,13 +260,12 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
     )
     .await;
     // The 03:00 dunning run failed (alive, but its work is not done).
-    sqlx::query(
+    execute(
+        &stores,
         "UPDATE cron_runs SET status = 'failed', error_message = 'Stripe unreachable' \
          WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
     )
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    .await;
     // A welcome email due for an hour, and one given up yesterday.
     sqlx::query(
         "INSERT INTO events (event_type, data, created_at) \
@@ -243,18 +284,8 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
     .await
     .unwrap();
     // A retry due at 00:00 today that the 03:00 run did not make, and one due tomorrow.
-    sqlx::query(
-        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
-             next_retry_at) VALUES \
-           ($1, 'in_overdue', 0, 'failed', NULL), \
-           ($1, 'in_overdue', 1, 'pending', '2026-05-14T00:00:00Z'), \
-           ($1, 'in_later', 0, 'failed', NULL), \
-           ($1, 'in_later', 1, 'pending', '2026-05-15T00:00:00Z')",
-    )
-    .bind(&customer)
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    retry_pending(&stores, &customer, "in_overdue", "2026-05-14T00:00:00Z").await;
+    retry_pending(&stores, &customer, "in_later", "2026-05-15T00:00:00Z").await;
     // A customer who signed up but was never mapped to Stripe.
     let unmapped = signup(&stores, "Unmapped Games").await;
 
@@ -277,41 +308,23 @@ async fn a_healthy_system_is_all_ok_and_each_cause_is_named() {
         "{:?}",
         sick.checks
     );
-    assert!(
-        sick.reason_of("cron.stripe_sync")
-            .contains("no run for the 2026-05-14 02:00 UTC slot"),
-        "{}",
-        sick.reason_of("cron.stripe_sync")
+    sick.assert_reason_contains(
+        "cron.stripe_sync",
+        "no run for the 2026-05-14 02:00 UTC slot",
     );
-    assert!(
-        sick.reason_of("cron.dunning_retries")
-            .contains("Stripe unreachable")
+    sick.assert_reason_contains("cron.dunning_retries", "Stripe unreachable");
+    // The welcome emails of the two sign-ups are due too, since NOW.
+    sick.assert_reason_starts("email.queue", "3 emails due, the longest due for 60 min: ");
+    sick.assert_reason_starts("email.failed", "1 email given up");
+    sick.assert_reason_starts(
+        "dunning.retries",
+        "1 retry due by 2026-05-14 03:00 UTC not made (the oldest due 2026-05-14 00:00 UTC)",
     );
-    assert!(
-        // The welcome emails of the two sign-ups are due too, since NOW.
-        sick.reason_of("email.queue")
-            .starts_with("3 emails due, the longest due for 60 min: "),
-        "{}",
-        sick.reason_of("email.queue")
+    sick.assert_reason_contains(
+        "stripe.mapping",
+        "1 of 2 live subscriptions without a Stripe subscription",
     );
-    assert!(
-        sick.reason_of("email.failed")
-            .starts_with("1 email given up")
-    );
-    assert!(
-        sick.reason_of("dunning.retries").starts_with(
-            "1 retry due by 2026-05-14 03:00 UTC not made (the oldest due 2026-05-14 00:00 UTC)"
-        ),
-        "{}",
-        sick.reason_of("dunning.retries")
-    );
-    assert!(
-        sick.reason_of("stripe.mapping")
-            .contains("1 of 2 live subscriptions without a Stripe subscription"),
-        "{}",
-        sick.reason_of("stripe.mapping")
-    );
-    assert!(sick.reason_of("stripe.mapping").contains(&unmapped));
+    sick.assert_reason_contains("stripe.mapping", &unmapped);
 
     // `--late-minutes` moves the line: at 12:07, with 11 hours of grace, the last daily slot
     // that must have run is yesterday's, which stripe_sync has.
@@ -349,19 +362,9 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
         "{:?}",
         refused.checks
     );
-    assert!(
-        refused
-            .reason_of("stripe.api")
-            .starts_with("Stripe refused the key: Stripe answered 401"),
-        "{}",
-        refused.reason_of("stripe.api")
-    );
+    refused.assert_reason_starts("stripe.api", "Stripe refused the key: Stripe answered 401");
     // The mapping is still checked in Postgres, only not against Stripe.
-    assert!(
-        refused
-            .reason_of("stripe.mapping")
-            .contains("(not checked in Stripe)")
-    );
+    refused.assert_reason_contains("stripe.mapping", "(not checked in Stripe)");
 
     // Nothing listens at the base URL.
     let unreachable = doctor(
@@ -371,13 +374,7 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
     );
     assert_eq!(unreachable.code, 1);
     assert_eq!(unreachable.status_of("stripe.api"), "fail");
-    assert!(
-        unreachable
-            .reason_of("stripe.api")
-            .starts_with("cannot reach Stripe"),
-        "{}",
-        unreachable.reason_of("stripe.api")
-    );
+    unreachable.assert_reason_starts("stripe.api", "cannot reach Stripe");
 
     // A live key set for anywhere but Stripe is suspicious, not fatal by itself; and it is
     // not sent there.
@@ -391,12 +388,7 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
         live.not_ok(),
         BTreeMap::from([("stripe.key", "warn"), ("stripe.api", "warn")])
     );
-    assert!(
-        live.reason_of("stripe.api")
-            .starts_with("not checked: a live key is not sent to"),
-        "{}",
-        live.reason_of("stripe.api")
-    );
+    live.assert_reason_starts("stripe.api", "not checked: a live key is not sent to");
     assert_eq!(
         standin.requests().len(),
         asked,
@@ -415,12 +407,11 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
 
     // A meter id Stripe does not know; two meters swapped (each counts the other's event);
     // then a metric with no meter at all.
-    sqlx::query(
+    execute(
+        &stores,
         "UPDATE stripe_meters SET stripe_meter_id = 'mtr_gone' WHERE metric_type = 'impressions'",
     )
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    .await;
     let gone = doctor(&stores, Some(&standin), &[]);
     assert_eq!(gone.not_ok(), BTreeMap::from([("stripe.mapping", "fail")]));
     assert_eq!(
@@ -457,10 +448,11 @@ async fn stripe_refusing_the_key_or_unreachable_fails_its_check() {
              apex_data_transfer)"
         )
     );
-    sqlx::query("DELETE FROM stripe_meters WHERE metric_type = 'data_transfer'")
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    execute(
+        &stores,
+        "DELETE FROM stripe_meters WHERE metric_type = 'data_transfer'",
+    )
+    .await;
     let missing = doctor(&stores, Some(&standin), &[]);
     assert_eq!(
         missing.reason_of("stripe.mapping"),
@@ -474,20 +466,10 @@ async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
     let unmigrated = doctor(&stores, None, &[]);
     assert_eq!(unmigrated.code, 1);
     assert_eq!(unmigrated.status_of("postgres"), "fail");
-    assert!(
-        unmigrated
-            .reason_of("postgres")
-            .contains("run `apexctl migrate`"),
-        "{}",
-        unmigrated.reason_of("postgres")
-    );
+    unmigrated.assert_reason_contains("postgres", "run `apexctl migrate`");
     assert_eq!(unmigrated.status_of("clickhouse"), "fail");
     assert_eq!(unmigrated.status_of("dunning.retries"), "warn");
-    assert!(
-        unmigrated
-            .reason_of("dunning.retries")
-            .starts_with("not checked")
-    );
+    unmigrated.assert_reason_starts("dunning.retries", "not checked");
 
     // Credentials in the URLs (user info, a query) are never printed.
     let (_, text, _) = apexctl(
@@ -524,12 +506,9 @@ async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
     );
     assert_eq!(down.code, 1);
     assert_eq!(down.status_of("postgres"), "fail");
-    assert!(down.reason_of("postgres").starts_with("cannot connect"));
+    down.assert_reason_starts("postgres", "cannot connect");
     assert_eq!(down.status_of("clickhouse"), "fail");
-    assert!(
-        down.reason_of("clickhouse")
-            .starts_with("ClickHouse connection failed")
-    );
+    down.assert_reason_starts("clickhouse", "ClickHouse connection failed");
     // Checks that need no store still ran.
     assert_eq!(down.status_of("email.provider"), "ok");
     assert_eq!(
@@ -547,38 +526,30 @@ async fn unreachable_or_unmigrated_stores_fail_and_the_rest_still_runs() {
 #[tokio::test]
 async fn an_edited_or_failed_migration_fails_postgres() {
     let stores = TestStores::migrated().await;
-    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 3")
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    execute(
+        &stores,
+        "UPDATE _sqlx_migrations SET checksum = '\\x00' WHERE version = 3",
+    )
+    .await;
     let edited = doctor(&stores, None, &[]);
     assert_eq!(edited.status_of("postgres"), "fail");
-    assert!(
-        edited
-            .reason_of("postgres")
-            .starts_with("reachable; migrations edited after they were applied (0003)"),
-        "{}",
-        edited.reason_of("postgres")
+    edited.assert_reason_starts(
+        "postgres",
+        "reachable; migrations edited after they were applied (0003)",
     );
     // The tables are there: the other checks still read them.
     assert_ne!(edited.status_of("email.queue"), "warn");
 
-    sqlx::query("UPDATE _sqlx_migrations SET success = false WHERE version = 5")
-        .execute(&stores.pool)
-        .await
-        .unwrap();
+    execute(
+        &stores,
+        "UPDATE _sqlx_migrations SET success = false WHERE version = 5",
+    )
+    .await;
     let dirty = doctor(&stores, None, &[]);
-    assert!(
-        dirty
-            .reason_of("postgres")
-            .contains("failed part-way (0005;"),
-        "{}",
-        dirty.reason_of("postgres")
-    );
-    assert!(
-        dirty
-            .reason_of("dunning.retries")
-            .starts_with("not checked: a Postgres migration failed part-way")
+    dirty.assert_reason_contains("postgres", "failed part-way (0005;");
+    dirty.assert_reason_starts(
+        "dunning.retries",
+        "not checked: a Postgres migration failed part-way",
     );
 }
 
@@ -600,21 +571,13 @@ async fn no_run_at_all_fails_every_job_and_a_run_past_its_timeout_warns() {
     record_every_jobs_last_slot(&stores, now()).await;
     // maintenance's 04:00 slot is still running at 12:07, past its 30 minutes; the 03:00
     // dunning run started a minute ago, well within its 2 hours.
-    sqlx::query(
+    execute(
+        &stores,
         "UPDATE cron_runs SET status = 'running', finished_at = NULL \
          WHERE job_name = 'maintenance' AND scheduled_for = '2026-05-14T04:00:00Z'",
     )
-    .execute(&stores.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE cron_runs SET status = 'running', finished_at = NULL, started_at = $1 \
-         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
-    )
-    .bind(now() - Duration::minutes(1))
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    .await;
+    dunning_run_started(&stores, now() - Duration::minutes(1)).await;
     let running = doctor(&stores, None, &[]);
     assert_eq!(running.status_of("cron.maintenance"), "warn");
     assert_eq!(
@@ -623,10 +586,9 @@ async fn no_run_at_all_fails_every_job_and_a_run_past_its_timeout_warns() {
          (30 min)"
     );
     assert_eq!(running.status_of("cron.dunning_retries"), "ok");
-    assert!(
-        running
-            .reason_of("cron.dunning_retries")
-            .starts_with("last slot 2026-05-14 03:00 UTC running;")
+    running.assert_reason_starts(
+        "cron.dunning_retries",
+        "last slot 2026-05-14 03:00 UTC running;",
     );
 }
 
@@ -691,13 +653,7 @@ async fn the_email_queue_is_late_by_what_is_due_not_by_age() {
         .to_string();
     let stuck = doctor(&stores, None, &[("APEX_CLOCK_START", &later)]);
     assert_eq!(stuck.status_of("email.queue"), "fail");
-    assert!(
-        stuck
-            .reason_of("email.queue")
-            .starts_with("2 emails due, the longest due for 140 min: "),
-        "{}",
-        stuck.reason_of("email.queue")
-    );
+    stuck.assert_reason_starts("email.queue", "2 emails due, the longest due for 140 min: ");
 }
 
 /// `dunning.retries` counts what a run would make: not a retry a live run holds, nor one of
@@ -745,24 +701,8 @@ async fn retries_no_run_would_make_and_a_run_at_work_are_not_overdue() {
     assert_eq!(pending["total"], 3, "{pending}");
 
     // A pending retry due at 00:00 that the 03:00 run has not reached yet, while it runs.
-    sqlx::query(
-        "INSERT INTO dunning_attempts (customer_id, invoice_id, attempt_number, status, \
-             next_retry_at) VALUES \
-           ($1, 'in_waiting', 0, 'failed', NULL), \
-           ($1, 'in_waiting', 1, 'pending', '2026-05-14T00:00:00Z')",
-    )
-    .bind(&customer)
-    .execute(&stores.pool)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE cron_runs SET status = 'running', finished_at = NULL, started_at = $1 \
-         WHERE job_name = 'dunning_retries' AND scheduled_for = '2026-05-14T03:00:00Z'",
-    )
-    .bind(now() - Duration::minutes(30))
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    retry_pending(&stores, &customer, "in_waiting", "2026-05-14T00:00:00Z").await;
+    dunning_run_started(&stores, now() - Duration::minutes(30)).await;
     let at_work = doctor(&stores, None, &[]);
     assert_eq!(at_work.status_of("dunning.retries"), "ok");
     assert_eq!(
@@ -780,11 +720,8 @@ async fn retries_no_run_would_make_and_a_run_at_work_are_not_overdue() {
     .unwrap();
     let after = doctor(&stores, None, &[]);
     assert_eq!(after.status_of("dunning.retries"), "fail");
-    assert!(
-        after
-            .reason_of("dunning.retries")
-            .starts_with("1 retry due by 2026-05-14 03:00 UTC not made"),
-        "{}",
-        after.reason_of("dunning.retries")
+    after.assert_reason_starts(
+        "dunning.retries",
+        "1 retry due by 2026-05-14 03:00 UTC not made",
     );
 }

@@ -7,67 +7,21 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use apex_billing::invoices::CloseSettings;
 use apex_billing::pricing::{Period, calendar_month};
 use apex_billing::statement;
-use apex_core::model::{Metric, UsageRecord};
+use apex_core::model::Metric;
 use apex_core::testing::TestStores;
-use apex_pipeline::clickhouse_sink::{self, Progress};
-use apex_pipeline::postgres_sink;
-use apex_pipeline::store::Batch;
 use apex_stripe::catalog::{sync_catalog, sync_customers};
 use apex_stripe::client::{ClientSettings, StripeClient};
 use apex_stripe::invoicing::{CloseRequest, close_invoices};
 use apex_stripe::sync::{SyncRequest, sync_usage};
 use apex_stripe::testing::{StripeStandIn, TEST_KEY, signup};
-use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono::{Duration, NaiveDate, Utc};
 use serde_json::Value;
 
-/// Writes `records` as one pipeline batch of `log_id` through both store writers (the
-/// ClickHouse markers and rows, the Postgres rollups with their batch row), as the appliers
-/// do; `position` is the log position, moved past the batch.
-async fn write_usage(
-    stores: &TestStores,
-    log_id: &str,
-    position: &mut u64,
-    records: &[UsageRecord],
-) {
-    let batch = Batch {
-        log_id,
-        start: *position,
-        end: *position + 100 * records.len() as u64,
-        records,
-    };
-    clickhouse_sink::write_batch(
-        &stores.config.clickhouse(),
-        &batch,
-        &mut Progress::default(),
-    )
-    .await
-    .unwrap();
-    postgres_sink::apply_batch(&mut stores.pool.acquire().await.unwrap(), &batch)
-        .await
-        .unwrap();
-    *position = batch.end;
-}
-
-fn record(customer: &str, metric: Metric, quantity: u64, at: DateTime<Utc>) -> UsageRecord {
-    UsageRecord {
-        customer_id: Arc::from(customer),
-        metric,
-        quantity,
-        event_id: None,
-        timestamp_ms: at.timestamp_millis(),
-        received_ms: at.timestamp_millis(),
-        metadata: None,
-    }
-}
-
-fn at(day: NaiveDate, hour: u32) -> DateTime<Utc> {
-    day.and_hms_opt(hour, 0, 0).unwrap().and_utc()
-}
+use common::{at, record, write_usage};
 
 /// Runs `apexctl reconcile --period P --stripe --json` (plus `extra`) on the wall clock;
 /// returns the exit code and the parsed report.

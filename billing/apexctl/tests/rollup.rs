@@ -8,9 +8,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
-use apex_core::model::{Metric, UsageRecord};
+use apex_core::model::Metric;
 use apex_core::testing::TestStores;
 use apex_pipeline::clickhouse_sink::{self, Progress};
 use apex_pipeline::postgres_sink;
@@ -18,47 +17,7 @@ use apex_pipeline::store::Batch;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde_json::{Value, json};
 
-/// Writes `records` as one pipeline batch through both store writers, as the appliers do.
-async fn write_usage(
-    stores: &TestStores,
-    log_id: &str,
-    position: &mut u64,
-    records: &[UsageRecord],
-) {
-    let batch = Batch {
-        log_id,
-        start: *position,
-        end: *position + 100 * records.len() as u64,
-        records,
-    };
-    clickhouse_sink::write_batch(
-        &stores.config.clickhouse(),
-        &batch,
-        &mut Progress::default(),
-    )
-    .await
-    .unwrap();
-    postgres_sink::apply_batch(&mut stores.pool.acquire().await.unwrap(), &batch)
-        .await
-        .unwrap();
-    *position = batch.end;
-}
-
-fn record(customer: &str, metric: Metric, quantity: u64, at: DateTime<Utc>) -> UsageRecord {
-    UsageRecord {
-        customer_id: Arc::from(customer),
-        metric,
-        quantity,
-        event_id: None,
-        timestamp_ms: at.timestamp_millis(),
-        received_ms: at.timestamp_millis(),
-        metadata: None,
-    }
-}
-
-fn at(day: NaiveDate, hour: u32) -> DateTime<Utc> {
-    day.and_hms_opt(hour, 0, 0).unwrap().and_utc()
-}
+use common::{at, record, write_usage};
 
 fn apexctl(stores: &TestStores, args: &[&str]) -> (i32, String, String) {
     let out = common::apexctl_command(stores).args(args).output().unwrap();
@@ -69,6 +28,22 @@ fn apexctl(stores: &TestStores, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `rollup rebuild --store S --from F --to L` of `store` over `first..=last`, then `extra`:
+/// the exit code, stdout and stderr.
+fn run_rebuild(
+    stores: &TestStores,
+    store: &str,
+    first: NaiveDate,
+    last: NaiveDate,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let (from, to) = (first.to_string(), last.to_string());
+    let args = [
+        "rollup", "rebuild", "--store", store, "--from", &from, "--to", &to,
+    ];
+    apexctl(stores, &[&args[..], extra].concat())
+}
+
 /// `rollup rebuild --json` of `store` over `first..=last`; returns the changes.
 fn rebuild(
     stores: &TestStores,
@@ -77,15 +52,13 @@ fn rebuild(
     last: NaiveDate,
     dry: bool,
 ) -> Value {
-    let (from, to) = (first.to_string(), last.to_string());
-    let mut args = vec![
-        "rollup", "rebuild", "--store", store, "--from", &from, "--to", &to, "--json",
-    ];
-    if dry {
-        args.push("--dry-run");
-    }
-    let (code, out, err) = apexctl(stores, &args);
-    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    let extra: &[&str] = if dry {
+        &["--json", "--dry-run"]
+    } else {
+        &["--json"]
+    };
+    let (code, out, err) = run_rebuild(stores, store, first, last, extra);
+    assert_eq!(code, 0, "{store} {first}..{last} {extra:?}: {out}{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["dry_run"], dry);
     assert_eq!(report["store"], store);
@@ -261,34 +234,15 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     assert_eq!(rebuild(&stores, "postgres", d1, d2, true), expected);
     assert_eq!(hours(&stores).await, before);
     // Lowering billed usage needs --allow-decrease: refused (naming the day), nothing changed.
-    let (from, to) = (d1.to_string(), d2.to_string());
-    let (code, out, err) = apexctl(
-        &stores,
-        &[
-            "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
-        ],
-    );
+    let (code, out, err) = run_rebuild(&stores, "postgres", d1, d2, &[]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         err.contains("--allow-decrease") && err.contains(&format!("{b} impressions {d1}")),
         "{err}"
     );
     assert_eq!(hours(&stores).await, before);
-    let (code, out, err) = apexctl(
-        &stores,
-        &[
-            "rollup",
-            "rebuild",
-            "--store",
-            "postgres",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--allow-decrease",
-            "--json",
-        ],
-    );
+    let (code, out, err) =
+        run_rebuild(&stores, "postgres", d1, d2, &["--allow-decrease", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["changes"], expected);
@@ -353,12 +307,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     postgres_sink::apply_batch(&mut conn, &half(position, position + 100, &late[..1]))
         .await
         .unwrap();
-    let (code, out, err) = apexctl(
-        &stores,
-        &[
-            "rollup", "rebuild", "--store", "postgres", "--from", &from, "--to", &to,
-        ],
-    );
+    let (code, out, err) = run_rebuild(&stores, "postgres", d1, d2, &[]);
     // Busy: exit 3, run it again.
     assert_eq!(code, 3, "{out}{err}");
     assert!(err.contains("straddles Postgres's watermark"), "{err}");
@@ -370,19 +319,7 @@ async fn a_clickhouse_gap_and_postgres_hours_are_rebuilt_from_the_raw_events_onc
     assert_eq!(drifts(&stores, &days), BTreeSet::new());
 
     // The text form.
-    let (code, out, _) = apexctl(
-        &stores,
-        &[
-            "rollup",
-            "rebuild",
-            "--store",
-            "postgres",
-            "--from",
-            &d1.to_string(),
-            "--to",
-            &d2.to_string(),
-        ],
-    );
+    let (code, out, _) = run_rebuild(&stores, "postgres", d1, d2, &[]);
     assert_eq!(code, 0);
     assert!(out.contains("nothing to change"), "{out}");
 }

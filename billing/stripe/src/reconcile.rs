@@ -88,7 +88,7 @@ use stripe_billing::invoice_line_item::ListInvoiceInvoiceLineItem;
 
 use crate::StripeWorkError;
 use crate::client::StripeClient;
-use crate::reporting;
+use crate::reporting::{self, day_end};
 use crate::sync::NEEDS_A_PERSON;
 
 /// Raw events (`usage_events`) against the ClickHouse daily rollup (`usage_daily`).
@@ -439,6 +439,48 @@ fn pair(
     }
 }
 
+/// A pair's verdict when its figures differ: `unsynced` (in flight), with `note`.
+fn unsynced(note: String) -> (Verdict, String) {
+    (Verdict::Unsynced, note)
+}
+
+/// A pair's verdict when its figures differ: `drift`, with `note`.
+fn drift(note: String) -> (Verdict, String) {
+    (Verdict::Drift, note)
+}
+
+/// A [`pair`] of one customer's, metric's and day's quantities.
+fn day_pair(
+    check: &str,
+    customer: &str,
+    metric: Metric,
+    day: NaiveDate,
+    left: u64,
+    right: u64,
+    otherwise: (Verdict, String),
+) -> Pair {
+    pair(
+        check,
+        customer,
+        Some(metric),
+        Some(day),
+        i128::from(left),
+        i128::from(right),
+        otherwise,
+    )
+}
+
+/// A [`pair`] of a customer's figures for the whole period (no metric, no day).
+fn customer_pair(
+    check: &str,
+    customer: &str,
+    left: i128,
+    right: i128,
+    otherwise: (Verdict, String),
+) -> Pair {
+    pair(check, customer, None, None, left, right, otherwise)
+}
+
 fn compare_raw(
     report: &mut Report,
     raw: &DayTotals,
@@ -450,21 +492,17 @@ fn compare_raw(
     for key in keys {
         let (customer, metric, day) = key;
         let open = flight.clickhouse_open.contains(day);
-        report.pairs.push(pair(
+        report.pairs.push(day_pair(
             RAW_VS_DAILY,
             customer,
-            Some(*metric),
-            Some(*day),
-            i128::from(raw.get(key).copied().unwrap_or(0)),
-            i128::from(daily.get(key).copied().unwrap_or(0)),
+            *metric,
+            *day,
+            raw.get(key).copied().unwrap_or(0),
+            daily.get(key).copied().unwrap_or(0),
             if open {
-                (
-                    Verdict::Unsynced,
-                    "a ClickHouse batch touching the day is being written".into(),
-                )
+                unsynced("a ClickHouse batch touching the day is being written".into())
             } else {
-                (
-                    Verdict::Drift,
+                drift(
                     "the daily rollup differs from the raw events: `apexctl rollup rebuild \
                      --store clickhouse` repairs it"
                         .into(),
@@ -477,25 +515,21 @@ fn compare_raw(
         let (customer, metric, day) = key;
         let left = raw.get(key).copied().unwrap_or(0);
         let right = postgres.get(key).map_or(0, |d| d.quantity);
-        report.pairs.push(pair(
+        report.pairs.push(day_pair(
             RAW_VS_POSTGRES,
             customer,
-            Some(*metric),
-            Some(*day),
-            i128::from(left),
-            i128::from(right),
+            *metric,
+            *day,
+            left,
+            right,
             if flight.explains(*day, left, right) {
-                (
-                    Verdict::Unsynced,
-                    format!(
-                        "a pipeline batch touching the day is applied by one store and not yet \
+                unsynced(format!(
+                    "a pipeline batch touching the day is applied by one store and not yet \
                          the other (for less than {} s)",
-                        rollups::IN_FLIGHT_LIMIT_SECONDS
-                    ),
-                )
+                    rollups::IN_FLIGHT_LIMIT_SECONDS
+                ))
             } else {
-                (
-                    Verdict::Drift,
+                drift(
                     "the hourly rollups differ from the raw events: `apexctl rollup rebuild \
                      --store postgres` repairs them"
                         .into(),
@@ -517,6 +551,11 @@ struct SyncRow {
     pending_since: Option<DateTime<Utc>>,
     last_error: Option<String>,
     synced_at: Option<DateTime<Utc>>,
+}
+
+/// What Stripe accepted for the row's day by our records (none without a row).
+fn reported_quantity(row: Option<&SyncRow>) -> u64 {
+    row.map_or(0, |r| u64::try_from(r.quantity_reported).unwrap_or(0))
 }
 
 /// The run's time and the database's: each compared only with times written on it.
@@ -573,13 +612,6 @@ async fn sync_rows(
         .collect()
 }
 
-fn day_end(day: NaiveDate) -> DateTime<Utc> {
-    (day + Duration::days(1))
-        .and_hms_opt(0, 0, 0)
-        .expect("midnight exists")
-        .and_utc()
-}
-
 /// Why a day whose rollup differs from what was reported is or is not drift (see the module
 /// documentation). `changed_at` is the day's latest rollup change, on the database's clock.
 fn reported_verdict(
@@ -593,24 +625,20 @@ fn reported_verdict(
     let now = clocks.now;
     // Before anything else: the sync never reports more than the day holds, complete or not.
     if reported > total {
-        return (
-            Verdict::Drift,
+        return drift(
             "more was reported to Stripe than the rollups hold (the sync cannot take it back)"
                 .into(),
         );
     }
     if day_end(day) > now {
-        return (Verdict::Unsynced, "the day is not complete".into());
+        return unsynced("the day is not complete".into());
     }
     let reportable = reporting::reportable_days(now).contains(&day);
     if !reportable {
-        return (
-            Verdict::Drift,
-            format!(
-                "the day is outside Stripe's {}-day window: the sync can no longer report it",
-                reporting::MAX_AGE_DAYS
-            ),
-        );
+        return drift(format!(
+            "the day is outside Stripe's {}-day window: the sync can no longer report it",
+            reporting::MAX_AGE_DAYS
+        ));
     }
     let due = Duration::hours(SYNC_DUE_HOURS);
     if let Some(row) = row
@@ -619,57 +647,42 @@ fn reported_verdict(
         let error = row.last_error.as_deref().unwrap_or("");
         // Held: the sync sends nothing more for the day until a person looks.
         if row.status == "failed" && error.ends_with(NEEDS_A_PERSON) {
-            return (Verdict::Drift, format!("the sync holds it: {error}"));
+            return drift(format!("the sync holds it: {error}"));
         }
         // `pending_since` is written with the sync run's time: the run's clock.
         if let Some(since) = row.pending_since
             && now - since >= due
         {
-            return (
-                Verdict::Drift,
-                format!(
-                    "an event of the day has been pending since {since} ({}), more than \
+            return drift(format!(
+                "an event of the day has been pending since {since} ({}), more than \
                      {SYNC_DUE_HOURS} h: the sync does not settle it",
-                    if error.is_empty() { &row.status } else { error }
-                ),
-            );
+                if error.is_empty() { &row.status } else { error }
+            ));
         }
-        return (
-            Verdict::Unsynced,
-            if row.status == "failed" {
-                format!("the last send failed and is retried by the next sync: {error}")
-            } else {
-                "an event is pending: the next sync sends it again".into()
-            },
-        );
+        return unsynced(if row.status == "failed" {
+            format!("the last send failed and is retried by the next sync: {error}")
+        } else {
+            "an event is pending: the next sync sends it again".into()
+        });
     }
     // Nothing pending (a day flagged as shrunk whose total has grown back is sent again like
     // any other): due a sync after the day's end on the run's clock, and after its last
     // change on the database's.
     if now < day_end(day) + due {
-        return (
-            Verdict::Unsynced,
-            "not yet due: the next daily sync reports it".into(),
-        );
+        return unsynced("not yet due: the next daily sync reports it".into());
     }
     if let Some(changed) = changed_at
         && clocks.db_now < changed + due
     {
-        return (
-            Verdict::Unsynced,
-            format!(
-                "the day's rollups changed at {changed} (database clock), less than \
+        return unsynced(format!(
+            "the day's rollups changed at {changed} (database clock), less than \
                  {SYNC_DUE_HOURS} h ago: the next daily sync reports it"
-            ),
-        );
+        ));
     }
-    (
-        Verdict::Drift,
-        format!(
-            "the usage was not reported although the sync was due {SYNC_DUE_HOURS} h after the \
+    drift(format!(
+        "the usage was not reported although the sync was due {SYNC_DUE_HOURS} h after the \
              day (and its last change)"
-        ),
-    )
+    ))
 }
 
 fn compare_reported(
@@ -687,7 +700,7 @@ fn compare_reported(
         }
         let total = postgres.get(key).map_or(0, |d| d.quantity);
         let row = synced.get(key);
-        let reported = row.map_or(0, |r| u64::try_from(r.quantity_reported).unwrap_or(0));
+        let reported = reported_quantity(row);
         let otherwise = reported_verdict(
             *day,
             total,
@@ -696,13 +709,13 @@ fn compare_reported(
             postgres.get(key).map(|d| d.changed_at),
             clocks,
         );
-        report.pairs.push(pair(
+        report.pairs.push(day_pair(
             POSTGRES_VS_REPORTED,
             customer,
-            Some(*metric),
-            Some(*day),
-            i128::from(total),
-            i128::from(reported),
+            *metric,
+            *day,
+            total,
+            reported,
             otherwise,
         ));
     }
@@ -814,15 +827,15 @@ async fn compare_meters(
         for day in days {
             let key = (customer.to_owned(), metric, day);
             let row = synced.get(&key);
-            let reported = row.map_or(0, |r| u64::try_from(r.quantity_reported).unwrap_or(0));
+            let reported = reported_quantity(row);
             let stripe_total = theirs.get(&day).copied().unwrap_or(0);
-            report.pairs.push(pair(
+            report.pairs.push(day_pair(
                 REPORTED_VS_STRIPE,
                 customer,
-                Some(metric),
-                Some(day),
-                i128::from(reported),
-                i128::from(stripe_total),
+                metric,
+                day,
+                reported,
+                stripe_total,
                 meter_verdict(row, reported, stripe_total, db_now),
             ));
         }
@@ -841,36 +854,24 @@ fn meter_verdict(
     if let Some(pending) = row.and_then(|r| r.pending_quantity) {
         let pending = u64::try_from(pending).unwrap_or(0);
         if stripe_total == reported.saturating_add(pending) {
-            return (
-                Verdict::Unsynced,
-                format!(
-                    "Stripe holds the pending event of {pending} already; the next sync records it"
-                ),
-            );
+            return unsynced(format!(
+                "Stripe holds the pending event of {pending} already; the next sync records it"
+            ));
         }
-        return (
-            Verdict::Drift,
-            format!(
-                "Stripe's meter holds neither what it accepted by our records nor that plus the \
+        return drift(format!(
+            "Stripe's meter holds neither what it accepted by our records nor that plus the \
                  pending {pending}"
-            ),
-        );
+        ));
     }
     if let Some(synced) = row.and_then(|r| r.synced_at)
         && db_now - synced < Duration::minutes(STRIPE_SUMMARY_LAG_MINUTES)
     {
-        return (
-            Verdict::Unsynced,
-            format!(
-                "an event was accepted at {synced}, less than {STRIPE_SUMMARY_LAG_MINUTES} min ago: \
+        return unsynced(format!(
+            "an event was accepted at {synced}, less than {STRIPE_SUMMARY_LAG_MINUTES} min ago: \
                  Stripe's summaries may not show it yet"
-            ),
-        );
+        ));
     }
-    (
-        Verdict::Drift,
-        "Stripe's meter differs from what it accepted by our records".into(),
-    )
+    drift("Stripe's meter differs from what it accepted by our records".into())
 }
 
 /// When the close is due to have written a month's invoice, on the run's clock: it runs daily
@@ -930,20 +931,15 @@ fn preview_verdict(
         .newest
         .and_then(|n| next_close_due(period, n.latest_period_start, facts.canceled_at));
     let before_next_close = |why: String| match next_due {
-        Some(due) if now < due => (
-            Verdict::Unsynced,
-            format!("{why}: the next close (due by {due}) adjusts it"),
-        ),
-        Some(due) => (
-            Verdict::Drift,
-            format!("{why}, but the close due by {due} has not adjusted it"),
-        ),
-        None => (
-            Verdict::Drift,
-            format!(
-                "{why}, but no later close adjusts the month (customer canceled, or beyond the adjustment lookback)"
-            ),
-        ),
+        Some(due) if now < due => {
+            unsynced(format!("{why}: the next close (due by {due}) adjusts it"))
+        }
+        Some(due) => drift(format!(
+            "{why}, but the close due by {due} has not adjusted it"
+        )),
+        None => drift(format!(
+            "{why}, but no later close adjusts the month (customer canceled, or beyond the adjustment lookback)"
+        )),
     };
     let credit = facts
         .reviews
@@ -954,13 +950,10 @@ fn preview_verdict(
     {
         match (review.resolved_at, review.resolution.as_deref()) {
             (None, _) => {
-                return (
-                    Verdict::Unsynced,
-                    format!(
-                        "a credit of {} cents awaits a person's approval (review {})",
-                        -review.amount_cents, review.id
-                    ),
-                );
+                return unsynced(format!(
+                    "a credit of {} cents awaits a person's approval (review {})",
+                    -review.amount_cents, review.id
+                ));
             }
             (Some(_), Some("dismissed")) => {
                 return (
@@ -995,10 +988,7 @@ fn preview_verdict(
             review.id
         ));
     }
-    (
-        Verdict::Drift,
-        "what was billed for the period differs from what it prices at now".into(),
-    )
+    drift("what was billed for the period differs from what it prices at now".into())
 }
 
 async fn compare_invoice(
@@ -1018,29 +1008,20 @@ async fn compare_invoice(
         };
         let due = invoice_due(&period, preview.mediated_revenue_cents.is_some());
         let verdict = if period.end > request.now {
-            (
-                Verdict::Unsynced,
-                "the period is not over: no invoice yet".into(),
-            )
+            unsynced("the period is not over: no invoice yet".into())
         } else if request.now < due {
-            (
-                Verdict::Unsynced,
-                format!(
-                    "no invoice issued yet: the close is due to issue it by {due} (it waits for \
+            unsynced(format!(
+                "no invoice issued yet: the close is due to issue it by {due} (it waits for \
                      the month's revenue)"
-                ),
-            )
+            ))
         } else {
-            (
-                Verdict::Drift,
-                format!("no invoice although the close was due to issue it by {due}"),
-            )
+            drift(format!(
+                "no invoice although the close was due to issue it by {due}"
+            ))
         };
-        report.pairs.push(pair(
+        report.pairs.push(customer_pair(
             INVOICE_VS_PREVIEW,
             customer,
-            None,
-            None,
             0,
             i128::from(preview.total_cents),
             verdict,
@@ -1049,17 +1030,12 @@ async fn compare_invoice(
     };
     let lines = invoices::lines(pool, invoice.id).await?;
     let line_sum: i128 = lines.iter().map(|l| i128::from(l.amount_cents)).sum();
-    report.pairs.push(pair(
+    report.pairs.push(customer_pair(
         INVOICE_VS_LINES,
         customer,
-        None,
-        None,
         i128::from(invoice.total_cents),
         line_sum,
-        (
-            Verdict::Drift,
-            "the invoice's total is not the sum of its lines".into(),
-        ),
+        drift("the invoice's total is not the sum of its lines".into()),
     ));
 
     let pricing: PricingTerms = serde_json::from_value(invoice.pricing.clone()).map_err(|e| {
@@ -1089,11 +1065,9 @@ async fn compare_invoice(
         };
         preview_verdict(&period, &facts, request.now)
     };
-    report.pairs.push(pair(
+    report.pairs.push(customer_pair(
         INVOICE_VS_PREVIEW,
         customer,
-        None,
-        None,
         i128::from(billed),
         i128::from(priced_cents),
         verdict,
@@ -1166,20 +1140,15 @@ async fn compare_stripe_invoice(
         ),
     };
     let Some(stripe_id) = invoice.stripe_invoice_id.as_deref() else {
-        report.pairs.push(pair(
+        report.pairs.push(customer_pair(
             INVOICE_VS_STRIPE,
             customer,
-            None,
-            None,
             i128::from(invoice.total_cents),
             0,
             if building {
-                (
-                    Verdict::Unsynced,
-                    "the close has not created the Stripe invoice yet".into(),
-                )
+                unsynced("the close has not created the Stripe invoice yet".into())
             } else {
-                (Verdict::Drift, stuck("no Stripe invoice"))
+                drift(stuck("no Stripe invoice"))
             },
         ));
         return Ok(());
@@ -1195,30 +1164,21 @@ async fn compare_stripe_invoice(
     }
     let otherwise = |what: &str| {
         if building {
-            (
-                Verdict::Unsynced,
-                format!(
-                    "the close is still building Stripe's invoice ({})",
-                    invoice.status
-                ),
-            )
+            unsynced(format!(
+                "the close is still building Stripe's invoice ({})",
+                invoice.status
+            ))
         } else if mismatch.is_some() || matches!(invoice.status.as_str(), "pending" | "draft") {
-            (
-                Verdict::Drift,
-                stuck(&format!("{what} differs from Stripe's invoice {stripe_id}")),
-            )
+            drift(stuck(&format!(
+                "{what} differs from Stripe's invoice {stripe_id}"
+            )))
         } else {
-            (
-                Verdict::Drift,
-                format!("{what} differs from Stripe's invoice {stripe_id}"),
-            )
+            drift(format!("{what} differs from Stripe's invoice {stripe_id}"))
         }
     };
-    report.pairs.push(pair(
+    report.pairs.push(customer_pair(
         INVOICE_VS_STRIPE,
         customer,
-        None,
-        None,
         i128::from(invoice.total_cents),
         i128::from(theirs.total),
         otherwise("our total"),
@@ -1238,11 +1198,9 @@ async fn compare_stripe_invoice(
         .collect();
     let keys: BTreeSet<&String> = ours.keys().chain(stripe_lines.keys()).collect();
     for key in keys {
-        let mut line = pair(
+        let mut line = customer_pair(
             LINE_VS_STRIPE,
             customer,
-            None,
-            None,
             ours.get(key).copied().unwrap_or(0),
             stripe_lines.get(key).copied().unwrap_or(0),
             otherwise("our line"),
@@ -1538,36 +1496,18 @@ mod tests {
 
     #[test]
     fn the_summary_counts_every_check() {
+        let pairs = [
+            (RAW_VS_DAILY, 1, 1, Verdict::Drift),
+            (RAW_VS_DAILY, 1, 2, Verdict::Drift),
+            (INVOICE_VS_PREVIEW, 1, 2, Verdict::Unsynced),
+        ];
         let report = Report {
-            pairs: vec![
-                pair(
-                    RAW_VS_DAILY,
-                    "cus_a",
-                    None,
-                    None,
-                    1,
-                    1,
-                    (Verdict::Drift, String::new()),
-                ),
-                pair(
-                    RAW_VS_DAILY,
-                    "cus_a",
-                    None,
-                    None,
-                    1,
-                    2,
-                    (Verdict::Drift, String::new()),
-                ),
-                pair(
-                    INVOICE_VS_PREVIEW,
-                    "cus_a",
-                    None,
-                    None,
-                    1,
-                    2,
-                    (Verdict::Unsynced, String::new()),
-                ),
-            ],
+            pairs: pairs
+                .into_iter()
+                .map(|(check, left, right, verdict)| {
+                    customer_pair(check, "cus_a", left, right, (verdict, String::new()))
+                })
+                .collect(),
             ..Report::default()
         };
         let summary = report.summary();

@@ -38,7 +38,8 @@ pub fn reportable_days(now: DateTime<Utc>) -> Vec<NaiveDate> {
         .collect()
 }
 
-fn day_end(day: NaiveDate) -> DateTime<Utc> {
+/// The end of `day` in UTC: the next midnight.
+pub(crate) fn day_end(day: NaiveDate) -> DateTime<Utc> {
     (day + Days::days(1))
         .and_hms_opt(0, 0, 0)
         .expect("midnight exists")

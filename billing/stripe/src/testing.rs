@@ -9,8 +9,12 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 
 use apex_billing::customers::{NewCustomer, create_customer};
+use apex_billing::pricing::Period;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
+
+use crate::client::StripeClient;
+use crate::reconcile::{self, Checks, Report, Verdict};
 
 /// A running stand-in; killed on drop.
 pub struct StripeStandIn {
@@ -299,4 +303,35 @@ pub async fn add_usage(pool: &PgPool, customer: &str, metric: &str, day: NaiveDa
     .execute(pool)
     .await
     .unwrap();
+}
+
+/// Reconciles `period` (of `customer` only, if given) at the run's time `now` against Stripe
+/// through `stripe`, making the `checks` ([`reconcile::reconcile_with`]); the report. Panics
+/// on an error.
+pub async fn reconcile_report(
+    pool: &PgPool,
+    stores: &apex_core::stores::StoreConfig,
+    stripe: &StripeClient,
+    period: Period,
+    customer: Option<&str>,
+    now: DateTime<Utc>,
+    checks: Checks,
+) -> Report {
+    let request = reconcile::Request {
+        period,
+        customer: customer.map(str::to_owned),
+        now,
+    };
+    reconcile::reconcile_with(pool, stores, Some(stripe), &request, checks)
+        .await
+        .unwrap()
+}
+
+/// How many of the `report`'s pairs of `check` are `ok`.
+pub fn ok_pairs(report: &Report, check: &str) -> usize {
+    report
+        .pairs
+        .iter()
+        .filter(|p| p.check == check && p.verdict == Verdict::Ok)
+        .count()
 }

@@ -307,34 +307,26 @@ async fn overage_on_two_metrics_an_addon_and_a_contract_are_each_a_line() {
     // Reconciled after the close: each invoice's total is its lines, what it bills is what the
     // month prices at, and Stripe's invoices carry the same total and lines (the rollups were
     // written directly and never synced here: those checks are the pipeline's and the sync's).
-    let request = apex_stripe::reconcile::Request {
-        period: month("2026-09"),
-        customer: None,
-        now: at("2026-10-01T06:00:00Z"),
-    };
     let checks = apex_stripe::reconcile::Checks {
         raw_events: false,
         usage_sync: false,
     };
-    let report = apex_stripe::reconcile::reconcile_with(
+    let report = testing::reconcile_report(
         &stores.pool,
         &stores.config,
-        Some(&client(&standin)),
-        &request,
+        &client(&standin),
+        month("2026-09"),
+        None,
+        at("2026-10-01T06:00:00Z"),
         checks,
     )
-    .await
-    .unwrap();
+    .await;
     assert!(report.is_clean(), "{report:#?}");
-    let lines_compared = report
-        .pairs
-        .iter()
-        .filter(|p| {
-            p.check == apex_stripe::reconcile::LINE_VS_STRIPE
-                && p.verdict == apex_stripe::reconcile::Verdict::Ok
-        })
-        .count();
-    assert_eq!(lines_compared, 4, "{report:#?}");
+    assert_eq!(
+        testing::ok_pairs(&report, apex_stripe::reconcile::LINE_VS_STRIPE),
+        4,
+        "{report:#?}"
+    );
 }
 
 #[tokio::test]

@@ -313,33 +313,19 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
     // Reconciled after the sync: the rollups, what was reported and Stripe's daily meter
     // summaries agree for yesterday's month (the rollups were written directly here, with no
     // raw events to compare them with).
-    let request = apex_stripe::reconcile::Request {
-        period: apex_billing::pricing::calendar_month(
-            yesterday.and_hms_opt(0, 0, 0).unwrap().and_utc(),
-        ),
-        customer: None,
-        now,
-    };
-    let checks = apex_stripe::reconcile::Checks {
-        raw_events: false,
-        ..Default::default()
-    };
-    let report = apex_stripe::reconcile::reconcile_with(
+    let report = testing::reconcile_report(
         &stores.pool,
         &stores.config,
-        Some(&client(&standin)),
-        &request,
-        checks,
+        &client(&standin),
+        apex_billing::pricing::calendar_month(yesterday.and_hms_opt(0, 0, 0).unwrap().and_utc()),
+        None,
+        now,
+        sync_checks(),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(report.is_clean(), "{report:#?}");
     assert!(
-        report
-            .pairs
-            .iter()
-            .any(|p| p.check == apex_stripe::reconcile::REPORTED_VS_STRIPE
-                && p.verdict == apex_stripe::reconcile::Verdict::Ok),
+        testing::ok_pairs(&report, apex_stripe::reconcile::REPORTED_VS_STRIPE) > 0,
         "{report:#?}"
     );
 }
@@ -685,6 +671,15 @@ async fn a_mapping_whose_ids_were_lost_adopts_what_stripe_has() {
     assert_eq!(standin.objects("subscriptions").len(), 1);
 }
 
+/// The checks of the sync's work: all but the raw events (the tests write the rollups
+/// directly, with no raw events to compare them with).
+fn sync_checks() -> apex_stripe::reconcile::Checks {
+    apex_stripe::reconcile::Checks {
+        raw_events: false,
+        ..Default::default()
+    }
+}
+
 /// Reconciliation of the sync's own ledger, with Stripe's meter (rollups written directly:
 /// no raw events to compare), at the run's time `now`: the verdict and note of `check` for
 /// the customer's day.
@@ -696,24 +691,16 @@ async fn reconciled(
     now: DateTime<Utc>,
     check: &str,
 ) -> (apex_stripe::reconcile::Verdict, String) {
-    let request = apex_stripe::reconcile::Request {
-        period: apex_billing::pricing::calendar_month(day.and_hms_opt(0, 0, 0).unwrap().and_utc()),
-        customer: Some(customer.to_owned()),
-        now,
-    };
-    let checks = apex_stripe::reconcile::Checks {
-        raw_events: false,
-        ..Default::default()
-    };
-    let report = apex_stripe::reconcile::reconcile_with(
+    let report = testing::reconcile_report(
         &stores.pool,
         &stores.config,
-        Some(&client(standin)),
-        &request,
-        checks,
+        &client(standin),
+        apex_billing::pricing::calendar_month(day.and_hms_opt(0, 0, 0).unwrap().and_utc()),
+        Some(customer),
+        now,
+        sync_checks(),
     )
-    .await
-    .unwrap();
+    .await;
     let pair = report
         .pairs
         .iter()

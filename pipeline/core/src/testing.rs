@@ -33,6 +33,25 @@ pub fn package_dir() -> std::path::PathBuf {
         .into()
 }
 
+/// The versions of the repository's migration files of `store` (`postgres` or `clickhouse`,
+/// the folder `migrations/{store}` above the [`package_dir`]), read from the folder when the
+/// test runs; in order.
+pub fn migration_file_versions(store: &str) -> Vec<i64> {
+    let dir = package_dir()
+        .ancestors()
+        .map(|dir| dir.join("migrations").join(store))
+        .find(|dir| dir.is_dir())
+        .unwrap_or_else(|| panic!("no migrations/{store} above {}", package_dir().display()));
+    let mut versions: Vec<i64> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".sql"))
+        .map(|n| n.split('_').next().unwrap().parse().unwrap())
+        .collect();
+    versions.sort_unstable();
+    versions
+}
+
 /// `promtool check metrics` on a `/metrics` page: `Err` with what promtool said (the
 /// page's lint problems) unless it passes with nothing to say. Panics (never skips) when
 /// promtool is missing: `scripts/stack.sh up` installs it (`APEX_PROMTOOL` names another).

@@ -48,7 +48,7 @@ async fn postgres_migrations_apply_once() {
     let stores = TestStores::empty().await;
     assert!(postgres_tables(&stores).await.is_empty());
 
-    let files = postgres_migration_files();
+    let files = apex_core::testing::migration_file_versions("postgres");
     let status = postgres_status(&stores.pool).await.unwrap();
     assert_eq!(
         status,
@@ -95,25 +95,12 @@ async fn postgres_migrations_apply_once() {
     assert_eq!((plans, plans_again), (4, 4), "seed data is inserted once");
 }
 
-/// The versions of `migrations/postgres/`, read from the folder.
-fn postgres_migration_files() -> Vec<i64> {
-    let dir = apex_core::testing::package_dir().join("../../migrations/postgres");
-    let mut versions: Vec<i64> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.ends_with(".sql"))
-        .map(|n| n.split('_').next().unwrap().parse().unwrap())
-        .collect();
-    versions.sort_unstable();
-    versions
-}
-
 /// The status tells the four ways a schema differs from the build: a migration not applied,
 /// one edited after it was applied, one that failed part-way, one this build does not know.
 #[tokio::test]
 async fn postgres_status_names_pending_changed_dirty_and_unknown_migrations() {
     let stores = TestStores::migrated().await;
-    let files = postgres_migration_files();
+    let files = apex_core::testing::migration_file_versions("postgres");
     let (first, last) = (files[0], *files.last().unwrap());
     for sql in [
         format!("DELETE FROM _sqlx_migrations WHERE version = {last}"),
