@@ -311,6 +311,7 @@ async fn overage_on_two_metrics_an_addon_and_a_contract_are_each_a_line() {
         period: month("2026-09"),
         customer: None,
         now: at("2026-10-01T06:00:00Z"),
+        settled: false,
     };
     let checks = apex_stripe::reconcile::Checks {
         raw_events: false,

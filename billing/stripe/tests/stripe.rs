@@ -319,6 +319,7 @@ async fn sync_twice_sends_one_set_and_a_late_record_is_a_correction() {
         ),
         customer: None,
         now,
+        settled: false,
     };
     let checks = apex_stripe::reconcile::Checks {
         raw_events: false,
@@ -700,6 +701,7 @@ async fn reconciled(
         period: apex_billing::pricing::calendar_month(day.and_hms_opt(0, 0, 0).unwrap().and_utc()),
         customer: Some(customer.to_owned()),
         now,
+        settled: false,
     };
     let checks = apex_stripe::reconcile::Checks {
         raw_events: false,
