@@ -129,7 +129,10 @@ async fn a_simulated_month_shows_every_event_reconciles_and_repeats_for_its_seed
     // Usage past the limits is billed: the first month's invoices carry overage lines.
     assert!(
         events.iter().any(|e| e["kind"] == "invoice"
-            && e["detail"].as_str().unwrap().contains("overage impressions")),
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("overage impressions")),
         "no invoice bills overage"
     );
     // Every event names a simulated customer or none, never an id.
@@ -190,7 +193,10 @@ async fn a_simulated_month_shows_every_event_reconciles_and_repeats_for_its_seed
     // A settled run: every unsynced pair is one the simulated clock explains (the days and
     // the month after its end), none is excused by the database's clock.
     let unsynced = reconcile["unsynced_pairs"].as_array().unwrap();
-    assert_eq!(unsynced.len() as u64, reconcile["unsynced"].as_u64().unwrap());
+    assert_eq!(
+        unsynced.len() as u64,
+        reconcile["unsynced"].as_u64().unwrap()
+    );
     for pair in unsynced {
         let note = pair["note"].as_str().unwrap_or("");
         assert!(
@@ -502,7 +508,11 @@ fn report_renders_in_chromium(report: &Path, expected: &Expected, scratch: &Path
     let bare_page = scratch.join("bare.html");
     std::fs::write(&bare_page, bare).unwrap();
     let bare_png = scratch.join("bare.png");
-    let bare_dom = render(&profile, &format!("file://{}", bare_page.display()), &bare_png);
+    let bare_dom = render(
+        &profile,
+        &format!("file://{}", bare_page.display()),
+        &bare_png,
+    );
     assert!(
         charts_drawn(&bare_dom, &bare_png, expected).is_err(),
         "the predicate holds for a page without charts"

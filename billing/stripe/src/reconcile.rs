@@ -1458,10 +1458,7 @@ mod tests {
             Verdict::Unsynced
         );
         // Not in a settled run (`Request::settled`): it waited for Stripe.
-        assert_eq!(
-            meter_verdict(Some(&sent), 100, 60, None).0,
-            Verdict::Drift
-        );
+        assert_eq!(meter_verdict(Some(&sent), 100, 60, None).0, Verdict::Drift);
         sent.synced_at = Some(db_now - Duration::minutes(30));
         assert_eq!(
             meter_verdict(Some(&sent), 100, 60, Some(db_now)).0,

@@ -681,7 +681,12 @@ async fn simulate(
                                 job.name,
                                 slot.format("%F %R")
                             ));
-                            timeline.push(slot, "job_failed", "-", format!("{}: {error}", job.name));
+                            timeline.push(
+                                slot,
+                                "job_failed",
+                                "-",
+                                format!("{}: {error}", job.name),
+                            );
                             serde_json::Value::Null
                         }
                     };
@@ -752,10 +757,11 @@ async fn simulate(
     let mut pairs = 0;
     let mut verdicts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut drifts = Vec::new();
-    let mut by_check: BTreeMap<String, BTreeMap<&'static str, usize>> = apex_stripe::reconcile::CHECKS
-        .iter()
-        .map(|c| ((*c).to_owned(), BTreeMap::new()))
-        .collect();
+    let mut by_check: BTreeMap<String, BTreeMap<&'static str, usize>> =
+        apex_stripe::reconcile::CHECKS
+            .iter()
+            .map(|c| ((*c).to_owned(), BTreeMap::new()))
+            .collect();
     let mut unsynced = Vec::new();
     // What was sent against what both stores hold: reconcile compares the stores with each
     // other, so a record lost before either would pass it.
@@ -772,7 +778,10 @@ async fn simulate(
         (SENT_VS_RAW, raw),
         (
             SENT_VS_POSTGRES,
-            recorded.iter().map(|(k, d)| (k.clone(), d.quantity)).collect(),
+            recorded
+                .iter()
+                .map(|(k, d)| (k.clone(), d.quantity))
+                .collect(),
         ),
     ] {
         let counts = by_check.entry(check.to_owned()).or_default();

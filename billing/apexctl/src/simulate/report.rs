@@ -102,15 +102,9 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
                 .map_err(draw_error)?;
             if let Some((x, y)) = end {
                 chart
-                    .draw_series([
-                        EmptyElement::at((x, y))
-                            + Circle::new((0, 0), 4, colour.filled())
-                            + Text::new(
-                                name,
-                                (7, -6),
-                                ("sans-serif", 11).into_font().color(&colour),
-                            ),
-                    ])
+                    .draw_series([EmptyElement::at((x, y))
+                        + Circle::new((0, 0), 4, colour.filled())
+                        + Text::new(name, (7, -6), ("sans-serif", 11).into_font().color(&colour))])
                     .map_err(draw_error)?;
             }
         }
@@ -156,12 +150,15 @@ fn bar_chart(
             .draw()
             .map_err(draw_error)?;
         chart
-            .draw_series(bars.iter().enumerate().filter(|(_, (_, v))| *v > 0).map(
-                |(i, (_, v))| {
-                    let x = i as f64;
-                    Rectangle::new([(x - 0.35, 0), (x + 0.35, *v)], colour.filled())
-                },
-            ))
+            .draw_series(
+                bars.iter()
+                    .enumerate()
+                    .filter(|(_, (_, v))| *v > 0)
+                    .map(|(i, (_, v))| {
+                        let x = i as f64;
+                        Rectangle::new([(x - 0.35, 0), (x + 0.35, *v)], colour.filled())
+                    }),
+            )
             .map_err(draw_error)?;
         root.present().map_err(draw_error)?;
     }

@@ -159,8 +159,10 @@ impl StandIn {
                 let (sender, first) = std::sync::mpsc::channel();
                 std::thread::spawn(move || {
                     let mut line = String::new();
-                    let read =
-                        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+                    let read = std::io::BufRead::read_line(
+                        &mut std::io::BufReader::new(stdout),
+                        &mut line,
+                    );
                     let _ = sender.send(read.map(|_| line));
                 });
                 let line = match first.recv_timeout(START_DEADLINE) {

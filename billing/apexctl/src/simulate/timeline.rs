@@ -185,8 +185,11 @@ impl Timeline {
             let detail = format!("{} ({})", email.email_type, email.status);
             if email.status == "failed" {
                 let name = self.name_of(email.customer_id.as_deref());
-                self.failed_emails
-                    .push(format!("{} {name} {}", email.email_type, at.format("%F %R")));
+                self.failed_emails.push(format!(
+                    "{} {name} {}",
+                    email.email_type,
+                    at.format("%F %R")
+                ));
             }
             self.push_for(at, "email", &customer, detail);
         }
