@@ -115,7 +115,10 @@ install_missing() {
   [ -x /usr/bin/clickhouse-server ] || [ -x /usr/sbin/clickhouse-server ] || need+=(clickhouse-server)
   command -v curl >/dev/null || need+=(curl)
   command -v psql >/dev/null || need+=(postgresql-client-15)
-  [ -x /usr/bin/chromium ] || need+=(chromium fonts-liberation)
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  # Each on its own: a chromium installed without it draws the report's text in a fallback.
+  dpkg-query -W -f='${Status}' fonts-liberation 2>/dev/null | grep -q 'ok installed' ||
+    need+=(fonts-liberation)
   [ ${#need[@]} -eq 0 ] && return 0
   [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run as root to install them"
   log "installing ${need[*]}"

@@ -62,6 +62,7 @@ async fn the_guides_track_request_is_recorded_durably() {
         period: apex_billing::pricing::calendar_month(recorded),
         customer: Some(customer_id.clone()),
         now: chrono::Utc::now(),
+        settled: false,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -83,6 +83,7 @@ pub(crate) async fn run(
         period,
         customer: args.customer,
         now,
+        settled: false,
     };
     let report = match reconcile::reconcile(pool, &ctl.cron.stores, client.as_ref(), &request).await
     {

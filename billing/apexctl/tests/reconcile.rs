@@ -668,6 +668,7 @@ async fn reconcile_library(
         period,
         customer: None,
         now: now.parse().unwrap(),
+        settled: false,
     };
     apex_stripe::reconcile::reconcile_with(
         &stores.pool,

@@ -69,6 +69,12 @@
 //! Two clocks: the run's time (`now`, possibly simulated) is compared only with times written
 //! on it (days' ends, `pending_since`, `invoices.created_at`), and the database's change times
 //! only with the database's (`now()`, `invoices.recorded_at`).
+//!
+//! A settled run ([`Request::settled`]) drops the allowances measured on the database's clock
+//! against its `now()` (rollups changed less than [`SYNC_DUE_HOURS`] ago, an event accepted
+//! less than [`STRIPE_SUMMARY_LAG_MINUTES`] ago): for a caller that has waited for the
+//! pipeline and Stripe itself and runs its own clock (`apexctl simulate`, whose rows are all
+//! written within the last wall-clock minutes), those differences are drift.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -149,6 +155,12 @@ pub struct Request {
     pub customer: Option<String>,
     /// The time of the run: days after it, or not yet due for the sync, are `unsynced`.
     pub now: DateTime<Utc>,
+    /// Everything written is settled (the caller waited for both appliers, the sync's runs
+    /// and Stripe's webhooks): no allowance on the database's clock (a day whose rollups
+    /// changed less than [`SYNC_DUE_HOURS`] ago, an event Stripe accepted less than
+    /// [`STRIPE_SUMMARY_LAG_MINUTES`] ago); the run's clock (`now`) still gives its own.
+    /// `false` for an operator's run against a live system; `true` for `apexctl simulate`.
+    pub settled: bool,
 }
 
 /// Which checks a run makes ([`reconcile_with`]); [`reconcile`] makes them all. For tests
@@ -375,6 +387,7 @@ pub async fn reconcile_with(
         let clocks = Clocks {
             now: request.now,
             db_now,
+            settled: request.settled,
         };
         compare_reported(&mut report, &postgres, &synced, &mapped, clocks);
         if let Some(stripe) = stripe {
@@ -565,6 +578,8 @@ struct Clocks {
     now: DateTime<Utc>,
     /// The database's `now()`.
     db_now: DateTime<Utc>,
+    /// No allowance on the database's clock ([`Request::settled`]).
+    settled: bool,
 }
 
 /// What was reported to Stripe (`stripe_usage_sync.quantity_reported`, accepted events only)
@@ -672,6 +687,7 @@ fn reported_verdict(
         return unsynced("not yet due: the next daily sync reports it".into());
     }
     if let Some(changed) = changed_at
+        && !clocks.settled
         && clocks.db_now < changed + due
     {
         return unsynced(format!(
@@ -836,7 +852,12 @@ async fn compare_meters(
                 day,
                 reported,
                 stripe_total,
-                meter_verdict(row, reported, stripe_total, db_now),
+                meter_verdict(
+                    row,
+                    reported,
+                    stripe_total,
+                    (!request.settled).then_some(db_now),
+                ),
             ));
         }
     }
@@ -844,12 +865,13 @@ async fn compare_meters(
 }
 
 /// Why Stripe's meter total of a day differing from what it accepted by our records is or is
-/// not drift (see the module documentation).
+/// not drift (see the module documentation). `db_now` is the database's `now()`, `None` for a
+/// settled run (no summary lag allowed).
 fn meter_verdict(
     row: Option<&SyncRow>,
     reported: u64,
     stripe_total: u64,
-    db_now: DateTime<Utc>,
+    db_now: Option<DateTime<Utc>>,
 ) -> (Verdict, String) {
     if let Some(pending) = row.and_then(|r| r.pending_quantity) {
         let pending = u64::try_from(pending).unwrap_or(0);
@@ -864,6 +886,7 @@ fn meter_verdict(
         ));
     }
     if let Some(synced) = row.and_then(|r| r.synced_at)
+        && let Some(db_now) = db_now
         && db_now - synced < Duration::minutes(STRIPE_SUMMARY_LAG_MINUTES)
     {
         return unsynced(format!(
@@ -1240,7 +1263,34 @@ mod tests {
         Clocks {
             now: at(now),
             db_now: db_now.map_or(at("2031-01-01T00:00:00Z"), at),
+            settled: false,
         }
+    }
+
+    #[test]
+    fn a_settled_run_allows_nothing_on_the_database_s_clock() {
+        let day: NaiveDate = "2026-11-10".parse().unwrap();
+        // Rolled up a minute ago by the database's clock, the run's clock days past the day.
+        let changed = Some(at("2031-01-01T00:00:00Z") - Duration::minutes(1));
+        let mut live = clocks("2026-11-14T00:00:00Z", None);
+        assert_eq!(
+            reported_verdict(day, 5, 0, None, changed, live).0,
+            Verdict::Unsynced
+        );
+        live.settled = true;
+        assert_eq!(
+            reported_verdict(day, 5, 0, None, changed, live).0,
+            Verdict::Drift
+        );
+        // The run's own clock still gives its allowance.
+        let soon = Clocks {
+            settled: true,
+            ..clocks("2026-11-11T01:00:00Z", None)
+        };
+        assert_eq!(
+            reported_verdict(day, 5, 0, None, changed, soon).0,
+            Verdict::Unsynced
+        );
     }
 
     #[test]
@@ -1347,27 +1397,29 @@ mod tests {
         let pending = row("pending", Some(50), None);
         let db_now = at("2026-11-20T00:00:00Z");
         assert_eq!(
-            meter_verdict(Some(&pending), 100, 150, db_now).0,
+            meter_verdict(Some(&pending), 100, 150, Some(db_now)).0,
             Verdict::Unsynced
         );
         assert_eq!(
-            meter_verdict(Some(&pending), 100, 120, db_now).0,
+            meter_verdict(Some(&pending), 100, 120, Some(db_now)).0,
             Verdict::Drift
         );
         assert_eq!(
-            meter_verdict(Some(&pending), 100, 160, db_now).0,
+            meter_verdict(Some(&pending), 100, 160, Some(db_now)).0,
             Verdict::Drift
         );
         // Just accepted: Stripe's summaries may lag a few minutes.
         let mut sent = row("sent", None, None);
         sent.synced_at = Some(db_now - Duration::minutes(1));
         assert_eq!(
-            meter_verdict(Some(&sent), 100, 60, db_now).0,
+            meter_verdict(Some(&sent), 100, 60, Some(db_now)).0,
             Verdict::Unsynced
         );
+        // Not in a settled run (`Request::settled`): it waited for Stripe.
+        assert_eq!(meter_verdict(Some(&sent), 100, 60, None).0, Verdict::Drift);
         sent.synced_at = Some(db_now - Duration::minutes(30));
         assert_eq!(
-            meter_verdict(Some(&sent), 100, 60, db_now).0,
+            meter_verdict(Some(&sent), 100, 60, Some(db_now)).0,
             Verdict::Drift
         );
     }

@@ -321,6 +321,7 @@ pub async fn reconcile_report(
         period,
         customer: customer.map(str::to_owned),
         now,
+        settled: false,
     };
     reconcile::reconcile_with(pool, stores, Some(stripe), &request, checks)
         .await

@@ -36,21 +36,33 @@ pub(crate) struct SimCustomer {
     pub(crate) trial_days: Option<u32>,
     /// Its card.
     pub(crate) card: Card,
-    /// The platform-fee band (index into [`PLANS`]' bands) its mediated revenue falls in.
+    /// The platform-fee band (index into [`BANDS`]) its mediated revenue falls in.
     pub(crate) revenue_band: usize,
     /// Mediated revenue a month, cents, within that band.
     pub(crate) revenue_cents: u64,
     /// Where its usage ends its first 30 days, in percent of the plan's impression allowance
-    /// (60 to 150: most cross 80 %, many 100 %, some the overage threshold).
+    /// (60 to 150: most cross 80 %, many 100 %, some the overage threshold; 400 to 450 for
+    /// the heavy users, who pass 100 % within twelve days: the first month's invoice bills
+    /// their overage).
     pub(crate) target_percent: u64,
-    /// The seed of its hourly jitter.
+    /// Dealt the heavy user's role (see `target_percent`).
+    pub(crate) heavy: bool,
+    /// The seed of its hourly jitter (a string in JSON: a u64 does not survive a
+    /// JavaScript reader's doubles).
+    #[serde(serialize_with = "as_text")]
     pub(crate) jitter_seed: u64,
+}
+
+fn as_text<S: serde::Serializer>(value: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }
 
 /// The platform-fee bands of migration 0002 as (lowest, highest) cents of monthly revenue:
 /// Starter to $10,000.00, Growth to $100,000.00, Scale to $500,000.00, Enterprise above.
 /// `apexctl plans list` shows them; the fee of a month follows its revenue's band.
-const BANDS: [(u64, u64); 4] = [
+/// (Enterprise has no upper bound; the simulation draws up to $1,200,000.00.) The run checks
+/// both against the catalogue it migrated ([`check_catalogue`]).
+pub(crate) const BANDS: [(u64, u64); 4] = [
     (100_000, 1_000_000),
     (1_000_001, 10_000_000),
     (10_000_001, 50_000_000),
@@ -81,41 +93,68 @@ pub(crate) fn customers(count: u32, seed: u64) -> Vec<SimCustomer> {
     // Roles go to seat numbers in a seeded order, so which customer plays which changes
     // with the seed while every role is played.
     let seats = shuffled(&mut rng, n);
+    let mut rank_of = vec![0; n];
+    for (rank, &seat) in seats.iter().enumerate() {
+        rank_of[seat] = rank;
+    }
     let mut out: Vec<SimCustomer> = (0..n)
-        .map(|i| SimCustomer {
-            name: format!("sim-{:02}", i + 1),
-            plan: PLANS[i % PLANS.len()],
-            trial_days: None,
-            card: Card::Good,
-            revenue_band: i % BANDS.len(),
-            revenue_cents: 0,
-            target_percent: 0,
-            jitter_seed: 0,
+        .map(|i| {
+            let rank = rank_of[i];
+            SimCustomer {
+                name: format!("sim-{:02}", i + 1),
+                plan: PLANS[rank % PLANS.len()],
+                // Trials on a Starter and a Growth customer whose cards are good (a trial's
+                // first invoice is still due: the trial changes the Stripe subscription, not
+                // our lines).
+                trial_days: (rank == 0 || rank == 9).then_some(14),
+                card: match rank {
+                    // Enterprise (rank 3, 7) has no limits: the failing cards go to limited
+                    // plans.
+                    1 | 4 => Card::FailsThenRecovers,
+                    2 | 5 => Card::FailsUntilSuspended,
+                    _ => Card::Good,
+                },
+                revenue_band: (rank / PLANS.len() + rank) % BANDS.len(),
+                revenue_cents: 0,
+                target_percent: 0,
+                // Usage past the limits, dealt: a Scale and a Starter customer with good cards
+                // whose usage crosses every alert threshold and whose first invoice bills
+                // overage.
+                heavy: rank == 6 || rank == 8,
+                jitter_seed: 0,
+            }
         })
         .collect();
-    for (rank, &seat) in seats.iter().enumerate() {
-        let customer = &mut out[seat];
-        customer.plan = PLANS[rank % PLANS.len()];
-        customer.revenue_band = (rank / PLANS.len() + rank) % BANDS.len();
-        customer.card = match rank {
-            // Enterprise (rank 3, 7) has no limits: the failing cards go to limited plans.
-            1 | 4 => Card::FailsThenRecovers,
-            2 | 5 => Card::FailsUntilSuspended,
-            _ => Card::Good,
-        };
-        // Trials on a Starter and a Growth customer whose cards are good (a trial's first
-        // invoice is still due: the trial changes the Stripe subscription, not our lines).
-        if rank == 0 || rank == 9 {
-            customer.trial_days = Some(14);
-        }
-    }
     for customer in &mut out {
         let (low, high) = BANDS[customer.revenue_band];
         customer.revenue_cents = between(&mut rng, low, high);
         customer.target_percent = between(&mut rng, 60, 150);
+        if customer.heavy {
+            customer.target_percent = between(&mut rng, 400, 450);
+        }
         customer.jitter_seed = rng.next_u64();
     }
     out
+}
+
+/// Checks [`PLANS`] and [`BANDS`] against the catalogue the run migrated (`plans`: id,
+/// lowest and highest monthly revenue of its fee band, cents): every plan there, in band
+/// order, each band within its plan's, and every catalogue plan dealt.
+pub(crate) fn check_catalogue(plans: &[(String, i64, Option<i64>)]) -> anyhow::Result<()> {
+    let ids: Vec<&str> = plans.iter().map(|(id, _, _)| id.as_str()).collect();
+    anyhow::ensure!(
+        ids == PLANS,
+        "the simulation deals the plans {PLANS:?}, the catalogue holds {ids:?}"
+    );
+    for ((id, low, high), (min, max)) in plans.iter().zip(BANDS) {
+        let fits = *low <= min as i64 && high.is_none_or(|h| max as i64 <= h);
+        anyhow::ensure!(
+            fits,
+            "the simulation's revenue band of {id}, {min} to {max} cents, is outside the \
+             catalogue's ({low} to {high:?})"
+        );
+    }
+    Ok(())
 }
 
 /// A customer's impressions in hour `hour` (0 = the first simulated hour) against an
@@ -155,10 +194,32 @@ mod tests {
             assert!(with.iter().all(|c| c.plan != "enterprise"));
         }
         assert_eq!(a.iter().filter(|c| c.trial_days.is_some()).count(), 2);
+        let heavy: Vec<_> = a.iter().filter(|c| c.heavy).collect();
+        assert_eq!(heavy.len(), 2);
+        assert!(heavy.iter().all(|c| c.card == Card::Good
+            && c.trial_days.is_none()
+            && c.plan != "enterprise"
+            && c.target_percent >= 400));
         for c in &a {
             let (low, high) = BANDS[c.revenue_band];
             assert!((low..=high).contains(&c.revenue_cents), "{c:?}");
         }
+    }
+
+    #[test]
+    fn the_catalogue_must_hold_the_plans_and_bands_dealt() {
+        let catalogue = |starter_max: Option<i64>| {
+            vec![
+                ("starter".to_owned(), 0, starter_max),
+                ("growth".to_owned(), 1_000_001, Some(10_000_000)),
+                ("scale".to_owned(), 10_000_001, Some(50_000_000)),
+                ("enterprise".to_owned(), 50_000_001, None),
+            ]
+        };
+        check_catalogue(&catalogue(Some(1_000_000))).unwrap();
+        // A band the catalogue narrowed, a plan it lacks.
+        assert!(check_catalogue(&catalogue(Some(500_000))).is_err());
+        assert!(check_catalogue(&catalogue(Some(1_000_000))[1..]).is_err());
     }
 
     #[test]

@@ -10,16 +10,24 @@
 //! - [`report`]: the HTML report (`--report`).
 //!
 //! Time moves hour by hour. Each hour, the customers' usage of that hour goes through the
-//! pipeline (as `UsageRecord`s with simulated timestamps handed to the sink: the edge's
+//! pipeline (as `UsageRecord`s stamped at the hour's start, handed to the sink: the edge's
 //! validation refuses records more than 35 days old or 5 minutes ahead of the wall clock,
 //! and a suspended customer's records are not sent, as the edge refuses its keys), then every
 //! job runs at each of its slots in the hour, as its own schedule (`Job::schedule`, the
-//! operator's `APEX_CRON_SCHEDULE_*` included) gives them, on a clock frozen at the slot.
+//! operator's `APEX_CRON_SCHEDULE_*` included) gives them, on a clock frozen at the slot,
+//! through `apex_cron::runner::run_slot` (claimed in `cron_runs` under the job's lock, with
+//! its timeout), as `apex-cron` runs it.
 //! The every-minute `email_queue` runs only at the first slot after something could have
 //! enqueued an email (an idle drain changes nothing, and 50,000 of them would be most of the
 //! run). Stripe's side plays its part: its automatic collection an hour after an invoice is
 //! finalized, the customers' new cards and payments by hand, each a test control of the
 //! stand-in whose webhooks are delivered before the simulation goes on.
+//!
+//! At the end, what was sent is compared with both stores per customer, metric and day
+//! ([`SENT_VS_RAW`], [`SENT_VS_POSTGRES`]), and `apex_stripe::reconcile` compares every
+//! month touched as a settled run (`Request::settled`: only the simulated clock excuses a
+//! difference). Exit codes: 0 reconciled, 1 drift, 3 a failed job or email, or a run that
+//! could not go on.
 
 mod mix;
 mod report;
@@ -38,12 +46,14 @@ use apex_billing::pricing::{Period, calendar_month, month_period};
 use apex_billing::statement::set_revenue;
 use apex_core::model::{Metric, UsageRecord};
 use apex_cron::jobs::{Job, JobKind};
+use apex_cron::runner::{SlotResult, run_slot};
 use apex_stripe::client::ClientSettings;
 use apex_stripe::config::StripeConfig;
 use apex_stripe::reconcile::{Request, Verdict, reconcile};
 use chrono::{DateTime, Datelike, Duration, NaiveDate, Timelike, Utc};
 use clap::Args;
 use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::CtlConfig;
 use mix::{Card, SimCustomer};
@@ -53,7 +63,17 @@ use world::World;
 
 /// `apexctl simulate --customers N --days D [--seed S] [--start YYYY-MM-DD] [--json]
 /// [--report FILE.html] [--keep]`.
+///
+/// Exit codes (reconcile's convention): 0 the run ended reconciled; 1 drift, or bad input; 3
+/// the run failed (a job failed, an email was given up, or the simulation itself could not
+/// go on).
 #[derive(Args)]
+#[command(
+    after_help = "Exit codes: 0 the run ended reconciled (unsynced differences the simulated \
+                  clock explains are not drift); 1 drift (reconcile, or what was sent against \
+                  the stores), or bad input; 3 the run failed: a job failed or an email was \
+                  given up (counted under \"failures\"), or the simulation could not go on."
+)]
 pub(crate) struct SimulateArgs {
     /// Synthetic customers (1 to 500; 10 or more play every role of the timeline).
     #[arg(long, default_value_t = 20)]
@@ -81,6 +101,16 @@ pub(crate) struct SimulateArgs {
     pub(crate) keep: bool,
 }
 
+/// The exit code of a run with failures (a job failed, an email given up): reconcile's
+/// "could not compare", distinct from drift (1).
+const EXIT_FAILURES: u8 = 3;
+
+/// What was handed to the pipeline against ClickHouse's raw events, per customer, metric
+/// and day (the simulation's own check, next to reconcile's).
+pub(crate) const SENT_VS_RAW: &str = "sent/raw_events";
+/// What was handed to the pipeline against the Postgres hourly rollups summed per day.
+pub(crate) const SENT_VS_POSTGRES: &str = "sent/postgres_hourly";
+
 /// The decline code of the failing cards.
 const DECLINE: &str = "insufficient_funds";
 
@@ -88,7 +118,15 @@ const DECLINE: &str = "insufficient_funds";
 /// the simulation talks to its own stand-in only, and an operator's shell configured for
 /// production must not be one flag away from charging real cards.
 fn refuse_live_stripe(ctl: &CtlConfig) -> anyhow::Result<()> {
-    if let Some(key) = &ctl.cron.stripe.secret_key
+    refuse_live(
+        ctl.cron.stripe.secret_key.as_deref(),
+        std::env::var("STRIPE_API_BASE").ok().as_deref(),
+    )
+}
+
+/// [`refuse_live_stripe`] on the key and the base URL given.
+fn refuse_live(key: Option<&str>, base: Option<&str>) -> anyhow::Result<()> {
+    if let Some(key) = key
         && (key.starts_with("sk_live_") || key.starts_with("rk_live_"))
     {
         bail!(
@@ -96,8 +134,8 @@ fn refuse_live_stripe(ctl: &CtlConfig) -> anyhow::Result<()> {
              use a test key (the simulation uses its own Stripe stand-in)"
         );
     }
-    if let Ok(base) = std::env::var("STRIPE_API_BASE") {
-        let host = url::Url::parse(&base)
+    if let Some(base) = base {
+        let host = url::Url::parse(base)
             .ok()
             .and_then(|u| u.host_str().map(str::to_owned));
         let loopback = match host.as_deref() {
@@ -133,6 +171,27 @@ fn start_day(args: &SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<NaiveDate> 
     }
 }
 
+/// Says which databases a simulation that did not finish leaves behind (a panic), unless
+/// disarmed once [`World::finish`] ran.
+struct LeftBehind(Option<String>);
+
+impl LeftBehind {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for LeftBehind {
+    fn drop(&mut self) {
+        if let Some(name) = &self.0 {
+            eprintln!(
+                "apexctl: the simulation stopped without dropping its databases: drop the \
+                 Postgres database {name} and the ClickHouse database {name} by hand"
+            );
+        }
+    }
+}
+
 /// `apexctl simulate`.
 pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<ExitCode> {
     refuse_live_stripe(ctl)?;
@@ -144,18 +203,38 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
     }
     let start = start_day(&args, ctl)?;
     let started = std::time::Instant::now();
-    let world = World::create(&ctl.cron.stores, args.seed).await?;
-    // Ctrl-C stops the simulation and still drops its databases.
+    // Ctrl-C and SIGTERM stop the simulation and still drop its databases: listened for
+    // before they are created, so one arriving during the migrations waits for them.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let world = match World::create(&ctl.cron.stores, args.seed).await {
+        Ok(world) => world,
+        Err(e) => {
+            eprintln!("apexctl: simulate could not go on: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILURES));
+        }
+    };
+    // A panic cannot drop them (no async in a drop): it says which to drop by hand.
+    let guard = LeftBehind(Some(world.name.clone()));
     let result = tokio::select! {
         result = simulate(&world, &args, ctl, start) => result,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = interrupt.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = terminate.recv() => Err(anyhow::anyhow!("terminated (SIGTERM)")),
     };
     let databases = world.name.clone();
     let mail_dir = world.mail_dir.clone();
-    world.finish(args.keep).await;
-    let outcome = result?;
+    let dropped = world.finish(args.keep).await;
+    guard.disarm();
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("apexctl: simulate could not go on: {e:#}");
+            return Ok(ExitCode::from(EXIT_FAILURES));
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let clean = outcome.drifts.is_empty();
+    let failures = outcome.failures();
     if let Some(path) = &args.report {
         std::fs::write(path, report::html(&outcome, &args, start)?)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
@@ -179,8 +258,20 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
                 "drift": outcome.drifts.len(),
                 "clean": clean,
                 "drifts": outcome.drifts,
+                "checks": outcome.by_check,
+                "unsynced_pairs": outcome.unsynced,
             },
-            "databases": { "name": databases, "kept": args.keep, "mail_dir": mail_dir },
+            "failures": {
+                "count": failures.len(),
+                "jobs": outcome.job_failures,
+                "emails": outcome.timeline.failed_emails,
+            },
+            "databases": {
+                "name": databases,
+                "kept": args.keep,
+                "dropped": dropped,
+                "mail_dir": mail_dir,
+            },
             "elapsed_secs": elapsed,
         });
         println!("{document}");
@@ -205,6 +296,10 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
         for drift in &outcome.drifts {
             println!("  drift: {drift}");
         }
+        println!("failures: {}", failures.len());
+        for failure in &failures {
+            println!("  failed: {failure}");
+        }
         if args.keep {
             println!(
                 "kept: Postgres database {databases}, ClickHouse database {databases}, emails in {}",
@@ -213,7 +308,15 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
         }
         eprintln!("simulated {} days in {elapsed:.1} s", args.days);
     }
-    Ok(if clean {
+    if !args.keep && !dropped {
+        eprintln!(
+            "apexctl: warning: the simulation's databases {databases} were not all dropped \
+             (see above): drop them by hand"
+        );
+    }
+    Ok(if !failures.is_empty() {
+        ExitCode::from(EXIT_FAILURES)
+    } else if clean {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -224,7 +327,7 @@ pub(crate) async fn run(args: SimulateArgs, ctl: &CtlConfig) -> anyhow::Result<E
 pub(crate) struct Outcome {
     pub(crate) customers: Vec<SimCustomer>,
     pub(crate) timeline: Timeline,
-    /// Impressions per customer (by name) and simulated day, as the pipeline was given them.
+    /// Impressions per customer (by name) and simulated day, as Postgres recorded them.
     pub(crate) usage: BTreeMap<String, BTreeMap<NaiveDate, u64>>,
     /// Monthly impression allowance per customer name (`None`: unlimited).
     pub(crate) allowance: BTreeMap<String, Option<u64>>,
@@ -235,27 +338,49 @@ pub(crate) struct Outcome {
     pub(crate) verdicts: BTreeMap<&'static str, usize>,
     /// The drifted pairs, as text.
     pub(crate) drifts: Vec<String>,
+    /// Per reconcile check, how many pairs of each verdict.
+    pub(crate) by_check: BTreeMap<String, BTreeMap<&'static str, usize>>,
+    /// The unsynced pairs: `{check, customer, metric, day, left, right, note}`.
+    pub(crate) unsynced: Vec<serde_json::Value>,
+    /// Jobs that failed: `job at: error`.
+    pub(crate) job_failures: Vec<String>,
+    /// The usage alerts' thresholds, percent (`APEX_ALERT_THRESHOLDS`), for the report.
+    pub(crate) thresholds: Vec<i32>,
 }
 
 impl Outcome {
-    /// The dunning funnel: cases opened, cases retried, recovered before suspension,
-    /// suspended, reactivated.
-    pub(crate) fn funnel(&self) -> BTreeMap<&'static str, u64> {
-        let counts = self.timeline.counts();
-        let retried: std::collections::BTreeSet<&str> = self
-            .timeline
-            .events
+    /// Everything that failed in the run: jobs, then emails the queue gave up.
+    pub(crate) fn failures(&self) -> Vec<String> {
+        self.job_failures
             .iter()
-            .filter(|e| e.kind == "retry")
-            .map(|e| e.customer.as_str())
-            .collect();
-        let get = |k: &str| counts.get(k).copied().unwrap_or(0);
+            .cloned()
+            .chain(
+                self.timeline
+                    .failed_emails
+                    .iter()
+                    .map(|e| format!("email {e}")),
+            )
+            .collect()
+    }
+
+    /// The dunning funnel, in customers (each counted once per step): a payment failed,
+    /// retried, recovered before suspension, suspended, reactivated.
+    pub(crate) fn funnel(&self) -> BTreeMap<&'static str, u64> {
+        let customers = |kind: &str| {
+            self.timeline
+                .events
+                .iter()
+                .filter(|e| e.kind == kind)
+                .map(|e| e.customer.as_str())
+                .collect::<std::collections::BTreeSet<&str>>()
+                .len() as u64
+        };
         BTreeMap::from([
-            ("1_failed", get("payment_failed")),
-            ("2_retried", retried.len() as u64),
-            ("3_recovered", get("recovered")),
-            ("4_suspended", get("suspension")),
-            ("5_reactivated", get("reactivation")),
+            ("1_failed", customers("payment_failed")),
+            ("2_retried", customers("retry")),
+            ("3_recovered", customers("recovered")),
+            ("4_suspended", customers("suspension")),
+            ("5_reactivated", customers("reactivation")),
         ])
     }
 }
@@ -327,6 +452,10 @@ async fn simulate(
             ("EMAIL_PROVIDER", "file"),
             ("EMAIL_FILE_DIR", world.mail_dir.to_string_lossy().as_ref()),
         ]))?;
+    let runner = format!("simulate:{}", std::process::id());
+    let locks = apex_cron::runner::lock_pool(&world.stores.database_url, 1)
+        .await
+        .context("cannot open the cron runner's lock pool on the simulation's database")?;
     let jobs: Vec<Job> = ctl
         .cron
         .jobs
@@ -338,6 +467,18 @@ async fn simulate(
     // Sign-up, mediated revenue for every month of the run, the Stripe mapping, the cards.
     let mut timeline = Timeline::new(start);
     let plans = apex_billing::plans::list_plans(&mut *pool.acquire().await?).await?;
+    mix::check_catalogue(
+        &plans
+            .iter()
+            .map(|p| {
+                (
+                    p.id.clone(),
+                    p.revenue_band_min_cents,
+                    p.revenue_band_max_cents,
+                )
+            })
+            .collect::<Vec<_>>(),
+    )?;
     let months = months_between(t0, end);
     let mut live = Vec::new();
     for sim in mix::customers(args.customers, args.seed) {
@@ -411,8 +552,16 @@ async fn simulate(
         .map(|(i, c)| (c.id.clone(), i))
         .collect();
     let mut actions: BTreeMap<DateTime<Utc>, Vec<Action>> = BTreeMap::new();
+    // Stripe invoices whose automatic collection is planned, and the customers' reactions
+    // planned (`card:<customer>`, `byhand:<invoice>`): each once.
     let mut collected: std::collections::HashSet<String> = Default::default();
-    let mut usage: BTreeMap<String, BTreeMap<NaiveDate, u64>> = BTreeMap::new();
+    let mut reacted: std::collections::HashSet<String> = Default::default();
+    let mut job_failures = Vec::new();
+    // Customers whose failing card was replaced by one that works: their later invoices
+    // are charged to the new card.
+    let mut replaced_cards: std::collections::HashSet<String> = Default::default();
+    // What was handed to the pipeline, per customer id, metric and UTC day.
+    let mut sent: BTreeMap<(String, Metric, NaiveDate), u64> = BTreeMap::new();
     // Something may have enqueued an email since the last drain.
     let mut mail_due = true;
     let mut hour = 0u64;
@@ -438,12 +587,8 @@ async fn simulate(
                 customer.allowance.unwrap_or(10_000_000),
                 hour,
             );
-            *usage
-                .entry(customer.sim.name.clone())
-                .or_default()
-                .entry(at.date_naive())
-                .or_default() += impressions;
-            let stamp = (at + Duration::minutes(30)).timestamp_millis();
+            // Stamped at the hour's start: every job slot of the hour, (at, next], sees it.
+            let stamp = at.timestamp_millis();
             // API calls and bytes follow the impressions (at 40 % of each allowance's pace:
             // the alerts are the impressions').
             for (metric, quantity) in [
@@ -451,6 +596,9 @@ async fn simulate(
                 (Metric::ApiCalls, (impressions / 25).max(1)),
                 (Metric::DataTransfer, impressions * 20_000),
             ] {
+                *sent
+                    .entry((customer.id.to_string(), metric, at.date_naive()))
+                    .or_default() += quantity;
                 records.push(UsageRecord {
                     customer_id: customer.id.clone(),
                     metric,
@@ -467,19 +615,24 @@ async fn simulate(
             world.compact().await?;
         }
 
-        // The hour's steps: every job's slots in (at, next], and the actions due.
+        // The hour's steps: every job's slots in (at, next] before the end, and the actions due.
         let mut steps: Vec<(DateTime<Utc>, Step)> = Vec::new();
         for (i, job) in jobs.iter().enumerate() {
             let Some(schedule) = &job.schedule else {
                 continue;
             };
             let mut slot = at;
-            while let Some(s) = schedule.next_after(slot).filter(|s| *s <= next) {
+            // Within the simulated days: the last hour's slot at `end` is the next day's.
+            while let Some(s) = schedule.next_after(slot).filter(|s| *s <= next && *s < end) {
                 steps.push((s, Step::Job(i)));
                 slot = s;
             }
         }
-        let due: Vec<DateTime<Utc>> = actions.range(..=next).map(|(t, _)| *t).collect();
+        let due: Vec<DateTime<Utc>> = actions
+            .range(..=next)
+            .map(|(t, _)| *t)
+            .filter(|t| *t < end)
+            .collect();
         for t in due {
             for action in actions.remove(&t).unwrap_or_default() {
                 steps.push((t.max(at), Step::Act(action)));
@@ -511,10 +664,32 @@ async fn simulate(
                     if job.kind == JobKind::EmailQueue && !mail_due {
                         continue;
                     }
-                    let outcome = job.run(&world.context(ctl, &stripe, &email, slot)).await;
-                    if let Some(error) = outcome.error {
-                        timeline.push(slot, "job_failed", "-", format!("{}: {error}", job.name));
-                    }
+                    // Through the runner, as `apex-cron` runs it: the slot claimed in
+                    // `cron_runs` under the job's lock, with its timeout.
+                    let ctx = world.context(ctl, &stripe, &email, slot);
+                    let details = match run_slot(&ctx, &locks, &runner, job, slot).await {
+                        SlotResult::Succeeded(details) => details,
+                        other => {
+                            let error = match other {
+                                SlotResult::Failed(e) => e,
+                                SlotResult::Unclaimed(e) => format!("not run: {e}"),
+                                SlotResult::Skipped => "skipped: its last run still held it".into(),
+                                _ => "already run".into(),
+                            };
+                            job_failures.push(format!(
+                                "{} {}: {error}",
+                                job.name,
+                                slot.format("%F %R")
+                            ));
+                            timeline.push(
+                                slot,
+                                "job_failed",
+                                "-",
+                                format!("{}: {error}", job.name),
+                            );
+                            serde_json::Value::Null
+                        }
+                    };
                     match job.kind {
                         JobKind::EmailQueue => {
                             mail_due = false;
@@ -526,7 +701,7 @@ async fn simulate(
                         JobKind::InvoiceClose | JobKind::DunningRetries => billing_moved = true,
                         // The hourly follow-up moves dunning only when it made a retry.
                         JobKind::DunningPostponed => {
-                            billing_moved = outcome.details["attempts"]
+                            billing_moved = details["attempts"]
                                 .as_array()
                                 .is_some_and(|a| !a.is_empty());
                         }
@@ -538,7 +713,16 @@ async fn simulate(
                     }
                 }
                 Step::Act(action) => {
-                    act(&standin, &live, &by_id, &action, slot, &mut timeline).await?;
+                    act(
+                        &standin,
+                        &live,
+                        &by_id,
+                        &action,
+                        slot,
+                        &mut timeline,
+                        &mut replaced_cards,
+                    )
+                    .await?;
                     billing_moved = true;
                     mail_due = true;
                 }
@@ -546,7 +730,7 @@ async fn simulate(
             if billing_moved {
                 standin.settle_webhooks().await?;
                 let news = timeline.collect_billing(pool, slot).await?;
-                plan_reactions(&live, &by_id, &news, slot, &mut actions, &mut collected);
+                plan_reactions(&live, &by_id, &news, slot, &mut actions, &mut reacted);
                 // Stripe's automatic collection, an hour after an invoice is finalized.
                 for invoice in apex_billing::invoices::list(pool, None, None, 100_000).await? {
                     if invoice.status == "open"
@@ -573,6 +757,68 @@ async fn simulate(
     let mut pairs = 0;
     let mut verdicts: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut drifts = Vec::new();
+    let mut by_check: BTreeMap<String, BTreeMap<&'static str, usize>> =
+        apex_stripe::reconcile::CHECKS
+            .iter()
+            .map(|c| ((*c).to_owned(), BTreeMap::new()))
+            .collect();
+    let mut unsynced = Vec::new();
+    // What was sent against what both stores hold: reconcile compares the stores with each
+    // other, so a record lost before either would pass it.
+    let names: HashMap<&str, &str> = live.iter().map(|c| (&*c.id, c.sim.name.as_str())).collect();
+    let first = start;
+    let last = (end - Duration::days(1)).date_naive();
+    let raw = apex_pipeline::rollups::raw_daily(&world.stores.clickhouse(), first, last, None)
+        .await
+        .context("the raw events of the run")?;
+    let recorded = apex_pipeline::rollups::postgres_daily(pool, first, last, None)
+        .await
+        .context("the hourly rollups of the run")?;
+    for (check, held) in [
+        (SENT_VS_RAW, raw),
+        (
+            SENT_VS_POSTGRES,
+            recorded
+                .iter()
+                .map(|(k, d)| (k.clone(), d.quantity))
+                .collect(),
+        ),
+    ] {
+        let counts = by_check.entry(check.to_owned()).or_default();
+        let keys: std::collections::BTreeSet<&(String, Metric, NaiveDate)> =
+            sent.keys().chain(held.keys()).collect();
+        for key in keys {
+            let (left, right) = (
+                sent.get(key).copied().unwrap_or(0),
+                held.get(key).copied().unwrap_or(0),
+            );
+            pairs += 1;
+            let verdict = if left == right { "ok" } else { "drift" };
+            *verdicts.entry(verdict).or_default() += 1;
+            *counts.entry(verdict).or_default() += 1;
+            if left != right {
+                drifts.push(format!(
+                    "{} {} {} {check}: {left} vs {right} ({:+})",
+                    names.get(key.0.as_str()).unwrap_or(&"-"),
+                    key.1.as_str(),
+                    key.2,
+                    i128::from(right) - i128::from(left)
+                ));
+            }
+        }
+    }
+    // The usage chart draws what the system recorded (Postgres), not what was sent.
+    let mut usage: BTreeMap<String, BTreeMap<NaiveDate, u64>> = BTreeMap::new();
+    for ((customer, metric, day), held) in &recorded {
+        if *metric == Metric::Impressions
+            && let Some(name) = names.get(customer.as_str())
+        {
+            usage
+                .entry((*name).to_owned())
+                .or_default()
+                .insert(*day, held.quantity);
+        }
+    }
     for period in &months {
         let report = reconcile(
             pool,
@@ -582,6 +828,9 @@ async fn simulate(
                 period: *period,
                 customer: None,
                 now: end,
+                // The pipeline was waited for, every sync ran and every webhook was
+                // delivered: only the simulated clock excuses a difference.
+                settled: true,
             },
         )
         .await
@@ -595,9 +844,24 @@ async fn simulate(
                 Verdict::Unsynced => "unsynced",
             };
             *verdicts.entry(verdict).or_default() += 1;
+            *by_check
+                .entry(pair.check.clone())
+                .or_default()
+                .entry(verdict)
+                .or_default() += 1;
+            if pair.verdict == Verdict::Unsynced {
+                unsynced.push(json!({
+                    "check": pair.check,
+                    "customer": names.get(pair.customer_id.as_str()).unwrap_or(&"-"),
+                    "metric": pair.metric_type,
+                    "day": pair.day,
+                    "line": pair.line,
+                    "left": pair.left.to_string(),
+                    "right": pair.right.to_string(),
+                    "note": pair.note,
+                }));
+            }
         }
-        let names: HashMap<&str, &str> =
-            live.iter().map(|c| (&*c.id, c.sim.name.as_str())).collect();
         for drift in report.drifts() {
             drifts.push(format!(
                 "{} {} {} {}: {} vs {} ({:+})",
@@ -611,6 +875,7 @@ async fn simulate(
             ));
         }
     }
+    locks.close().await;
     drop(endpoint);
     drop(standin);
     let allowance = live
@@ -626,6 +891,10 @@ async fn simulate(
         pairs,
         verdicts,
         drifts,
+        by_check,
+        unsynced,
+        job_failures,
+        thresholds: ctl.cron.alert_thresholds.percents().to_vec(),
     })
 }
 
@@ -653,12 +922,12 @@ fn plan_reactions(
     news: &timeline::DunningNews,
     at: DateTime<Utc>,
     actions: &mut BTreeMap<DateTime<Utc>, Vec<Action>>,
-    collected: &mut std::collections::HashSet<String>,
+    reacted: &mut std::collections::HashSet<String>,
 ) {
     let card = |id: &str| by_id.get(id).map(|&i| live[i].sim.card);
     for (customer, _) in &news.retries_failed {
         if card(customer) == Some(Card::FailsThenRecovers)
-            && collected.insert(format!("card:{customer}"))
+            && reacted.insert(format!("card:{customer}"))
         {
             actions
                 .entry(at + Duration::hours(9))
@@ -668,7 +937,7 @@ fn plan_reactions(
     }
     for (customer, invoice) in &news.suspended {
         if card(customer) == Some(Card::FailsUntilSuspended)
-            && collected.insert(format!("byhand:{invoice}"))
+            && reacted.insert(format!("byhand:{invoice}"))
         {
             actions
                 .entry(at + Duration::days(2))
@@ -686,6 +955,7 @@ async fn act(
     action: &Action,
     at: DateTime<Utc>,
     timeline: &mut Timeline,
+    replaced_cards: &mut std::collections::HashSet<String>,
 ) -> anyhow::Result<()> {
     let customer = |id: &str| -> anyhow::Result<&Live> {
         by_id
@@ -696,12 +966,15 @@ async fn act(
     match action {
         Action::Collect(id, invoice) => {
             let c = customer(id)?;
-            // The failing cards are declined by Stripe's first attempt as by our retries.
-            standin.collect(invoice, c.sim.card == Card::Good).await?;
+            // The failing cards are declined by Stripe's first attempt as by our retries; a
+            // card the customer replaced works from then on.
+            let works = c.sim.card == Card::Good || replaced_cards.contains(id);
+            standin.collect(invoice, works).await?;
         }
         Action::NewCard(id) => {
             let c = customer(id)?;
             standin.set_card(&c.stripe_id, None).await?;
+            replaced_cards.insert(id.clone());
             timeline.push_for(at, "card_updated", id, "a new card that works".into());
         }
         Action::PayByHand(id, invoice) => {
@@ -715,4 +988,36 @@ async fn act(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refuse_live;
+
+    #[test]
+    fn only_test_keys_and_loopback_stripe_bases_are_taken() {
+        for base in [
+            None,
+            Some("http://127.0.0.1:12111"),
+            Some("http://[::1]:12111"),
+            Some("http://localhost:12111/v1"),
+            Some("http://127.0.0.2"),
+        ] {
+            refuse_live(Some("sk_test_abc"), base).unwrap();
+        }
+        refuse_live(None, None).unwrap();
+        for key in ["sk_live_abc", "rk_live_abc"] {
+            let error = refuse_live(Some(key), None).unwrap_err().to_string();
+            assert!(error.contains("live Stripe key"), "{error}");
+        }
+        for base in [
+            "https://api.stripe.com",
+            "http://10.0.0.8:12111",
+            "http://localhost.example.com",
+            "not a url",
+        ] {
+            let error = refuse_live(None, Some(base)).unwrap_err().to_string();
+            assert!(error.contains("not a loopback address"), "{base}: {error}");
+        }
+    }
 }

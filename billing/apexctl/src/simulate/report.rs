@@ -25,8 +25,10 @@ fn series_colour(i: usize, n: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
-/// Impressions used since the start of each calendar month, in percent of the monthly
-/// allowance, per limited customer and simulated day (the alerts' thresholds are drawn).
+/// Impressions used since the start of each calendar month, as Postgres recorded them, in
+/// percent of the monthly allowance, per limited customer and simulated day; each line ends
+/// in a dot and its customer's name (15 hues are too close to tell apart by a legend), and
+/// the configured alert thresholds (`APEX_ALERT_THRESHOLDS`) are drawn.
 fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result<String> {
     let mut series: Vec<(String, Vec<(u32, f64)>)> = Vec::new();
     for (name, per_day) in &outcome.usage {
@@ -49,7 +51,10 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
         .iter()
         .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
         .fold(120.0, f64::max)
+        .max(outcome.thresholds.iter().copied().max().unwrap_or(0) as f64 + 10.0)
         .ceil();
+    // Room right of the last day for the names at the lines' ends.
+    let right = days.max(2) + 3;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (WIDTH, 560)).into_drawing_area();
@@ -60,9 +65,10 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
                 ("sans-serif", 22),
             )
             .margin(12)
+            .margin_right(28)
             .x_label_area_size(40)
-            .y_label_area_size(56)
-            .build_cartesian_2d(1u32..days.max(2), 0f64..top)
+            .y_label_area_size(64)
+            .build_cartesian_2d(1u32..right, 0f64..top)
             .map_err(draw_error)?;
         chart
             .configure_mesh()
@@ -70,34 +76,38 @@ fn usage_chart(outcome: &Outcome, start: NaiveDate, days: u32) -> anyhow::Result
             .y_desc("% of allowance")
             .draw()
             .map_err(draw_error)?;
-        for threshold in [80.0, 100.0] {
+        for &threshold in &outcome.thresholds {
+            let y = f64::from(threshold);
             chart
                 .draw_series(LineSeries::new(
-                    [(1, threshold), (days.max(2), threshold)],
+                    [(1, y), (days.max(2), y)],
                     RED.mix(0.5)
-                        .stroke_width(if threshold == 100.0 { 3 } else { 1 }),
+                        .stroke_width(if threshold == 100 { 3 } else { 1 }),
                 ))
-                .map_err(draw_error)?
-                .label(format!("{threshold} %"))
-                .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], RED));
+                .map_err(draw_error)?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{threshold} %"),
+                    (days.max(2), y),
+                    ("sans-serif", 11).into_font().color(&RED),
+                )))
+                .map_err(draw_error)?;
         }
         let n = series.len();
         for (i, (name, points)) in series.into_iter().enumerate() {
             let colour = series_colour(i, n);
+            let end = points.last().copied();
             chart
                 .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-                .map_err(draw_error)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour));
+                .map_err(draw_error)?;
+            if let Some((x, y)) = end {
+                chart
+                    .draw_series([EmptyElement::at((x, y))
+                        + Circle::new((0, 0), 4, colour.filled())
+                        + Text::new(name, (7, -6), ("sans-serif", 11).into_font().color(&colour))])
+                    .map_err(draw_error)?;
+            }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 12))
-            .draw()
-            .map_err(draw_error)?;
         root.present().map_err(draw_error)?;
     }
     Ok(svg)
@@ -121,29 +131,33 @@ fn bar_chart(
             .margin(12)
             .x_label_area_size(48)
             .y_label_area_size(48)
-            // A segmented range holds its end too: the last bar is `len - 1`.
-            .build_cartesian_2d(
-                (0u32..(bars.len() as u32).saturating_sub(1)).into_segmented(),
-                0u64..top,
-            )
+            // Bar `i` is centred on `i`: half a bar's slot either side, no empty slot (a
+            // segmented axis adds one past its end).
+            .build_cartesian_2d(-0.5f64..(bars.len() as f64 - 0.5), 0u64..top)
             .map_err(draw_error)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
             .x_desc(x_desc)
             .x_labels(bars.len().min(40))
-            .x_label_formatter(&|x| match x {
-                SegmentValue::CenterOf(i) => labels.get(*i as usize).cloned().unwrap_or_default(),
-                _ => String::new(),
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() > 1e-6 || i < 0.0 {
+                    return String::new();
+                }
+                labels.get(i as usize).cloned().unwrap_or_default()
             })
             .draw()
             .map_err(draw_error)?;
         chart
             .draw_series(
-                Histogram::vertical(&chart)
-                    .style(colour.filled())
-                    .margin(6)
-                    .data(bars.iter().enumerate().map(|(i, (_, v))| (i as u32, *v))),
+                bars.iter()
+                    .enumerate()
+                    .filter(|(_, (_, v))| *v > 0)
+                    .map(|(i, (_, v))| {
+                        let x = i as f64;
+                        Rectangle::new([(x - 0.35, 0), (x + 0.35, *v)], colour.filled())
+                    }),
             )
             .map_err(draw_error)?;
         root.present().map_err(draw_error)?;
@@ -172,7 +186,7 @@ pub(crate) fn html(
         .map(|(k, v)| (k[2..].to_owned(), v))
         .collect();
     let funnel = bar_chart(
-        "Dunning funnel: cases",
+        "Dunning funnel: customers at each step",
         "failed → retried → recovered / suspended → reactivated",
         &funnel,
         RGBColor(0xc0, 0x39, 0x2b),

@@ -62,21 +62,61 @@ exec(compile(sys.stdin.read(), "stripe-standin.py", "exec"), {"__name__": "__mai
 /// The key the simulation's Stripe client sends (the stand-in takes any key).
 pub(crate) const SIM_KEY: &str = "sk_test_apex_simulation";
 
-/// The invoice events the endpoint takes: those of our monthly invoices and of dunning.
-/// localstripe's own subscription events are not asked for: their delivery races the steps
-/// of the simulation, and no step waits for them.
-const INVOICE_EVENTS: [&str; 6] = [
-    "invoice.finalized",
-    "invoice.paid",
-    "invoice.payment_succeeded",
-    "invoice.payment_failed",
-    "invoice.voided",
-    "invoice.marked_uncollectible",
-];
+/// The invoice events the endpoint takes: those our invoice mirror follows (which include
+/// dunning's). localstripe's own subscription events are not asked for: their delivery
+/// races the steps of the simulation, and no step waits for them.
+const INVOICE_EVENTS: [&str; 6] = apex_billing::invoices::mirror::EVENT_TYPES;
+
+/// How long the stand-in has to print its address after start.
+const START_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long one test-control call may take (a hung stand-in must not hang the run).
+const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A child process killed (and reaped) when dropped, so an early return or a panic between
+/// its spawn and its owner's construction does not leave it running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The last lines a child wrote on stderr, for the error that says why it stopped.
+#[derive(Clone, Default)]
+struct StderrTail(Arc<std::sync::Mutex<std::collections::VecDeque<String>>>);
+
+impl StderrTail {
+    const LINES: usize = 20;
+
+    /// Reads `stderr` to its end on a thread of its own, keeping the last lines.
+    fn follow(stderr: std::process::ChildStderr) -> Self {
+        let tail = Self::default();
+        let keep = tail.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                let mut lines = keep.0.lock().unwrap_or_else(|e| e.into_inner());
+                if lines.len() == Self::LINES {
+                    lines.pop_front();
+                }
+                lines.push_back(line);
+            }
+        });
+        tail
+    }
+
+    fn text(&self) -> String {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
 
 /// The running stand-in; killed on drop.
 pub(crate) struct StandIn {
-    child: Child,
+    _child: KillOnDrop,
     port: u16,
 }
 
@@ -93,36 +133,68 @@ impl StandIn {
             );
         }
         // Started and read on a blocking thread: the script prints its address once it
-        // listens, a second or so after start.
-        let (child, port) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Child, u16)> {
-            let mut child = Command::new(&python)
-                .args(["-c", CLOCK_PRELUDE, "--port", "0"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("cannot start the Stripe stand-in with {python}"))?;
-            let mut stdin = child.stdin.take().context("the stand-in's stdin")?;
-            std::io::Write::write_all(&mut stdin, STANDIN_SCRIPT.as_bytes())
-                .context("cannot hand the stand-in its script")?;
-            drop(stdin);
-            let stdout = child.stdout.take().context("the stand-in's stdout")?;
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-                .context("cannot read the stand-in's address")?;
-            let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok());
-            match port {
-                Some(port) => Ok((child, port)),
-                None => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("the Stripe stand-in did not start (it printed {line:?})")
+        // listens, a second or so after start. The child is killed on any early return.
+        let (child, port) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(KillOnDrop, u16)> {
+                let mut child = KillOnDrop(
+                    Command::new(&python)
+                        .args(["-c", CLOCK_PRELUDE, "--port", "0"])
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .with_context(|| {
+                            format!("cannot start the Stripe stand-in with {python}")
+                        })?,
+                );
+                let tail =
+                    StderrTail::follow(child.0.stderr.take().context("the stand-in's stderr")?);
+                let mut stdin = child.0.stdin.take().context("the stand-in's stdin")?;
+                std::io::Write::write_all(&mut stdin, STANDIN_SCRIPT.as_bytes())
+                    .context("cannot hand the stand-in its script")?;
+                drop(stdin);
+                let stdout = child.0.stdout.take().context("the stand-in's stdout")?;
+                // The first line, read on a thread of its own: a stand-in that never prints
+                // must not hang the run (the thread ends when the child is killed).
+                let (sender, first) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let mut line = String::new();
+                    let read = std::io::BufRead::read_line(
+                        &mut std::io::BufReader::new(stdout),
+                        &mut line,
+                    );
+                    let _ = sender.send(read.map(|_| line));
+                });
+                let line = match first.recv_timeout(START_DEADLINE) {
+                    Ok(Ok(line)) => line,
+                    Ok(Err(e)) => bail!(
+                        "cannot read the Stripe stand-in's address: {e}; its stderr:\n{}",
+                        tail.text()
+                    ),
+                    Err(_) => bail!(
+                        "the Stripe stand-in printed no address within {} s; its stderr:\n{}",
+                        START_DEADLINE.as_secs(),
+                        tail.text()
+                    ),
+                };
+                let port = line.trim().rsplit(':').next().and_then(|p| p.parse().ok());
+                match port {
+                    Some(port) => Ok((child, port)),
+                    None => {
+                        drop(child);
+                        bail!(
+                            "the Stripe stand-in did not start (it printed {line:?}); its \
+                             stderr:\n{}",
+                            tail.text()
+                        )
+                    }
                 }
-            }
+            })
+            .await??;
+        Ok(Self {
+            _child: child,
+            port,
         })
-        .await??;
-        let standin = Self { child, port };
-        Ok(standin)
     }
 
     /// Its base URL (the simulation's `STRIPE_API_BASE`).
@@ -186,9 +258,12 @@ impl StandIn {
     /// Waits until every invoice event made so far was delivered; an event our endpoint did
     /// not take is an error (the simulation would go on with state Stripe and we disagree on).
     pub(crate) async fn settle_webhooks(&self) -> anyhow::Result<()> {
-        for _ in 0..6_000 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
             let sent = self.call("GET", "/_config/test/webhooks_sent", &()).await?;
-            let events = sent["data"].as_array().cloned().unwrap_or_default();
+            let events = sent["data"].as_array().with_context(|| {
+                format!("the stand-in's list of webhooks sent has no data array: {sent}")
+            })?;
             if let Some(failed) = events.iter().find(|e| e["delivery"] == "failed") {
                 bail!("a Stripe webhook was refused by our endpoint: {failed}");
             }
@@ -213,6 +288,22 @@ impl StandIn {
         } else {
             serde_json::to_string(body)?
         };
+        tokio::time::timeout(CALL_DEADLINE, self.exchange(method, path, body))
+            .await
+            .with_context(|| {
+                format!(
+                    "the Stripe stand-in did not answer {method} {path} within {} s",
+                    CALL_DEADLINE.as_secs()
+                )
+            })?
+    }
+
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<serde_json::Value> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))
             .await
             .context("the Stripe stand-in is down")?;
@@ -231,14 +322,13 @@ impl StandIn {
         if !head.starts_with("HTTP/1.1 2") {
             bail!("the Stripe stand-in refused {method} {path}: {head}: {body}");
         }
-        Ok(serde_json::from_str(body).unwrap_or(serde_json::Value::Null))
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Some controls answer with no body (localstripe's webhook configuration).
+        if body.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(body).with_context(|| {
+            format!("the Stripe stand-in's answer to {method} {path} is not JSON: {body}")
+        })
     }
 }
 

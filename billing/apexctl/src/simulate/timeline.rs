@@ -56,6 +56,8 @@ pub(crate) struct Timeline {
     customer_status: HashMap<String, String>,
     /// Emails sent per simulated day, for the report.
     pub(crate) emails_per_day: BTreeMap<NaiveDate, u64>,
+    /// Emails the queue gave up on (`failed`), as `type customer` text: a failure of the run.
+    pub(crate) failed_emails: Vec<String>,
 }
 
 /// What changed in dunning, for the simulation's scenario to react to (a customer whose
@@ -80,6 +82,7 @@ impl Timeline {
             attempt_status: HashMap::new(),
             customer_status: HashMap::new(),
             emails_per_day: BTreeMap::new(),
+            failed_emails: Vec::new(),
         }
     }
 
@@ -180,6 +183,14 @@ impl Timeline {
             }
             *self.emails_per_day.entry(at.date_naive()).or_default() += 1;
             let detail = format!("{} ({})", email.email_type, email.status);
+            if email.status == "failed" {
+                let name = self.name_of(email.customer_id.as_deref());
+                self.failed_emails.push(format!(
+                    "{} {name} {}",
+                    email.email_type,
+                    at.format("%F %R")
+                ));
+            }
             self.push_for(at, "email", &customer, detail);
         }
         Ok(())
@@ -208,12 +219,31 @@ impl Timeline {
                     &invoice.customer_id,
                     format!("{month}: {}", dollars(invoice.total_cents)),
                 ),
-                status => self.push_for(
-                    at,
-                    "invoice",
-                    &invoice.customer_id,
-                    format!("{month}: {} ({status})", dollars(invoice.total_cents)),
-                ),
+                status => {
+                    // Its overage lines, each named: the usage past the plan's allowance
+                    // that was billed.
+                    let overage: String = invoices::lines(pool, invoice.id)
+                        .await?
+                        .iter()
+                        .filter(|l| l.kind == "overage")
+                        .map(|l| {
+                            format!(
+                                ", overage {} {}",
+                                l.metric_type.as_deref().unwrap_or("-"),
+                                dollars(l.amount_cents)
+                            )
+                        })
+                        .collect();
+                    self.push_for(
+                        at,
+                        "invoice",
+                        &invoice.customer_id,
+                        format!(
+                            "{month}: {} ({status}){overage}",
+                            dollars(invoice.total_cents)
+                        ),
+                    )
+                }
             }
         }
         let ids: Vec<String> = self.names.keys().cloned().collect();

@@ -45,6 +45,18 @@ impl World {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let name = format!("apex_sim_{seed}_{}_{}", wall.as_secs(), std::process::id());
+        // The migrations create ClickHouse's database if it does not exist: one of this name
+        // must not (it would be another run's, and the drop would take it).
+        let clickhouse_taken: u64 = base
+            .clickhouse_server()
+            .query("SELECT count() FROM system.databases WHERE name = ?")
+            .bind(&name)
+            .fetch_one()
+            .await
+            .context("cannot reach the stack's ClickHouse (CLICKHOUSE_URL)")?;
+        if clickhouse_taken > 0 {
+            anyhow::bail!("a ClickHouse database {name} exists already: another simulation's?");
+        }
         let mut admin = PgConnection::connect(&base.database_url)
             .await
             .context("cannot connect to the stack's Postgres (DATABASE_URL)")?;
@@ -122,7 +134,8 @@ impl World {
     /// Waits until Postgres (and ClickHouse with `both`) hold everything logged.
     pub(crate) async fn wait_applied(&self, both: bool) -> anyhow::Result<()> {
         let target = self.sink.durable_position();
-        for _ in 0..60_000 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
             let applied = if both {
                 self.sink.applied_position()
             } else {
@@ -143,8 +156,8 @@ impl World {
         anyhow::bail!("the pipeline did not apply the simulated usage within a minute")
     }
 
-    /// The jobs' context at `now`: the simulation's stores, Stripe (the stand-in at
-    /// `stripe_base`), the email file provider in [`World::mail_dir`], and the operator's
+    /// The jobs' context at `now`: the simulation's stores, Stripe (`stripe`: the stand-in's
+    /// key and base URL), the email file provider in [`World::mail_dir`], and the operator's
     /// dunning, alert and invoicing settings. The clock is frozen (to a thousandth) at `now`.
     pub(crate) fn context(
         &self,
@@ -191,34 +204,38 @@ impl World {
     }
 
     /// Stops the pipeline (everything logged is applied first), closes the pool, and drops
-    /// the databases and folders unless `keep`.
-    pub(crate) async fn finish(self, keep: bool) {
+    /// the databases and folders unless `keep`. Whether both databases are gone (`false`
+    /// when kept, or when a drop failed: the failure is printed).
+    pub(crate) async fn finish(self, keep: bool) -> bool {
         let sink = self.sink.clone();
         let _ = tokio::task::spawn_blocking(move || sink.shutdown()).await;
         self.pool.close().await;
         let _ = std::fs::remove_dir_all(&self.wal_dir);
-        if !keep {
-            drop_databases(&self.base, &self.name).await;
-            if let Some(temp) = self.mail_dir.parent() {
-                let _ = std::fs::remove_dir_all(temp);
-            }
+        if keep {
+            return false;
         }
+        if let Some(temp) = self.mail_dir.parent() {
+            let _ = std::fs::remove_dir_all(temp);
+        }
+        drop_databases(&self.base, &self.name).await
     }
 }
 
 /// Drops the simulation's databases named `name` (best effort: a failure is reported, not
-/// fatal; the names start with `apex_sim_` for an operator to find them).
-async fn drop_databases(base: &StoreConfig, name: &str) {
+/// fatal; the names start with `apex_sim_` for an operator to find them). Whether both were
+/// dropped.
+async fn drop_databases(base: &StoreConfig, name: &str) -> bool {
     // The two at once: each server takes its time (Postgres a checkpoint, ClickHouse the
     // removal of every part's files).
     let (postgres, clickhouse) =
         tokio::join!(drop_postgres(base, name), drop_clickhouse(base, name));
-    if let Err(e) = postgres {
+    if let Err(e) = &postgres {
         eprintln!("apexctl: could not drop the Postgres database {name}: {e}");
     }
-    if let Err(e) = clickhouse {
+    if let Err(e) = &clickhouse {
         eprintln!("apexctl: could not drop the ClickHouse database {name}: {e}");
     }
+    postgres.is_ok() && clickhouse.is_ok()
 }
 
 /// Drops the Postgres database `name`, closing any connection left to it.
