@@ -2,6 +2,7 @@
 //! and validation, so a bad value stops start-up with one line naming it.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -72,6 +73,12 @@ pub struct ServerConfig {
     /// for more requests before its fsync (0: the group is whatever queued during the last
     /// fsync; at most 2,000).
     pub wal_group_commit_window: Duration,
+    /// `APEX_CUSTOMER_RATE_LIMIT` (records per second) and `APEX_CUSTOMER_RATE_BURST`
+    /// (records), each optional and at least 1: when set, they replace the plans' rate limits
+    /// (`plans.rate_limit_records_per_sec` and `plans.rate_limit_burst`) for every customer.
+    pub customer_rate_limit: Option<NonZeroU32>,
+    /// See [`ServerConfig::customer_rate_limit`].
+    pub customer_rate_burst: Option<NonZeroU32>,
 }
 
 /// Size and time limits of the ingest endpoints.
@@ -180,6 +187,8 @@ impl ServerConfig {
                 reason: "must be at most 2000 (2 ms): every request waits for it".to_owned(),
             });
         }
+        let customer_rate_limit = optional_at_least_one(env, "APEX_CUSTOMER_RATE_LIMIT")?;
+        let customer_rate_burst = optional_at_least_one(env, "APEX_CUSTOMER_RATE_BURST")?;
         Ok(Self {
             listen,
             stores,
@@ -200,6 +209,8 @@ impl ServerConfig {
             key_refresh,
             wal_max_bytes,
             wal_group_commit_window: Duration::from_micros(group_commit_us),
+            customer_rate_limit,
+            customer_rate_burst,
         })
     }
 }
@@ -225,6 +236,23 @@ fn at_least_one(env: &EnvSource, name: &'static str, default: usize) -> Result<u
         });
     }
     Ok(value)
+}
+
+/// An optional count of at least 1 (unset: `None`).
+fn optional_at_least_one(
+    env: &EnvSource,
+    name: &'static str,
+) -> Result<Option<NonZeroU32>, ConfigError> {
+    if env.optional(name).is_none() {
+        return Ok(None);
+    }
+    let value: u32 = env.parse_or(name, 0)?;
+    NonZeroU32::new(value)
+        .map(Some)
+        .ok_or(ConfigError::Invalid {
+            name,
+            reason: "must be at least 1".to_owned(),
+        })
 }
 
 fn millis(env: &EnvSource, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
@@ -262,6 +290,19 @@ mod tests {
         assert!(cfg.admin_token.is_none() && cfg.stripe_webhook_secrets.is_empty());
         assert!(cfg.resend_webhook_secrets.is_empty());
         assert!(cfg.migrate_on_start);
+        assert_eq!(
+            (cfg.customer_rate_limit, cfg.customer_rate_burst),
+            (None, None)
+        );
+        let cfg = ServerConfig::from_env(&env(&[
+            ("APEX_CUSTOMER_RATE_LIMIT", "5"),
+            ("APEX_CUSTOMER_RATE_BURST", "10"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (cfg.customer_rate_limit, cfg.customer_rate_burst),
+            (NonZeroU32::new(5), NonZeroU32::new(10))
+        );
     }
 
     #[test]
@@ -283,6 +324,9 @@ mod tests {
             ("APEX_BATCH_MAX_RECORDS", "0"),
             ("APEX_QUEUE_CAPACITY", "many"),
             ("APEX_DEDUP_CAPACITY", "0"),
+            ("APEX_CUSTOMER_RATE_LIMIT", "0"),
+            ("APEX_CUSTOMER_RATE_LIMIT", "fast"),
+            ("APEX_CUSTOMER_RATE_BURST", "-5"),
         ] {
             let err = ServerConfig::from_env(&env(&[(name, value)]))
                 .unwrap_err()

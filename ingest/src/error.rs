@@ -62,6 +62,9 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     /// The compressed body cannot be decompressed.
     InvalidEncoding(String),
+    /// The customer is over its rate limit ([`crate::ratelimit`]): 429 with `Retry-After`
+    /// and the RateLimit headers, or 413 for a batch larger than the burst.
+    RateLimited(crate::ratelimit::Refusal),
     /// The pipeline queue is full.
     QueueFull,
     /// The records could not be made durable, or a key could not be checked, right now.
@@ -154,6 +157,27 @@ impl ApiError {
                 m.clone(),
             ),
             InvalidEncoding(m) => (StatusCode::BAD_REQUEST, "invalid_encoding", m.clone()),
+            RateLimited(crate::ratelimit::Refusal::Later {
+                burst,
+                window_secs,
+                retry_after,
+                ..
+            }) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "over this customer's rate limit (a burst of {burst} records, refilled in \
+                     {window_secs} s); nothing was recorded: retry after {retry_after} s"
+                ),
+            ),
+            RateLimited(crate::ratelimit::Refusal::OverBurst { records, burst }) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_over_burst",
+                format!(
+                    "a batch of {records} records is larger than this customer's rate-limit \
+                     burst of {burst} and can never pass; nothing was recorded: split it"
+                ),
+            ),
             QueueFull => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",

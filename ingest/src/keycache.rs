@@ -1,18 +1,21 @@
 //! The API key cache of the edge: every active key's SHA-256 mapped to its customer and the
 //! customer's status, loaded from Postgres at start and kept current by LISTEN/NOTIFY (the
 //! migrations' triggers notify `apex_key_change` with the customer id on any key or status
-//! change), with a periodic full refresh as a safety net.
+//! change), with a periodic full refresh as a safety net. Each key also carries its customer's
+//! plan rate limit ([`crate::ratelimit`]); a plan change reaches the edge with the next full
+//! refresh (`APEX_KEY_REFRESH_SECS`), or sooner when a key or status change notifies.
 //!
 //! A miss goes to Postgres (a key created a moment ago may not have been notified yet), but
 //! through a small number of permits and a bounded negative cache, so random keys cannot
 //! hammer Postgres. While Postgres is down, every cached key keeps working.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use apex_billing::BillingError;
-use apex_billing::keys::{self, KeyOwner, has_key_shape, hash_key};
+use apex_billing::keys::{self, KeyOwner, PlanRateLimit, has_key_shape, hash_key};
 use apex_billing::status::CustomerStatus;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use dashmap::DashMap;
@@ -21,6 +24,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::Semaphore;
 
 use crate::names;
+use crate::ratelimit::PlanLimit;
 
 /// The channel the migrations' triggers notify.
 pub const KEY_CHANGE_CHANNEL: &str = "apex_key_change";
@@ -47,22 +51,59 @@ type KeyHash = [u8; 32];
 struct CachedKey {
     customer_id: Arc<str>,
     status: CustomerStatus,
+    limit: PlanLimit,
 }
 
 impl From<KeyOwner> for CachedKey {
     fn from(owner: KeyOwner) -> Self {
+        let limit = plan_limit(owner.plan, &mut Default::default());
         Self {
             customer_id: owner.customer_id.into(),
             status: owner.customer_status,
+            limit,
         }
     }
+}
+
+/// The edge's view of a plan's limit; plans seen before share one allocation of their id.
+fn plan_limit(
+    plan: Option<PlanRateLimit>,
+    plans: &mut std::collections::HashMap<String, Arc<str>>,
+) -> PlanLimit {
+    let Some(plan) = plan else {
+        return PlanLimit::default_limit();
+    };
+    match (
+        NonZeroU32::new(plan.records_per_sec),
+        NonZeroU32::new(plan.burst),
+    ) {
+        (Some(records_per_sec), Some(burst)) => PlanLimit {
+            plan: plans
+                .entry(plan.plan_id)
+                .or_insert_with_key(|id| Arc::from(id.as_str()))
+                .clone(),
+            records_per_sec,
+            burst,
+        },
+        // The query refuses zero values already; keep a row that slips past it served.
+        _ => PlanLimit::default_limit(),
+    }
+}
+
+/// An active customer as the ingest endpoints need it: its id and its plan's rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveCustomer {
+    /// The customer's id.
+    pub id: Arc<str>,
+    /// Its plan's rate limit.
+    pub limit: PlanLimit,
 }
 
 /// The verdict on a presented key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyVerdict {
     /// Active key of an active customer.
-    Active(Arc<str>),
+    Active(ActiveCustomer),
     /// Active key of a suspended customer.
     Suspended,
     /// Unknown, revoked, malformed, or its customer canceled.
@@ -158,7 +199,11 @@ impl KeyCache {
     fn cached(&self, hash: &KeyHash) -> Option<KeyVerdict> {
         let entry = self.keys.get(hash)?;
         Some(match entry.status {
-            CustomerStatus::Active => KeyVerdict::Active(entry.customer_id.clone()),
+            // Two reference counts, no allocation.
+            CustomerStatus::Active => KeyVerdict::Active(ActiveCustomer {
+                id: entry.customer_id.clone(),
+                limit: entry.limit.clone(),
+            }),
             CustomerStatus::Suspended => KeyVerdict::Suspended,
             CustomerStatus::Canceled => KeyVerdict::Unknown,
         })
@@ -178,6 +223,7 @@ impl KeyCache {
             CachedKey {
                 customer_id: customer_id.into(),
                 status,
+                limit: PlanLimit::default_limit(),
             },
         );
     }
@@ -226,6 +272,7 @@ impl KeyCache {
             std::collections::HashMap::with_capacity(owners.len());
         // Keys of one customer share one allocation of its id.
         let mut customers: std::collections::HashMap<String, Arc<str>> = Default::default();
+        let mut plans: std::collections::HashMap<String, Arc<str>> = Default::default();
         for owner in owners {
             let customer_id = customers
                 .entry(owner.customer_id)
@@ -236,6 +283,7 @@ impl KeyCache {
                 CachedKey {
                     customer_id,
                     status: owner.customer_status,
+                    limit: plan_limit(owner.plan, &mut plans),
                 },
             );
         }

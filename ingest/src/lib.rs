@@ -33,6 +33,7 @@ pub mod dedup;
 pub mod error;
 pub mod keycache;
 pub mod names;
+pub mod ratelimit;
 pub mod records;
 pub mod resend_webhook;
 pub mod response;

@@ -26,6 +26,9 @@ pub const KEY_CACHE_REFRESHES_TOTAL: &str = "apex_ingest_key_cache_refreshes_tot
 pub const DEDUP_IDS: &str = "apex_ingest_dedup_ids";
 /// Event ids forgotten early because the dedup table was full.
 pub const DEDUP_EVICTIONS_TOTAL: &str = "apex_ingest_dedup_evictions_total";
+/// Records refused by the per-customer rate limit, by `plan` (a plan id or `none`; never the
+/// customer).
+pub const RATE_LIMITED_RECORDS_TOTAL: &str = "apex_ingest_rate_limited_records_total";
 /// Resend delivery events stored, by `type` (`delivered`, `bounced`, `complained`, `other`).
 pub const EMAIL_EVENTS_TOTAL: &str = "apex_ingest_email_events_total";
 
@@ -59,6 +62,10 @@ pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         DEDUP_EVICTIONS_TOTAL,
         "Event ids forgotten before their window ended because the dedup table was full.",
+    ),
+    MetricSpec::counter(
+        RATE_LIMITED_RECORDS_TOTAL,
+        "Usage records refused (429 or 413) by the per-customer rate limit, by the customer's plan (a plan id, or none).",
     ),
     MetricSpec::counter(
         EMAIL_EVENTS_TOTAL,

@@ -5,14 +5,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::ratelimit::Refusal;
 use crate::response::{self, Body};
 use crate::state::AppState;
 use crate::{dashboard, names, resend_webhook, telemetry, usage, webhook};
+
+/// The draft's fields (lower case, as `HeaderName` requires).
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Handles one request. Never fails: every outcome is a response.
 pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Response<Body> {
@@ -142,7 +147,10 @@ async fn only(
     }
 }
 
-/// The JSON error answer of `error`, with `Retry-After` on 503.
+/// The JSON error answer of `error`, with `Retry-After` on 503, and on 429 also the
+/// `RateLimit-Policy` and `RateLimit` fields of draft-ietf-httpapi-ratelimit-headers (the
+/// syntax of drafts -08 to -11: `"customer";q=<burst>;w=<secs to refill it>` and
+/// `"customer";r=<records that would pass now>;t=<secs until this request would pass>`).
 pub fn error_response(error: &ApiError) -> Response<Body> {
     let (status, code, message) = error.status();
     let mut response = match error {
@@ -161,6 +169,31 @@ pub fn error_response(error: &ApiError) -> Response<Body> {
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    if let ApiError::RateLimited(Refusal::Later {
+        burst,
+        window_secs,
+        remaining,
+        retry_after,
+    }) = error
+    {
+        let headers = response.headers_mut();
+        headers.insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+        // Digits and fixed text only: always a valid header value.
+        for (name, value) in [
+            (
+                RATELIMIT_POLICY,
+                format!("\"customer\";q={burst};w={window_secs}"),
+            ),
+            (
+                RATELIMIT,
+                format!("\"customer\";r={remaining};t={retry_after}"),
+            ),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                headers.insert(name, value);
+            }
+        }
+    }
     response
 }
 
@@ -177,6 +210,7 @@ fn status_label(status: StatusCode) -> &'static str {
         409 => "409",
         413 => "413",
         415 => "415",
+        429 => "429",
         500 => "500",
         503 => "503",
         _ => "other",

@@ -109,6 +109,10 @@ pub async fn run_with_sink(
         dedup,
         sink: sink.clone(),
         limits: config.limits.clone(),
+        rate_limits: crate::ratelimit::RateLimits::new(
+            config.customer_rate_limit,
+            config.customer_rate_burst,
+        ),
         clickhouse: config.stores.clickhouse(),
         jwt_secret: config.jwt_secret.clone(),
         admin_token: config.admin_token.clone(),

@@ -1,5 +1,5 @@
 //! What every request handler can reach: the stores, the key cache, the dedup table, the sink,
-//! the limits and the secrets. Built once by [`crate::server::run_with_sink`].
+//! the limits (sizes and per-customer rates) and the secrets. Built once by [`crate::server::run_with_sink`].
 
 use std::sync::Arc;
 
@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use crate::config::{IngestLimits, Secret};
 use crate::dedup::Dedup;
 use crate::keycache::KeyCache;
+use crate::ratelimit::RateLimits;
 
 /// What every request handler can reach.
 pub struct AppState {
@@ -22,6 +23,8 @@ pub struct AppState {
     pub sink: Arc<dyn RecordSink>,
     /// Request limits.
     pub limits: IngestLimits,
+    /// Per-customer rate limits of the ingest endpoints.
+    pub rate_limits: RateLimits,
     /// ClickHouse, for the dashboard's analytics.
     pub clickhouse: clickhouse::Client,
     /// Secret of dashboard JWTs.

@@ -18,7 +18,7 @@ use crate::auth;
 use crate::body::read_body;
 use crate::dedup::{Claim, Dedup, IdKey};
 use crate::error::{ApiError, RecordError};
-use crate::keycache::KeyVerdict;
+use crate::keycache::{ActiveCustomer, KeyVerdict};
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
 use crate::response::{self, Body};
 use crate::state::AppState;
@@ -74,7 +74,7 @@ fn choose_key<'a>(header: Option<&'a str>, body: Option<&'a str>) -> Result<&'a 
     }
 }
 
-async fn authenticate(state: &AppState, key: &str) -> Result<Arc<str>, ApiError> {
+async fn authenticate(state: &AppState, key: &str) -> Result<ActiveCustomer, ApiError> {
     match state.keys.check(key).await {
         KeyVerdict::Active(customer) => Ok(customer),
         KeyVerdict::Suspended => Err(ApiError::AccountSuspended),
@@ -83,6 +83,15 @@ async fn authenticate(state: &AppState, key: &str) -> Result<Arc<str>, ApiError>
             "the API key cannot be checked right now",
         )),
     }
+}
+
+/// Takes `records` tokens from the customer's rate limit before anything is claimed or
+/// logged: a refused request leaves no trace but the metric.
+fn rate_limit(state: &AppState, customer: &ActiveCustomer, records: usize) -> Result<(), ApiError> {
+    state
+        .rate_limits
+        .check(&customer.id, &customer.limit, records)
+        .map_err(ApiError::RateLimited)
 }
 
 fn into_record(customer_id: &Arc<str>, valid: ValidRecord, now: i64) -> UsageRecord {
@@ -231,6 +240,8 @@ pub async fn track(
     .await?;
     let wire = records::parse_track(&bytes)?;
     let customer = authenticate(state, choose_key(header_key, wire.api_key.as_deref())?).await?;
+    rate_limit(state, &customer, 1)?;
+    let customer = customer.id;
     let now = now_ms();
     let valid = records::validate(&wire, now).map_err(|e| {
         count_records("rejected", e.code, 1);
@@ -337,6 +348,10 @@ pub async fn batch(
     }
     let body_key = envelope.as_ref().and_then(|e| e.api_key.as_deref());
     let customer = authenticate(state, choose_key(header_key, body_key)?).await?;
+    // Every record of the body costs a token, valid or not: a flood of invalid records is
+    // work too, and the charge is known before any is parsed.
+    rate_limit(state, &customer, items.len())?;
+    let customer = customer.id;
 
     let now = now_ms();
     let mut accepted = Vec::with_capacity(items.len());

@@ -153,29 +153,68 @@ pub struct KeyOwner {
     pub customer_id: String,
     /// The customer's status: the edge refuses suspended customers with 403.
     pub customer_status: CustomerStatus,
+    /// The customer's plan and its edge rate limit (migration 0012), from its newest
+    /// subscription that is not canceled; `None` for a customer without one.
+    pub plan: Option<PlanRateLimit>,
+}
+
+/// A plan's per-customer rate limit at the edge (`plans.rate_limit_records_per_sec` and
+/// `plans.rate_limit_burst`, both at least 1 by the schema's checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanRateLimit {
+    /// The plan's id, e.g. `starter`.
+    pub plan_id: String,
+    /// Records per second a customer may send, sustained.
+    pub records_per_sec: u32,
+    /// Records a customer may send at once above that rate.
+    pub burst: u32,
 }
 
 /// The one query behind every active-key lookup (by hash, by customer, all of them): an
-/// active key and its customer's status. Callers append their `AND ...` condition.
+/// active key, its customer's status and the rate limit of the customer's plan (its newest
+/// subscription that is not canceled). Callers append their `AND ...` condition.
 macro_rules! active_keys {
     () => {
-        "SELECT k.id, k.key_hash, k.customer_id, c.status FROM api_keys k \
-         JOIN customers c ON c.id = k.customer_id WHERE k.status = 'active'"
+        "SELECT k.id, k.key_hash, k.customer_id, c.status, \
+                p.id, p.rate_limit_records_per_sec, p.rate_limit_burst \
+         FROM api_keys k JOIN customers c ON c.id = k.customer_id \
+         LEFT JOIN LATERAL (SELECT s.plan_id FROM subscriptions s \
+             WHERE s.customer_id = k.customer_id AND s.status <> 'canceled' \
+             ORDER BY s.created_at DESC, s.id DESC LIMIT 1) s ON true \
+         LEFT JOIN plans p ON p.id = s.plan_id \
+         WHERE k.status = 'active'"
     };
 }
 
-type ActiveKeyRow = (String, Vec<u8>, String, String);
+type ActiveKeyRow = (
+    String,
+    Vec<u8>,
+    String,
+    String,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+);
 
 /// The owner a row names, or `None` for a row that cannot be served: a customer status or a
 /// hash the code does not know (the schema's checks rule both out; a row that slips past
 /// them is refused like an unknown key rather than failing every lookup).
 fn owner(row: ActiveKeyRow) -> Option<KeyOwner> {
-    let (key_id, hash, customer_id, status) = row;
+    let (key_id, hash, customer_id, status, plan_id, rate, burst) = row;
+    let plan = match (plan_id, rate, burst) {
+        (Some(plan_id), Some(rate), Some(burst)) => Some(PlanRateLimit {
+            plan_id,
+            records_per_sec: u32::try_from(rate).ok().filter(|r| *r > 0)?,
+            burst: u32::try_from(burst).ok().filter(|b| *b > 0)?,
+        }),
+        _ => None,
+    };
     Some(KeyOwner {
         key_hash: hash.try_into().ok()?,
         key_id,
         customer_id,
         customer_status: status.parse().ok()?,
+        plan,
     })
 }
 

@@ -1,0 +1,240 @@
+//! Per-customer rate limits of the ingest endpoints (issue 19, "Fairness"): records per second
+//! with a burst, so one customer's runaway SDK cannot starve the others. The limit of a
+//! customer is its plan's (`plans.rate_limit_records_per_sec` and `plans.rate_limit_burst`,
+//! migration 0012, carried by the key cache), or [`DEFAULT_RECORDS_PER_SEC`] and
+//! [`DEFAULT_BURST`] without a live subscription, unless `APEX_CUSTOMER_RATE_LIMIT` or
+//! `APEX_CUSTOMER_RATE_BURST` override it for every customer.
+//!
+//! The buckets are `governor`'s keyed GCRA limiters, one per distinct (rate, burst) pair (a
+//! handful: one per plan), keyed by the customer id. A record is one token: a track costs 1,
+//! a batch of n records costs n, all or nothing. A batch larger than the burst could never
+//! pass and is answered 413 `batch_over_burst` (waiting would not help); anything else over
+//! the limit is answered 429 with `Retry-After` and the RateLimit headers of
+//! draft-ietf-httpapi-ratelimit-headers (-08 onwards: `RateLimit-Policy` and `RateLimit`).
+//! Buckets live as long as the server: one small entry per customer that has sent.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::names;
+
+/// Records per second of a customer without a live subscription: the migration's default
+/// (and the starter plan's), which no well-behaved SDK reaches.
+pub const DEFAULT_RECORDS_PER_SEC: NonZeroU32 = NonZeroU32::new(20_000).unwrap();
+/// Burst of a customer without a live subscription: the migration's default, twenty batches
+/// of the largest default size.
+pub const DEFAULT_BURST: NonZeroU32 = NonZeroU32::new(200_000).unwrap();
+/// The plan label of customers without a live subscription.
+pub const NO_PLAN: &str = "none";
+
+/// A customer's limit as its plan sets it: what the key cache carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanLimit {
+    /// The plan's id, the metric's label (plans are few: a bounded label).
+    pub plan: Arc<str>,
+    /// Records per second, sustained.
+    pub records_per_sec: NonZeroU32,
+    /// Records at once above the rate.
+    pub burst: NonZeroU32,
+}
+
+impl PlanLimit {
+    /// The limit of a customer without a live subscription.
+    pub fn default_limit() -> Self {
+        Self {
+            plan: NO_PLAN.into(),
+            records_per_sec: DEFAULT_RECORDS_PER_SEC,
+            burst: DEFAULT_BURST,
+        }
+    }
+}
+
+type Limiter = RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, DefaultClock>;
+
+/// Why records were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Over the limit now: retry after `retry_after` (whole seconds, at least 1).
+    Later {
+        /// The bucket's size (RateLimit-Policy `q`).
+        burst: u32,
+        /// Seconds the whole burst takes to refill (RateLimit-Policy `w`), at least 1.
+        window_secs: u64,
+        /// Records that would pass now (RateLimit `r`).
+        remaining: u32,
+        /// Seconds until this request would pass (`Retry-After` and RateLimit `t`), at least 1.
+        retry_after: u64,
+    },
+    /// A batch larger than the burst: it can never pass; split it.
+    OverBurst {
+        /// Records in the batch.
+        records: u32,
+        /// The burst.
+        burst: u32,
+    },
+}
+
+/// The edge's limiters. Share it behind an `Arc`.
+pub struct RateLimits {
+    rate_override: Option<NonZeroU32>,
+    burst_override: Option<NonZeroU32>,
+    limiters: DashMap<(NonZeroU32, NonZeroU32), Arc<Limiter>>,
+}
+
+impl RateLimits {
+    /// Limits by plan, with `APEX_CUSTOMER_RATE_LIMIT` / `APEX_CUSTOMER_RATE_BURST` overriding
+    /// each for every customer when set.
+    pub fn new(rate_override: Option<NonZeroU32>, burst_override: Option<NonZeroU32>) -> Self {
+        Self {
+            rate_override,
+            burst_override,
+            limiters: DashMap::new(),
+        }
+    }
+
+    /// Takes `records` tokens from `customer`'s bucket, all or nothing. Counts refused records
+    /// in `apex_ingest_rate_limited_records_total{plan}`.
+    pub fn check(
+        &self,
+        customer: &Arc<str>,
+        limit: &PlanLimit,
+        records: usize,
+    ) -> Result<(), Refusal> {
+        let rate = self.rate_override.unwrap_or(limit.records_per_sec);
+        let burst = self.burst_override.unwrap_or(limit.burst);
+        let n = u32::try_from(records).unwrap_or(u32::MAX);
+        let Some(n_tokens) = NonZeroU32::new(n) else {
+            return Ok(());
+        };
+        let limiter = self.limiter(rate, burst);
+        let refusal = match limiter.check_key_n(customer, n_tokens) {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(limiter.clock().now());
+                Refusal::Later {
+                    burst: burst.get(),
+                    window_secs: whole_secs(Duration::from_secs_f64(
+                        f64::from(burst.get()) / f64::from(rate.get()),
+                    )),
+                    remaining: remaining(n, rate, wait),
+                    retry_after: whole_secs(wait),
+                }
+            }
+            Err(_) => Refusal::OverBurst {
+                records: n,
+                burst: burst.get(),
+            },
+        };
+        // A refusal is rare and already costs a response; the label's string is cloned here
+        // only.
+        metrics::counter!(names::RATE_LIMITED_RECORDS_TOTAL, "plan" => limit.plan.to_string())
+            .increment(u64::from(n));
+        Err(refusal)
+    }
+
+    /// The limiter of one (rate, burst) pair; a lookup in a map of a handful of entries.
+    fn limiter(&self, rate: NonZeroU32, burst: NonZeroU32) -> Arc<Limiter> {
+        if let Some(limiter) = self.limiters.get(&(rate, burst)) {
+            return limiter.clone();
+        }
+        self.limiters
+            .entry((rate, burst))
+            .or_insert_with(|| {
+                Arc::new(RateLimiter::keyed(
+                    Quota::per_second(rate).allow_burst(burst),
+                ))
+            })
+            .clone()
+    }
+}
+
+/// Whole seconds, rounded up, at least 1 (what `Retry-After` may say).
+fn whole_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Tokens in the bucket now, from how long `n` of them take to be there: each missing token
+/// takes 1/rate seconds.
+fn remaining(n: u32, rate: NonZeroU32, wait: Duration) -> u32 {
+    let missing = (wait.as_secs_f64() * f64::from(rate.get())).ceil();
+    n.saturating_sub(missing.min(f64::from(u32::MAX)) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(rate: u32, burst: u32) -> PlanLimit {
+        PlanLimit {
+            plan: "starter".into(),
+            records_per_sec: NonZeroU32::new(rate).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_burst_passes_then_the_customer_waits_and_others_do_not() {
+        let limits = RateLimits::new(None, None);
+        let (a, b): (Arc<str>, Arc<str>) = ("cus_a".into(), "cus_b".into());
+        let plan = limit(1, 5);
+        for _ in 0..5 {
+            assert_eq!(limits.check(&a, &plan, 1), Ok(()));
+        }
+        let Err(Refusal::Later {
+            burst,
+            window_secs,
+            remaining,
+            retry_after,
+        }) = limits.check(&a, &plan, 1)
+        else {
+            panic!("the sixth record is over the burst");
+        };
+        assert_eq!((burst, window_secs, remaining), (5, 5, 0));
+        assert!(retry_after >= 1, "{retry_after}");
+        assert_eq!(
+            limits.check(&b, &plan, 5),
+            Ok(()),
+            "another customer's bucket"
+        );
+    }
+
+    #[test]
+    fn batches_cost_their_records_and_can_never_exceed_the_burst() {
+        let limits = RateLimits::new(None, None);
+        let a: Arc<str> = "cus_a".into();
+        assert_eq!(
+            limits.check(&a, &limit(1, 10), 11),
+            Err(Refusal::OverBurst {
+                records: 11,
+                burst: 10
+            })
+        );
+        assert_eq!(limits.check(&a, &limit(1, 10), 7), Ok(()));
+        match limits.check(&a, &limit(1, 10), 5) {
+            Err(Refusal::Later { remaining, .. }) => assert_eq!(remaining, 3),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn overrides_apply_to_every_plan() {
+        let limits = RateLimits::new(NonZeroU32::new(1), NonZeroU32::new(2));
+        let a: Arc<str> = "cus_a".into();
+        let big = limit(1_000_000, 1_000_000);
+        assert_eq!(limits.check(&a, &big, 2), Ok(()));
+        assert!(matches!(
+            limits.check(&a, &big, 1),
+            Err(Refusal::Later { .. })
+        ));
+        assert!(matches!(
+            limits.check(&a, &big, 3),
+            Err(Refusal::OverBurst { .. })
+        ));
+    }
+}

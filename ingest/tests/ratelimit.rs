@@ -1,0 +1,244 @@
+//! Per-customer rate limits at the edge (issue 19, "Fairness"): a customer flooding the edge
+//! gets 429s with `Retry-After`, the RateLimit headers and the API's error body, while another
+//! customer in the same period is served; only accepted records reach the stores. Everything
+//! is asserted by counts, never by time: with a rate of 1 record/s, however slow the machine,
+//! a flood of N requests in T seconds can pass at most burst + T of them.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Answer, TestServer, assert_total, customer, customer_in, get, post, start_with};
+use serde_json::json;
+
+/// A server where every customer may send 1 record/s with a burst of 5.
+async fn small_limit() -> TestServer {
+    start_with(
+        &[
+            ("APEX_CUSTOMER_RATE_LIMIT", "1"),
+            ("APEX_CUSTOMER_RATE_BURST", "5"),
+        ],
+        None,
+    )
+    .await
+}
+
+async fn track(server: &TestServer, key: &str) -> Answer {
+    post(
+        server.addr,
+        "/api/usage/track",
+        &[
+            "Content-Type: application/json",
+            &format!("Authorization: Bearer {key}"),
+        ],
+        br#"{"metric_type":"impressions","quantity":1}"#,
+    )
+    .await
+}
+
+async fn batch(server: &TestServer, key: &str, records: usize) -> Answer {
+    let records: Vec<_> = (0..records)
+        .map(|_| json!({"metric_type": "api_calls", "quantity": 1}))
+        .collect();
+    post(
+        server.addr,
+        "/api/usage/batch",
+        &[
+            "Content-Type: application/json",
+            &format!("Authorization: Bearer {key}"),
+        ],
+        json!({ "records": records }).to_string().as_bytes(),
+    )
+    .await
+}
+
+/// The 429 of the rate limit: the error body, `Retry-After` of at least 1 s, and the draft's
+/// fields with the configured burst.
+fn assert_rate_limited(answer: &Answer, burst: u32) {
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert_eq!(answer.error_code(), "rate_limited");
+    let retry_after: u64 = answer
+        .header("Retry-After")
+        .expect("Retry-After")
+        .parse()
+        .expect("whole seconds");
+    assert!(retry_after >= 1, "{retry_after}");
+    assert_eq!(
+        answer.header("RateLimit-Policy").as_deref(),
+        Some(format!("\"customer\";q={burst};w={burst}").as_str()),
+        "at 1 record/s the burst refills in `burst` seconds"
+    );
+    let current = answer.header("RateLimit").expect("RateLimit");
+    let (r, t) = current
+        .strip_prefix("\"customer\";r=")
+        .and_then(|rest| rest.split_once(";t="))
+        .unwrap_or_else(|| panic!("RateLimit: {current}"));
+    assert!(r.parse::<u32>().is_ok_and(|r| r < burst), "{current}");
+    assert_eq!(t.parse::<u64>().ok(), Some(retry_after), "{current}");
+}
+
+#[tokio::test]
+async fn a_flooding_customer_is_refused_while_another_is_served() {
+    let server = small_limit().await;
+    let (flooder_id, flooder) = customer(&server).await;
+    let (other_id, other) = customer(&server).await;
+    let started = Instant::now();
+    let flood: Vec<_> = (0..30)
+        .map(|_| {
+            let (addr, key) = (server.addr, flooder.clone());
+            tokio::spawn(async move {
+                post(
+                    addr,
+                    "/api/usage/track",
+                    &[
+                        "Content-Type: application/json",
+                        &format!("Authorization: Bearer {key}"),
+                    ],
+                    br#"{"metric_type":"impressions","quantity":1}"#,
+                )
+                .await
+            })
+        })
+        .collect();
+    // The other customer's requests in the same period, within its own burst: all served.
+    for _ in 0..5 {
+        let answer = track(&server, &other).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    }
+    let mut accepted = 0;
+    let mut refused = 0;
+    for request in flood {
+        let answer = request.await.unwrap();
+        match answer.status {
+            200 => accepted += 1,
+            _ => {
+                assert_rate_limited(&answer, 5);
+                refused += 1;
+            }
+        }
+    }
+    // At most the burst plus one record per elapsed second passes.
+    let ceiling = 5 + started.elapsed().as_secs() as usize + 1;
+    assert!(
+        accepted >= 5 && accepted <= ceiling,
+        "{accepted} of 30 accepted"
+    );
+    assert_eq!(accepted + refused, 30);
+    // Only the accepted records were logged and stored, in both stores.
+    assert_total(&server, &flooder_id, "impressions", accepted as i64).await;
+    assert_total(&server, &other_id, "impressions", 5).await;
+    assert_clickhouse_count(&server, &flooder_id, accepted as u64).await;
+
+    let metrics = get(server.addr, "/metrics").await;
+    assert!(
+        metrics
+            .body
+            .contains("apex_ingest_rate_limited_records_total{plan=\"starter\"}"),
+        "the refused records are counted by plan"
+    );
+    assert!(!metrics.body.contains(&flooder_id), "never by customer");
+}
+
+/// Waits (up to 10 s) until ClickHouse holds exactly `expected` events of the customer.
+async fn assert_clickhouse_count(server: &TestServer, customer_id: &str, expected: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (count, _) = server.stores.clickhouse_events(customer_id).await;
+        if count == expected {
+            return;
+        }
+        assert!(
+            count < expected,
+            "{count} events in ClickHouse, {expected} accepted"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{count} of {expected} in ClickHouse"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_batch_costs_its_records_and_one_over_the_burst_is_refused_as_too_large() {
+    let server = small_limit().await;
+    let (customer_id, key) = customer(&server).await;
+    let over = batch(&server, &key, 6).await;
+    assert_eq!(over.status, 413, "{}", over.body);
+    assert_eq!(over.error_code(), "batch_over_burst");
+    assert!(
+        over.header("Retry-After").is_none(),
+        "waiting would not help"
+    );
+
+    let full = batch(&server, &key, 5).await;
+    assert_eq!(full.status, 200, "{}", full.body);
+    assert_eq!(full.json()["accepted"], 5);
+    // The bucket is (nearly) empty: 5 more records need about 5 s.
+    let refused = batch(&server, &key, 5).await;
+    assert_rate_limited(&refused, 5);
+    assert_total(&server, &customer_id, "api_calls", 5).await;
+    assert_clickhouse_count(&server, &customer_id, 5).await;
+}
+
+#[tokio::test]
+async fn plan_limits_apply_without_an_override() {
+    let server = start_with(&[], None).await;
+    // This test's own database: make the growth plan tiny before its customer's key is loaded.
+    sqlx::query(
+        "UPDATE plans SET rate_limit_records_per_sec = 1, rate_limit_burst = 3 WHERE id = 'growth'",
+    )
+    .execute(&server.stores.pool)
+    .await
+    .unwrap();
+    let (limited_id, limited) = customer_in(&server.stores, "growth").await;
+    let (_, starter) = customer(&server).await;
+    let started = Instant::now();
+    let mut accepted = 0;
+    for _ in 0..12 {
+        let answer = track(&server, &limited).await;
+        if answer.status == 200 {
+            accepted += 1;
+        } else {
+            assert_rate_limited(&answer, 3);
+        }
+        // The starter plan's default limit (20,000 records/s) never refuses this.
+        assert_eq!(track(&server, &starter).await.status, 200);
+    }
+    let ceiling = 3 + started.elapsed().as_secs() as usize + 1;
+    assert!(accepted >= 3 && accepted <= ceiling, "{accepted} of 12");
+    assert_total(&server, &limited_id, "impressions", accepted as i64).await;
+    let metrics = get(server.addr, "/metrics").await;
+    assert!(
+        metrics
+            .body
+            .contains("apex_ingest_rate_limited_records_total{plan=\"growth\"}"),
+        "{}",
+        metrics.body
+    );
+}
+
+#[test]
+fn a_bad_rate_limit_stops_the_binary_at_start() {
+    for (name, value) in [
+        ("APEX_CUSTOMER_RATE_LIMIT", "0"),
+        ("APEX_CUSTOMER_RATE_LIMIT", "lots"),
+        ("APEX_CUSTOMER_RATE_BURST", "-1"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_apex-server"))
+            .env("DATABASE_URL", "postgres://127.0.0.1:1/x")
+            .env("CLICKHOUSE_URL", "http://127.0.0.1:1")
+            .env("APEX_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+            .env(name, value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}={value}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.starts_with(&format!("apex-server: {name} is invalid")),
+            "{err}"
+        );
+    }
+}
