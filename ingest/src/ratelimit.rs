@@ -11,7 +11,9 @@
 //! pass and is answered 413 `batch_over_burst` (waiting would not help); anything else over
 //! the limit is answered 429 with `Retry-After` and the RateLimit headers of
 //! draft-ietf-httpapi-ratelimit-headers (-08 onwards: `RateLimit-Policy` and `RateLimit`).
-//! Buckets live as long as the server: one small entry per customer that has sent.
+//! Buckets live as long as the server: one small entry per customer that has sent. They are
+//! kept in `governor`'s sharded `DashMap` store (its `dashmap` feature), not its default
+//! mutex-guarded map, so requests of different customers do not queue on one lock.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
