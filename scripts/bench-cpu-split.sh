@@ -3,6 +3,7 @@
 # (tokio workers, log writer, store appliers), for apex-server and for the bare null-server,
 # under the same wrk load, one after the other. Reads utime/stime of every thread from
 # /proc/PID/task/*/stat before and after each run (100 Hz ticks: run long enough).
+# Exit status 1 if any answer was not 2xx (the figures would not measure ingest).
 # Usage: scripts/bench-cpu-split.sh [SECONDS=20] [CONNECTIONS=256]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +17,13 @@ ticks() { for f in /proc/"$1"/task/*/stat; do
 done | awk '{u[$1]+=$2; s[$1]+=$3} END {for (g in u) print g, u[g], s[g]}'; }
 
 measure() { # name pid url
-  local before after requests
+  local before after out requests bad
   before=$(ticks "$2")
-  requests=$(wrk -t1 -c"$conns" -d"${secs}s" -s scripts/bench/track.lua "$3" 2>&1 |
-    awk '/requests in/ {print $1}')
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" -s scripts/bench/track.lua "$3" 2>&1)
   after=$(ticks "$2")
+  requests=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
+  bad=$(printf '%s\n' "$out" | awk '/Non-2xx/ {print $NF}')
+  if [ -n "$bad" ] && [ "$bad" != 0 ]; then echo "FAILED: $1: $bad non-2xx answers" >&2; exit 1; fi
   echo "== $1: $requests requests in ${secs}s, $conns connections; CPU µs per request"
   printf '%-20s %8s %8s %8s\n' threads user kernel total
   join <(echo "$before" | sort) <(echo "$after" | sort) | awk -v n="$requests" -v hz="$(getconf CLK_TCK)" '

@@ -3,6 +3,7 @@
 # durable Postgres pipeline) against apex-loadtest's null-server (reads the body, answers
 # 200), same wrk client, alternating, ROUNDS times; prints each run and the medians; then
 # ROUNDS runs of apex-server at half its median rate (paced connections), with their p99.
+# Exit status 1 if any apex-server answer was not 2xx (the figures would not measure ingest).
 # Usage: scripts/bench-edge.sh [ROUNDS=3] [SECONDS=15] [CONNECTIONS=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,9 @@ delay_ms=$(awk -v r="$apex_rps" -v c="$conns" 'BEGIN {printf "%d", c * 1000 / (r
 for i in $(seq 1 "$rounds"); do
   APEX_BENCH_DELAY_MS=$delay_ms wrk -t1 -c"$conns" -d"${secs}s" --latency -s scripts/bench/track_paced.lua \
     http://127.0.0.1:18080/api/usage/track 2>&1 |
-    awk '/Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} END {printf "half-load %s %s\n", rps, p99}' | tee -a "$results"
+    awk '/Requests\/sec/ {rps=$2} /^ +99%/ {p99=$2} /Non-2xx/ {bad=$NF}
+      END {printf "half-load %s %s %s\n", rps, p99, (bad==""?0:bad)}' | tee -a "$results"
 done
 echo "apex-track at half load (${delay_ms} ms pause per connection): req/s $(awk '$1=="half-load"{print $2}' "$results" | tr '\n' ' ') p99 $(awk '$1=="half-load"{print $3}' "$results" | tr '\n' ' ')"
+bad=$(awk '($1=="apex-track" || $1=="half-load") {s += $NF} END {print s + 0}' "$results")
+if [ "$bad" != 0 ]; then echo "FAILED: $bad non-2xx answers from apex-server" >&2; exit 1; fi

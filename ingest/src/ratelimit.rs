@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use governor::clock::{Clock, DefaultClock};
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
 
 use crate::names;
@@ -57,7 +58,8 @@ impl PlanLimit {
     }
 }
 
-type Limiter = RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, DefaultClock>;
+type Limiter<C> =
+    RateLimiter<Arc<str>, DashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// Why records were refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,20 +84,35 @@ pub enum Refusal {
     },
 }
 
-/// The edge's limiters. Share it behind an `Arc`.
-pub struct RateLimits {
+/// The edge's limiters. Share it behind an `Arc`. The clock is the monotonic one in the
+/// server; tests pass `governor`'s `FakeRelativeClock` so that no assertion depends on how
+/// fast the machine runs.
+pub struct RateLimits<C: Clock = DefaultClock> {
     rate_override: Option<NonZeroU32>,
     burst_override: Option<NonZeroU32>,
-    limiters: DashMap<(NonZeroU32, NonZeroU32), Arc<Limiter>>,
+    clock: C,
+    limiters: DashMap<(NonZeroU32, NonZeroU32), Arc<Limiter<C>>>,
 }
 
 impl RateLimits {
     /// Limits by plan, with `APEX_CUSTOMER_RATE_LIMIT` / `APEX_CUSTOMER_RATE_BURST` overriding
     /// each for every customer when set.
     pub fn new(rate_override: Option<NonZeroU32>, burst_override: Option<NonZeroU32>) -> Self {
+        Self::with_clock(rate_override, burst_override, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimits<C> {
+    /// [`RateLimits::new`] with every bucket on `clock`.
+    pub fn with_clock(
+        rate_override: Option<NonZeroU32>,
+        burst_override: Option<NonZeroU32>,
+        clock: C,
+    ) -> Self {
         Self {
             rate_override,
             burst_override,
+            clock,
             limiters: DashMap::new(),
         }
     }
@@ -121,9 +138,7 @@ impl RateLimits {
                 let wait = not_until.wait_time_from(limiter.clock().now());
                 Refusal::Later {
                     burst: burst.get(),
-                    window_secs: whole_secs(Duration::from_secs_f64(
-                        f64::from(burst.get()) / f64::from(rate.get()),
-                    )),
+                    window_secs: u64::from(burst.get().div_ceil(rate.get()).max(1)),
                     remaining: remaining(n, rate, wait),
                     retry_after: whole_secs(wait),
                 }
@@ -133,23 +148,23 @@ impl RateLimits {
                 burst: burst.get(),
             },
         };
-        // A refusal is rare and already costs a response; the label's string is cloned here
-        // only.
-        metrics::counter!(names::RATE_LIMITED_RECORDS_TOTAL, "plan" => limit.plan.to_string())
+        // The label is the plan's shared string: a reference count, no allocation per refusal.
+        metrics::counter!(names::RATE_LIMITED_RECORDS_TOTAL, "plan" => limit.plan.clone())
             .increment(u64::from(n));
         Err(refusal)
     }
 
     /// The limiter of one (rate, burst) pair; a lookup in a map of a handful of entries.
-    fn limiter(&self, rate: NonZeroU32, burst: NonZeroU32) -> Arc<Limiter> {
+    fn limiter(&self, rate: NonZeroU32, burst: NonZeroU32) -> Arc<Limiter<C>> {
         if let Some(limiter) = self.limiters.get(&(rate, burst)) {
             return limiter.clone();
         }
         self.limiters
             .entry((rate, burst))
             .or_insert_with(|| {
-                Arc::new(RateLimiter::keyed(
+                Arc::new(RateLimiter::dashmap_with_clock(
                     Quota::per_second(rate).allow_burst(burst),
+                    self.clock.clone(),
                 ))
             })
             .clone()
@@ -170,6 +185,8 @@ fn remaining(n: u32, rate: NonZeroU32, wait: Duration) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use governor::clock::FakeRelativeClock;
+
     use super::*;
 
     fn limit(rate: u32, burst: u32) -> PlanLimit {
@@ -180,35 +197,47 @@ mod tests {
         }
     }
 
+    /// Limits on a clock that moves only when the test advances it (clones share it): exact
+    /// however slow the machine.
+    fn fake(
+        rate_override: Option<NonZeroU32>,
+        burst_override: Option<NonZeroU32>,
+    ) -> (RateLimits<FakeRelativeClock>, FakeRelativeClock) {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(rate_override, burst_override, clock.clone());
+        (limits, clock)
+    }
+
     #[test]
     fn a_burst_passes_then_the_customer_waits_and_others_do_not() {
-        let limits = RateLimits::new(None, None);
+        let (limits, clock) = fake(None, None);
         let (a, b): (Arc<str>, Arc<str>) = ("cus_a".into(), "cus_b".into());
         let plan = limit(1, 5);
         for _ in 0..5 {
             assert_eq!(limits.check(&a, &plan, 1), Ok(()));
         }
-        let Err(Refusal::Later {
-            burst,
-            window_secs,
-            remaining,
-            retry_after,
-        }) = limits.check(&a, &plan, 1)
-        else {
-            panic!("the sixth record is over the burst");
-        };
-        assert_eq!((burst, window_secs, remaining), (5, 5, 0));
-        assert!(retry_after >= 1, "{retry_after}");
+        assert_eq!(
+            limits.check(&a, &plan, 1),
+            Err(Refusal::Later {
+                burst: 5,
+                window_secs: 5,
+                remaining: 0,
+                retry_after: 1,
+            }),
+            "the sixth record is over the burst: one token comes back per second"
+        );
         assert_eq!(
             limits.check(&b, &plan, 5),
             Ok(()),
             "another customer's bucket"
         );
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(limits.check(&a, &plan, 1), Ok(()), "after Retry-After");
     }
 
     #[test]
     fn batches_cost_their_records_and_can_never_exceed_the_burst() {
-        let limits = RateLimits::new(None, None);
+        let (limits, clock) = fake(None, None);
         let a: Arc<str> = "cus_a".into();
         assert_eq!(
             limits.check(&a, &limit(1, 10), 11),
@@ -218,25 +247,58 @@ mod tests {
             })
         );
         assert_eq!(limits.check(&a, &limit(1, 10), 7), Ok(()));
-        match limits.check(&a, &limit(1, 10), 5) {
-            Err(Refusal::Later { remaining, .. }) => assert_eq!(remaining, 3),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            limits.check(&a, &limit(1, 10), 5),
+            Err(Refusal::Later {
+                burst: 10,
+                window_secs: 10,
+                remaining: 3,
+                retry_after: 2,
+            }),
+            "3 tokens left, the 2 missing take 2 s"
+        );
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(limits.check(&a, &limit(1, 10), 5), Ok(()));
+    }
+
+    #[test]
+    fn the_window_is_whole_seconds_rounded_up() {
+        let (limits, _clock) = fake(None, None);
+        let a: Arc<str> = "cus_a".into();
+        assert_eq!(limits.check(&a, &limit(4, 10), 10), Ok(()));
+        assert_eq!(
+            limits.check(&a, &limit(4, 10), 1),
+            Err(Refusal::Later {
+                burst: 10,
+                window_secs: 3,
+                remaining: 0,
+                retry_after: 1,
+            }),
+            "10 records at 4/s refill in 2.5 s; a quarter second rounds up to 1 s"
+        );
     }
 
     #[test]
     fn overrides_apply_to_every_plan() {
-        let limits = RateLimits::new(NonZeroU32::new(1), NonZeroU32::new(2));
+        let (limits, _clock) = fake(NonZeroU32::new(1), NonZeroU32::new(2));
         let a: Arc<str> = "cus_a".into();
         let big = limit(1_000_000, 1_000_000);
         assert_eq!(limits.check(&a, &big, 2), Ok(()));
-        assert!(matches!(
+        assert_eq!(
             limits.check(&a, &big, 1),
-            Err(Refusal::Later { .. })
-        ));
-        assert!(matches!(
+            Err(Refusal::Later {
+                burst: 2,
+                window_secs: 2,
+                remaining: 0,
+                retry_after: 1,
+            })
+        );
+        assert_eq!(
             limits.check(&a, &big, 3),
-            Err(Refusal::OverBurst { .. })
-        ));
+            Err(Refusal::OverBurst {
+                records: 3,
+                burst: 2
+            })
+        );
     }
 }
