@@ -10,9 +10,15 @@
 //! a batch of n records costs n, all or nothing. A batch larger than the burst could never
 //! pass and is answered 413 `batch_over_burst` (waiting would not help); anything else over
 //! the limit is answered 429 with `Retry-After` and the RateLimit headers of
-//! draft-ietf-httpapi-ratelimit-headers (-08 onwards: `RateLimit-Policy` and `RateLimit`).
-//! Buckets live as long as the server: one small entry per customer that has sent. They are
-//! kept in `governor`'s sharded `DashMap` store (its `dashmap` feature), not its default
+//! draft-ietf-httpapi-ratelimit-headers (-08 onwards: `RateLimit-Policy` and `RateLimit`),
+//! in records, not requests; `t` is the time until this request's records would pass.
+//! Tokens are taken before the request is validated or logged: records are charged even
+//! when the request then fails (400, 409, 503) and when a retry repeats accepted records.
+//! The limits are per edge instance, in memory: n instances let a customer through up to n
+//! times the rate, and a restart starts every bucket full.
+//! A bucket is one small entry per customer that has sent; [`RateLimits::prune`] (every
+//! minute, with the dedup sweep) drops the full ones, which is lossless: a customer without
+//! an entry starts with a full bucket. They are kept in `governor`'s sharded `DashMap` store (its `dashmap` feature), not its default
 //! mutex-guarded map, so requests of different customers do not queue on one lock.
 
 use std::num::NonZeroU32;
@@ -154,7 +160,20 @@ impl<C: Clock + Clone> RateLimits<C> {
         Err(refusal)
     }
 
-    /// The limiter of one (rate, burst) pair; a lookup in a map of a handful of entries.
+    /// Drops the buckets that are full again (`governor`'s `retain_recent`: a missing entry is
+    /// a full bucket, so nothing is forgotten) and gives their memory back, so that customers
+    /// who sent once do not hold memory for the life of the server.
+    pub fn prune(&self) {
+        for limiter in self.limiters.iter() {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+    }
+
+    /// The limiter of one (rate, burst) pair; a lookup in a map of a handful of entries. A
+    /// customer whose plan changes moves to another limiter and so starts with a full bucket
+    /// (its debt stays behind in the old one until pruned): plan changes are rare and upgrades
+    /// should not wait.
     fn limiter(&self, rate: NonZeroU32, burst: NonZeroU32) -> Arc<Limiter<C>> {
         if let Some(limiter) = self.limiters.get(&(rate, burst)) {
             return limiter.clone();
@@ -233,6 +252,32 @@ mod tests {
         );
         clock.advance(Duration::from_secs(1));
         assert_eq!(limits.check(&a, &plan, 1), Ok(()), "after Retry-After");
+    }
+
+    #[test]
+    fn pruning_drops_only_full_buckets() {
+        let (limits, clock) = fake(None, None);
+        let (a, b): (Arc<str>, Arc<str>) = ("cus_a".into(), "cus_b".into());
+        let plan = limit(1, 5);
+        assert_eq!(limits.check(&a, &plan, 1), Ok(()));
+        clock.advance(Duration::from_secs(8));
+        assert_eq!(limits.check(&b, &plan, 5), Ok(()));
+        clock.advance(Duration::from_secs(2));
+        // a's bucket has been full since t = 1 s; b's holds 2 of 5 (2 s after emptying).
+        limits.prune();
+        let limiter = limits.limiter(plan.records_per_sec, plan.burst);
+        assert_eq!(limiter.len(), 1, "only b's bucket is kept");
+        assert_eq!(limits.check(&a, &plan, 5), Ok(()), "a starts full");
+        assert_eq!(
+            limits.check(&b, &plan, 5),
+            Err(Refusal::Later {
+                burst: 5,
+                window_secs: 5,
+                remaining: 2,
+                retry_after: 3,
+            }),
+            "b's debt is kept"
+        );
     }
 
     #[test]

@@ -89,8 +89,13 @@ pub async fn run_with_sink(
         keys.clone()
             .listen(config.key_refresh, stopped(background_stopped.clone())),
     );
+    let rate_limits = Arc::new(crate::ratelimit::RateLimits::new(
+        config.customer_rate_limit,
+        config.customer_rate_burst,
+    ));
     let sweeper = {
         let dedup = dedup.clone();
+        let rate_limits = rate_limits.clone();
         let stop = stopped(background_stopped.clone());
         tokio::spawn(async move {
             tokio::pin!(stop);
@@ -98,7 +103,10 @@ pub async fn run_with_sink(
             loop {
                 tokio::select! {
                     () = &mut stop => return,
-                    _ = every_minute.tick() => dedup.sweep(),
+                    _ = every_minute.tick() => {
+                        dedup.sweep();
+                        rate_limits.prune();
+                    }
                 }
             }
         })
@@ -109,10 +117,7 @@ pub async fn run_with_sink(
         dedup,
         sink: sink.clone(),
         limits: config.limits.clone(),
-        rate_limits: crate::ratelimit::RateLimits::new(
-            config.customer_rate_limit,
-            config.customer_rate_burst,
-        ),
+        rate_limits,
         clickhouse: config.stores.clickhouse(),
         jwt_secret: config.jwt_secret.clone(),
         admin_token: config.admin_token.clone(),

@@ -24,7 +24,7 @@ pub struct AppState {
     /// Request limits.
     pub limits: IngestLimits,
     /// Per-customer rate limits of the ingest endpoints.
-    pub rate_limits: RateLimits,
+    pub rate_limits: Arc<RateLimits>,
     /// ClickHouse, for the dashboard's analytics.
     pub clickhouse: clickhouse::Client,
     /// Secret of dashboard JWTs.

@@ -171,16 +171,16 @@ pub struct PlanRateLimit {
 }
 
 /// The one query behind every active-key lookup (by hash, by customer, all of them): an
-/// active key, its customer's status and the rate limit of the customer's plan (its newest
-/// subscription that is not canceled). Callers append their `AND ...` condition.
+/// active key, its customer's status and the rate limit of the customer's plan (its
+/// subscription that is not canceled: at most one per customer, by the unique index
+/// `subscriptions_one_live_idx`, so a plain join cannot multiply the key's row, and is cheaper
+/// than a per-key subquery on the full refresh). Callers append their `AND ...` condition.
 macro_rules! active_keys {
     () => {
         "SELECT k.id, k.key_hash, k.customer_id, c.status, \
                 p.id, p.rate_limit_records_per_sec, p.rate_limit_burst \
          FROM api_keys k JOIN customers c ON c.id = k.customer_id \
-         LEFT JOIN LATERAL (SELECT s.plan_id FROM subscriptions s \
-             WHERE s.customer_id = k.customer_id AND s.status <> 'canceled' \
-             ORDER BY s.created_at DESC, s.id DESC LIMIT 1) s ON true \
+         LEFT JOIN subscriptions s ON s.customer_id = k.customer_id AND s.status <> 'canceled' \
          LEFT JOIN plans p ON p.id = s.plan_id \
          WHERE k.status = 'active'"
     };
@@ -198,14 +198,17 @@ type ActiveKeyRow = (
 
 /// The owner a row names, or `None` for a row that cannot be served: a customer status or a
 /// hash the code does not know (the schema's checks rule both out; a row that slips past
-/// them is refused like an unknown key rather than failing every lookup).
+/// them is refused like an unknown key rather than failing every lookup). A plan limit that
+/// is not positive (also ruled out by the schema) only loses the plan's limit: the key is
+/// served under the default one rather than refused.
 fn owner(row: ActiveKeyRow) -> Option<KeyOwner> {
     let (key_id, hash, customer_id, status, plan_id, rate, burst) = row;
-    let plan = match (plan_id, rate, burst) {
-        (Some(plan_id), Some(rate), Some(burst)) => Some(PlanRateLimit {
+    let positive = |v: i32| u32::try_from(v).ok().filter(|v| *v > 0);
+    let plan = match (plan_id, rate.and_then(positive), burst.and_then(positive)) {
+        (Some(plan_id), Some(records_per_sec), Some(burst)) => Some(PlanRateLimit {
             plan_id,
-            records_per_sec: u32::try_from(rate).ok().filter(|r| *r > 0)?,
-            burst: u32::try_from(burst).ok().filter(|b| *b > 0)?,
+            records_per_sec,
+            burst,
         }),
         _ => None,
     };

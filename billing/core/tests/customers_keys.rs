@@ -248,3 +248,64 @@ async fn sign_up_composes_into_the_callers_transaction() {
         None
     );
 }
+
+/// A key carries its customer's live plan's rate limit (migration 0012), and none (the edge's
+/// default) without a subscription or with only canceled ones.
+#[tokio::test]
+async fn a_key_carries_the_rate_limit_of_the_live_subscriptions_plan() {
+    let stores = TestStores::migrated().await;
+    let db = &stores.pool;
+    let created = create_customer(
+        &mut db.acquire().await.unwrap(),
+        &signup("growth"),
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    let plain = created.api_key.expose();
+    let plan = |owner: Option<keys::KeyOwner>| owner.expect("active key").plan;
+
+    // A live subscription: its plan's limit.
+    assert_eq!(
+        plan(keys::lookup_key(db, plain).await.unwrap()),
+        Some(keys::PlanRateLimit {
+            plan_id: "growth".into(),
+            records_per_sec: 50_000,
+            burst: 500_000,
+        })
+    );
+
+    // Only canceled subscriptions (a second one too, so more than one row could join): none.
+    sqlx::query(
+        "UPDATE subscriptions SET status = 'canceled', canceled_at = now() WHERE customer_id = $1",
+    )
+    .bind(&created.customer.id)
+    .execute(db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO subscriptions (customer_id, plan_id, status, canceled_at) \
+         VALUES ($1, 'scale', 'canceled', now())",
+    )
+    .bind(&created.customer.id)
+    .execute(db)
+    .await
+    .unwrap();
+    assert_eq!(plan(keys::lookup_key(db, plain).await.unwrap()), None);
+    assert_eq!(
+        keys::active_keys_of(db, &created.customer.id)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "one row per key, whatever the canceled subscriptions"
+    );
+
+    // No subscription at all: none.
+    sqlx::query("DELETE FROM subscriptions WHERE customer_id = $1")
+        .bind(&created.customer.id)
+        .execute(db)
+        .await
+        .unwrap();
+    assert_eq!(plan(keys::lookup_key(db, plain).await.unwrap()), None);
+}
