@@ -170,7 +170,7 @@ impl ApiError {
                      {window_secs} s); nothing was recorded: retry after {retry_after} s"
                 ),
             ),
-            RateLimited(crate::ratelimit::Refusal::OverBurst { records, burst }) => (
+            RateLimited(crate::ratelimit::Refusal::OverBurst { records, burst, .. }) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "batch_over_burst",
                 format!(

@@ -85,8 +85,10 @@ pub enum Refusal {
     OverBurst {
         /// Records in the batch.
         records: u32,
-        /// The burst.
+        /// The burst (RateLimit-Policy `q`, sent on the 413 too: it says how to split).
         burst: u32,
+        /// Seconds the whole burst takes to refill (RateLimit-Policy `w`), at least 1.
+        window_secs: u64,
     },
 }
 
@@ -138,13 +140,14 @@ impl<C: Clock + Clone> RateLimits<C> {
             return Ok(());
         };
         let limiter = self.limiter(rate, burst);
+        let window_secs = u64::from(burst.get().div_ceil(rate.get()).max(1));
         let refusal = match limiter.check_key_n(customer, n_tokens) {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(limiter.clock().now());
                 Refusal::Later {
                     burst: burst.get(),
-                    window_secs: u64::from(burst.get().div_ceil(rate.get()).max(1)),
+                    window_secs,
                     remaining: remaining(n, rate, wait),
                     retry_after: whole_secs(wait),
                 }
@@ -152,6 +155,7 @@ impl<C: Clock + Clone> RateLimits<C> {
             Err(_) => Refusal::OverBurst {
                 records: n,
                 burst: burst.get(),
+                window_secs,
             },
         };
         // The label is the plan's shared string: a reference count, no allocation per refusal.
@@ -288,7 +292,8 @@ mod tests {
             limits.check(&a, &limit(1, 10), 11),
             Err(Refusal::OverBurst {
                 records: 11,
-                burst: 10
+                burst: 10,
+                window_secs: 10,
             })
         );
         assert_eq!(limits.check(&a, &limit(1, 10), 7), Ok(()));
@@ -342,7 +347,8 @@ mod tests {
             limits.check(&a, &big, 3),
             Err(Refusal::OverBurst {
                 records: 3,
-                burst: 2
+                burst: 2,
+                window_secs: 2,
             })
         );
     }

@@ -148,7 +148,8 @@ async fn only(
 }
 
 /// The JSON error answer of `error`, with `Retry-After` on 503, and on 429 also the
-/// `RateLimit-Policy` and `RateLimit` fields of draft-ietf-httpapi-ratelimit-headers (the
+/// `RateLimit-Policy` and `RateLimit` fields of draft-ietf-httpapi-ratelimit-headers
+/// (`RateLimit-Policy` alone on the 413 of a batch over the burst: the size to split to) (the
 /// syntax of drafts -08 to -11: `"customer";q=<burst>;w=<secs to refill it>` and
 /// `"customer";r=<records that would pass now>;t=<secs until this request would pass>`).
 pub fn error_response(error: &ApiError) -> Response<Body> {
@@ -192,6 +193,16 @@ pub fn error_response(error: &ApiError) -> Response<Body> {
             if let Ok(value) = HeaderValue::from_str(&value) {
                 headers.insert(name, value);
             }
+        }
+    }
+    if let ApiError::RateLimited(Refusal::OverBurst {
+        burst, window_secs, ..
+    }) = error
+    {
+        // Digits and fixed text only: always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&format!("\"customer\";q={burst};w={window_secs}"))
+        {
+            response.headers_mut().insert(RATELIMIT_POLICY, value);
         }
     }
     response

@@ -207,6 +207,11 @@ async fn a_batch_costs_its_records_and_one_over_the_burst_is_refused_as_too_larg
         over.header("Retry-After").is_none(),
         "waiting would not help"
     );
+    assert_eq!(
+        over.header("RateLimit-Policy").as_deref(),
+        Some("\"customer\";q=1000;w=1000"),
+        "the burst to split to"
+    );
 
     let full = batch(&server, &key, 1000).await;
     assert_eq!(full.status, 200, "{}", full.body);
