@@ -10,6 +10,8 @@ use apex_core::env::{ConfigError, EnvSource};
 use apex_core::stores::StoreConfig;
 use apex_pipeline::durable::DurableConfig;
 
+use crate::dedup::{MAX_MAX_BYTES, MIN_MAX_BYTES};
+
 /// A secret value whose `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -63,8 +65,12 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     /// `APEX_DEDUP_WINDOW_SECS`, default 86,400: how long an event id is remembered.
     pub dedup_window: Duration,
-    /// `APEX_DEDUP_CAPACITY`, default 8,000,000: event ids remembered at most.
+    /// `APEX_DEDUP_CAPACITY`, default 8,000,000: event ids remembered at most (the byte
+    /// budget usually binds first).
     pub dedup_capacity: usize,
+    /// `APEX_DEDUP_MAX_BYTES`, default 134,217,728 (128 MiB), 1 MiB to 4 GiB: the dedup
+    /// table's memory, allocated at start ([`crate::dedup`]).
+    pub dedup_max_bytes: usize,
     /// `APEX_KEY_REFRESH_SECS`, default 60: full key cache refresh period.
     pub key_refresh: Duration,
     /// `APEX_WAL_MAX_BYTES`, default 4 GiB: unapplied log beyond which ingest answers 503.
@@ -171,6 +177,13 @@ impl ServerConfig {
         let queue_capacity = at_least_one(env, "APEX_QUEUE_CAPACITY", 4_096)?;
         let dedup_window = Duration::from_secs(env.parse_or("APEX_DEDUP_WINDOW_SECS", 86_400u64)?);
         let dedup_capacity = at_least_one(env, "APEX_DEDUP_CAPACITY", 8_000_000)?;
+        let dedup_max_bytes = env.parse_or("APEX_DEDUP_MAX_BYTES", 128usize << 20)?;
+        if !(MIN_MAX_BYTES..=MAX_MAX_BYTES).contains(&dedup_max_bytes) {
+            return Err(ConfigError::Invalid {
+                name: "APEX_DEDUP_MAX_BYTES",
+                reason: format!("must be {MIN_MAX_BYTES} (1 MiB) to {MAX_MAX_BYTES} (4 GiB) bytes"),
+            });
+        }
         let key_refresh =
             Duration::from_secs(at_least_one(env, "APEX_KEY_REFRESH_SECS", 60)? as u64);
         let wal_max_bytes = at_least_one(env, "APEX_WAL_MAX_BYTES", 4 << 30)? as u64;
@@ -206,6 +219,7 @@ impl ServerConfig {
             queue_capacity,
             dedup_window,
             dedup_capacity,
+            dedup_max_bytes,
             key_refresh,
             wal_max_bytes,
             wal_group_commit_window: Duration::from_micros(group_commit_us),
@@ -291,6 +305,10 @@ mod tests {
         assert!(cfg.resend_webhook_secrets.is_empty());
         assert!(cfg.migrate_on_start);
         assert_eq!(
+            (cfg.dedup_max_bytes, cfg.dedup_capacity),
+            (134_217_728, 8_000_000)
+        );
+        assert_eq!(
             (cfg.customer_rate_limit, cfg.customer_rate_burst),
             (None, None)
         );
@@ -324,6 +342,10 @@ mod tests {
             ("APEX_BATCH_MAX_RECORDS", "0"),
             ("APEX_QUEUE_CAPACITY", "many"),
             ("APEX_DEDUP_CAPACITY", "0"),
+            ("APEX_DEDUP_MAX_BYTES", "0"),
+            ("APEX_DEDUP_MAX_BYTES", "128MiB"),
+            ("APEX_DEDUP_MAX_BYTES", "1048575"),
+            ("APEX_DEDUP_MAX_BYTES", "4294967297"),
             ("APEX_CUSTOMER_RATE_LIMIT", "0"),
             ("APEX_CUSTOMER_RATE_LIMIT", "fast"),
             ("APEX_CUSTOMER_RATE_BURST", "-5"),

@@ -12,7 +12,7 @@
 //! - [`records`]: parsing and validating records: exact quantities, timestamps, limits.
 //! - [`body`]: reading bodies within size and time limits, gzip and zstd.
 //! - [`keycache`]: API keys in memory, kept current by LISTEN/NOTIFY.
-//! - [`dedup`]: duplicate event ids within a bounded window.
+//! - [`dedup`]: duplicate event ids within a window, exactly (byte for byte) and in a byte budget.
 //! - [`error`]: every refusal and its one status mapping.
 //! - [`server`]: `run_with_sink(config, listener, sink, shutdown)`, the accept loop, limits
 //!   and graceful shutdown (`main` starts the durable sink and passes it in).

@@ -26,6 +26,10 @@ pub const KEY_CACHE_REFRESHES_TOTAL: &str = "apex_ingest_key_cache_refreshes_tot
 pub const DEDUP_IDS: &str = "apex_ingest_dedup_ids";
 /// Event ids forgotten early because the dedup table was full.
 pub const DEDUP_EVICTIONS_TOTAL: &str = "apex_ingest_dedup_evictions_total";
+/// Bytes the dedup table has allocated.
+pub const DEDUP_BYTES: &str = "apex_ingest_dedup_bytes";
+/// Seconds back to which every accepted event id is still remembered (the effective window).
+pub const DEDUP_WINDOW_SECONDS: &str = "apex_ingest_dedup_window_seconds";
 /// Records refused by the per-customer rate limit, by `plan` (a plan id or `none`; never the
 /// customer).
 pub const RATE_LIMITED_RECORDS_TOTAL: &str = "apex_ingest_rate_limited_records_total";
@@ -58,10 +62,21 @@ pub const ALL: &[MetricSpec] = &[
         KEY_CACHE_REFRESHES_TOTAL,
         "Key cache refreshes from Postgres, by kind (full, customer).",
     ),
-    MetricSpec::gauge(DEDUP_IDS, "Event ids remembered for duplicate detection."),
+    MetricSpec::gauge(
+        DEDUP_IDS,
+        "Event ids remembered for duplicate detection (pending, or accepted within the window), every minute.",
+    ),
     MetricSpec::counter(
         DEDUP_EVICTIONS_TOTAL,
-        "Event ids forgotten before their window ended because the dedup table was full.",
+        "Event ids forgotten before their window ended because the dedup table's byte budget (APEX_DEDUP_MAX_BYTES) or id capacity was reached.",
+    ),
+    MetricSpec::gauge(
+        DEDUP_BYTES,
+        "Bytes allocated by the dedup table (fixed at start, plus its customer index), every minute.",
+    ),
+    MetricSpec::gauge(
+        DEDUP_WINDOW_SECONDS,
+        "Effective dedup window in seconds: every event id accepted this long ago or less is still remembered (APEX_DEDUP_WINDOW_SECS, or less when the table dropped ids early), every minute.",
     ),
     MetricSpec::counter(
         RATE_LIMITED_RECORDS_TOTAL,

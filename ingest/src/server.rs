@@ -71,10 +71,12 @@ pub async fn run_with_sink(
         apex_billing::BillingError::Database(e) => ServerError::Postgres(e),
         other => ServerError::Keys(other),
     })?;
-    let dedup = Arc::new(Dedup::new(config.dedup_window, config.dedup_capacity));
-    let replayed = sink.replay_event_ids(&mut |customer, event| {
-        dedup.remember(dedup.key(customer, event));
-    });
+    let dedup = Arc::new(Dedup::new(
+        config.dedup_window,
+        config.dedup_max_bytes,
+        config.dedup_capacity,
+    ));
+    let replayed = sink.replay_event_ids(&mut |customer, event| dedup.remember(customer, event));
     if replayed > 0 {
         tracing::info!(
             ids = replayed,

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::auth;
 use crate::body::read_body;
-use crate::dedup::{Claim, Dedup, IdKey};
+use crate::dedup::{Claim, Dedup, Ticket};
 use crate::error::{ApiError, RecordError};
 use crate::keycache::{ActiveCustomer, KeyVerdict};
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
@@ -121,12 +121,12 @@ fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
 /// end up committed or released, never pending forever.
 struct ClaimedIds {
     dedup: Arc<Dedup>,
-    keys: Vec<IdKey>,
+    keys: Vec<Ticket>,
     ack: Option<Ack>,
 }
 
 impl ClaimedIds {
-    fn resolve(dedup: &Dedup, keys: &[IdKey], outcome: &Result<(), SinkError>) {
+    fn resolve(dedup: &Dedup, keys: &[Ticket], outcome: &Result<(), SinkError>) {
         if outcome.is_ok() {
             dedup.commit(keys);
         } else {
@@ -152,7 +152,7 @@ impl Drop for ClaimedIds {
 async fn send(
     state: &AppState,
     records: Vec<UsageRecord>,
-    keys: Vec<IdKey>,
+    keys: Vec<Ticket>,
 ) -> Result<(), ApiError> {
     let submitted = state.sink.submit(records);
     telemetry::queue_depth().set(state.sink.queue_depth() as f64);
@@ -249,13 +249,13 @@ pub async fn track(
     })?;
     let mut keys = Vec::new();
     if let Some(event_id) = &valid.event_id {
-        match state.dedup.claim(state.dedup.key(&customer, event_id)) {
-            Claim::New(key) => keys.push(key),
+        match state.dedup.claim(state.dedup.customer(&customer), event_id) {
+            Claim::New(ticket) => keys.push(ticket),
             Claim::Duplicate => {
                 count_records("duplicate", "event_id", 1);
                 return Ok(track_answer(&customer, &valid, true));
             }
-            Claim::InFlight => return Err(ApiError::DuplicateInFlight),
+            Claim::InFlight(_) | Claim::Full => return Err(ApiError::DuplicateInFlight),
         }
     }
     let answer = track_answer(&customer, &valid, false);
@@ -352,13 +352,16 @@ pub async fn batch(
     // work too, and the charge is known before any is parsed.
     rate_limit(state, &customer, items.len())?;
     let customer = customer.id;
+    let dedup_customer = state.dedup.customer(&customer);
 
     let now = now_ms();
     let mut accepted = Vec::with_capacity(items.len());
     let mut errors: Vec<(usize, RecordError)> = Vec::new();
     let mut duplicates = 0usize;
     let mut keys = Vec::new();
-    let mut seen_here: HashSet<IdKey> = HashSet::new();
+    // The ids of this request, exactly: the tickets it holds, and those of other requests
+    // it found in flight. An id met again in the same request is a duplicate.
+    let mut seen_here: HashSet<Ticket> = HashSet::new();
     for (index, raw) in items.iter().enumerate() {
         let wire: WireRecord<'_> = match serde_json::from_slice(raw) {
             Ok(wire) => wire,
@@ -389,18 +392,20 @@ pub async fn batch(
             }
         };
         if let Some(event_id) = &valid.event_id {
-            let key = state.dedup.key(&customer, event_id);
-            if !seen_here.insert(key) {
-                duplicates += 1;
-                continue;
-            }
-            match state.dedup.claim(key) {
-                Claim::New(key) => keys.push(key),
+            match state.dedup.claim(dedup_customer, event_id) {
+                Claim::New(ticket) => {
+                    seen_here.insert(ticket);
+                    keys.push(ticket);
+                }
                 Claim::Duplicate => {
                     duplicates += 1;
                     continue;
                 }
-                Claim::InFlight => {
+                Claim::InFlight(holder) if !seen_here.insert(holder) => {
+                    duplicates += 1;
+                    continue;
+                }
+                Claim::InFlight(_) | Claim::Full => {
                     errors.push((
                         index,
                         RecordError::new(

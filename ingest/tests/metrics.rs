@@ -40,6 +40,9 @@ async fn metrics_pass_promtool_with_help_for_every_series() {
         "apex_ingest_requests_total",
         "apex_ingest_records_total",
         "apex_ingest_request_duration_seconds",
+        "apex_ingest_dedup_ids",
+        "apex_ingest_dedup_bytes",
+        "apex_ingest_dedup_window_seconds",
         "apex_pipeline_rows_written_total",
         "apex_pipeline_wal_fsync_seconds",
         "apex_pipeline_wal_backlog_bytes",
@@ -57,6 +60,9 @@ async fn metrics_pass_promtool_with_help_for_every_series() {
         "apex_pipeline_permanent_errors_total{store=\"postgres\"} 0",
         "apex_pipeline_wal_full_total 0",
         "apex_ingest_queue_full_total 0",
+        "apex_ingest_dedup_evictions_total 0",
+        // Nothing dropped: the effective window is the configured one.
+        "apex_ingest_dedup_window_seconds 86400",
     ] {
         assert!(page.contains(series), "no {series}:\n{page}");
     }
