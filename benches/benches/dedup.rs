@@ -47,6 +47,12 @@ fn dedup(c: &mut Criterion) {
         let who = customer(&dedup, &customers, n);
         claim_commit(&dedup, who, event_id(&mut buf, n));
     }
+    // The whole process's resident memory with the table full (Linux), for BENCHMARKS.md.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status")
+        && let Some(rss) = status.lines().find(|l| l.starts_with("VmRSS:"))
+    {
+        eprintln!("dedup: {WARM_IDS} ids put through; {rss}");
+    }
     let mut group = c.benchmark_group("dedup");
     let mut next = WARM_IDS;
     group.bench_function("claim_commit_new", |b| {
