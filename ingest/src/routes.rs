@@ -108,6 +108,9 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         "/metrics" => (
             "/metrics",
             only(&method, &Method::GET, async {
+                // Read at scrape time rather than written by every request: a gauge is what
+                // it is when scraped, and the hot path saves a shared write per request.
+                telemetry::queue_depth().set(state.sink.queue_depth() as f64);
                 Ok(response::text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

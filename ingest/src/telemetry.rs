@@ -99,7 +99,7 @@ pub fn observe(name: &'static str, label: (&'static str, &'static str), value: f
     });
 }
 
-/// The queue depth gauge, set on every submission.
+/// The queue depth gauge, set when `/metrics` is scraped.
 pub fn queue_depth() -> &'static Gauge {
     static GAUGE: OnceLock<Gauge> = OnceLock::new();
     GAUGE.get_or_init(|| metrics::gauge!(QUEUE_DEPTH))

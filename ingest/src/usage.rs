@@ -154,9 +154,7 @@ async fn send(
     records: Vec<UsageRecord>,
     keys: Vec<Ticket>,
 ) -> Result<(), ApiError> {
-    let submitted = state.sink.submit(records);
-    telemetry::queue_depth().set(state.sink.queue_depth() as f64);
-    let ack = match submitted {
+    let ack = match state.sink.submit(records) {
         Ok(ack) => ack,
         Err(e) => {
             state.dedup.release(&keys);

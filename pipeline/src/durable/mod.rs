@@ -47,7 +47,7 @@ use apex_core::model::UsageRecord;
 use crate::clickhouse_sink::ClickHouseWriter;
 use crate::names;
 use crate::postgres_sink::PostgresWriter;
-use crate::sink::{Ack, RecordSink, SinkError, StuckStore, Submission};
+use crate::sink::{Ack, RecordSink, SinkError, StuckStore};
 use crate::store::StoreWriter;
 use crate::wal::{self, WalWriter};
 
@@ -211,10 +211,17 @@ impl Shared {
     }
 }
 
+/// One request's records as a whole log frame ([`wal::frame_records`]), on their way to the
+/// log writer with the acknowledgement to send once they are fsynced.
+pub(crate) struct Framed {
+    frame: Vec<u8>,
+    ack: tokio::sync::oneshot::Sender<Result<(), SinkError>>,
+}
+
 /// The sink. Share it behind an `Arc`.
 pub struct DurableSink {
-    sender: RwLock<Option<Sender<Submission>>>,
-    queue: Receiver<Submission>,
+    sender: RwLock<Option<Sender<Framed>>>,
+    queue: Receiver<Framed>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     log_id: String,
@@ -427,12 +434,15 @@ impl RecordSink for DurableSink {
             metrics::counter!(names::WAL_FULL_TOTAL).increment(1);
             return Err(SinkError::Full);
         }
+        // Framed here, on the request's own thread: see `wal::frame_records`.
+        let frame = wal::frame_records(&records);
+        drop(records);
         let (ack, acked) = tokio::sync::oneshot::channel();
         let guard = self.sender.read().unwrap_or_else(|p| p.into_inner());
         let Some(sender) = guard.as_ref() else {
             return Err(SinkError::Closed);
         };
-        match sender.try_send(Submission { records, ack }) {
+        match sender.try_send(Framed { frame, ack }) {
             Ok(()) => Ok(acked),
             Err(TrySendError::Full(_)) => Err(SinkError::Full),
             Err(TrySendError::Disconnected(_)) => Err(SinkError::Closed),

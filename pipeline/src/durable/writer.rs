@@ -7,17 +7,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::Shared;
+use super::{Framed, Shared};
 use crate::names;
-use crate::sink::{SinkError, Submission};
-use crate::wal::{self, WalWriter};
+use crate::sink::SinkError;
+use crate::wal::WalWriter;
 
 /// Runs until every sender of `queue` is gone: appends what queued, fsyncs, acknowledges.
-/// A group holds at most `group_bytes` of blocks; with a non-zero `window` the writer waits
+/// A group holds at most `group_bytes` of frames; with a non-zero `window` the writer waits
 /// that long for more submissions before its fsync.
 pub(super) fn run(
     mut log: WalWriter,
-    queue: &Receiver<Submission>,
+    queue: &Receiver<Framed>,
     shared: &Shared,
     group_bytes: usize,
     window: Duration,
@@ -25,11 +25,14 @@ pub(super) fn run(
     // However the loop ends (its queue closed, or a panic), the appliers learn that nothing
     // more comes, so they finish and a shutdown never waits for them in vain.
     let _done = Done(shared);
+    // Reused from group to group: a group costs no allocation of the writer's own.
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut acks = Vec::new();
     while let Ok(first) = queue.recv() {
         let close_at = Instant::now() + window;
-        let mut payloads = vec![wal::encode_records(&first.records)];
-        let mut acks = vec![first.ack];
-        let mut bytes = payloads[0].len();
+        let mut bytes = first.frame.len();
+        frames.push(first.frame);
+        acks.push(first.ack);
         // Everything that queued up during the previous fsync rides on this one, and what
         // arrives within the window.
         while bytes < group_bytes {
@@ -39,14 +42,13 @@ pub(super) fn run(
                 queue.recv_deadline(close_at).ok()
             };
             let Some(next) = next else { break };
-            let payload = wal::encode_records(&next.records);
-            bytes += payload.len();
-            payloads.push(payload);
+            bytes += next.frame.len();
+            frames.push(next.frame);
             acks.push(next.ack);
         }
         let before = log.position();
         let started = Instant::now();
-        let outcome = log.append(&payloads).and_then(|()| {
+        let outcome = log.append_frames(&frames).and_then(|()| {
             crate::failpoint::hit("wal_before_fsync");
             log.sync()
         });
@@ -68,7 +70,8 @@ pub(super) fn run(
                 Err(SinkError::Unavailable)
             }
         };
-        for ack in acks {
+        frames.clear();
+        for ack in acks.drain(..) {
             let _ = ack.send(outcome);
         }
     }
