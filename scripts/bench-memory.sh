@@ -28,7 +28,7 @@ for binary in "${binaries[@]}"; do
   n=$((n + 1)); port=$((18300 + n)); wal=$(mktemp -d)
   APEX_LISTEN=127.0.0.1:$port APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
     APEX_WAL_DIR="$wal" "$binary" & server=$!
-  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"' EXIT
+  trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"; true' EXIT
   for _ in $(seq 1 100); do curl -sf 127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
   target=http://127.0.0.1:$port
   "$lt" run --target "$target" --keys-file "$keys" --mode batch --batch-size 1000 --closed \
