@@ -67,18 +67,30 @@
 //! counted in `apex_ingest_dedup_evictions_total`, and `apex_ingest_dedup_window_seconds`
 //! shows the effective window: how far back every accepted id is still remembered (the
 //! configured window until the first drop). Raise `APEX_DEDUP_MAX_BYTES` for a longer one:
-//! it scales linearly.
+//! it scales linearly. "New ids a second" counts every id claimed for the first time,
+//! including ids whose records are then refused (503): each takes an entry. Its retries do
+//! not: they re-arm that entry (see below) as long as it is in one of the two newest
+//! generations.
 //!
 //! # Pending ids
 //!
 //! An id is *pending* from the moment a request claims it ([`Claim::New`]) until the sink
 //! acknowledges the record ([`Dedup::commit`], which stamps the entry in place) or refuses
 //! it ([`Dedup::release`], which marks the entry dead, so a retry is new). A concurrent
-//! request with the same id gets [`Claim::InFlight`] (409 `duplicate_in_flight`, retry). A
-//! generation holding a pending id is never emptied: the next oldest is reused instead. In
-//! the pathological case where every older generation of a shard holds one, a new id of that
-//! shard gets [`Claim::Full`], answered like an id in flight (retry shortly), rather than
-//! forgetting an id whose record is not yet durable.
+//! request with the same id gets [`Claim::InFlight`] (409 `duplicate_in_flight`, retry).
+//!
+//! A retry of a refused record re-arms the dead entry in place when it is in the newest or
+//! second-newest generation, so refusals under overload do not use up the table. An older
+//! generation is left alone (a pending id there would hold back its reuse); the retry is
+//! then appended to the newest. Tickets stay exact: the pending stamp carries the entry's
+//! re-arm count (mod 256) and so does the ticket, so the refused attempt's ticket cannot
+//! commit or release its retry (it could only match again 256 re-arms later, and every
+//! ticket is resolved once, long before).
+//!
+//! A generation holding a pending id is never emptied: the next oldest is reused instead.
+//! In the pathological case where every older generation of a shard holds one, a new id of
+//! that shard gets [`Claim::Full`] rather than forgetting an id whose record is not yet
+//! durable. It is answered like an id in flight: retry shortly.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, RwLock};
@@ -110,10 +122,14 @@ const FIRST_MEAN_ENTRY: usize = 36;
 /// Tag of a packed UUID in an entry's length byte; raw ids are never this long.
 const PACKED_UUID: u8 = u8::MAX;
 const _: () = assert!(MAX_EVENT_ID_BYTES < PACKED_UUID as usize);
-/// Stamp of a claimed id whose record is not yet durable.
-const PENDING: u32 = u32::MAX - 1;
-/// Stamp of a released id: a dead entry, skipped by every lookup.
-const RELEASED: u32 = u32::MAX;
+/// Stamps from here up are states, not times. `PENDING + k` (k below 256) is a claimed id
+/// whose record is not yet durable, and `RELEASED + k` one whose record was refused (a dead
+/// entry, skipped by every lookup). `k` counts how often the entry was re-armed (mod 256),
+/// so a ticket names one claim exactly, not only one entry. Times cap below `PENDING`:
+/// 2^32 - 512 seconds is 136 years.
+const PENDING: u32 = u32::MAX - 511;
+/// The first released stamp: see [`PENDING`].
+const RELEASED: u32 = u32::MAX - 255;
 /// Share of the budget kept for the customer index: 1/64.
 const CUSTOMER_SHARE: usize = 64;
 
@@ -146,6 +162,8 @@ pub struct Ticket {
     offset: u32,
     shard: u16,
     generation: u8,
+    /// Which claim of the entry: its pending stamp is `PENDING + arm`.
+    arm: u8,
 }
 
 impl Ticket {
@@ -156,6 +174,7 @@ impl Ticket {
         offset: 0,
         shard: 0,
         generation: 0,
+        arm: 0,
     };
 }
 
@@ -383,7 +402,9 @@ impl Generation {
 
     /// The live entry of `(customer, id)`, probing from `start` ([`Generation::probe_start`]):
     /// its offset and stamp. Released entries and entries accepted `window` or more seconds
-    /// before `now` are absent.
+    /// before `now` are absent; the first released entry of the id met on the way is put in
+    /// `dead` (offset and stamp), so a claim can re-arm it instead of appending a copy.
+    #[allow(clippy::too_many_arguments)]
     fn find(
         &self,
         start: (usize, u32),
@@ -392,6 +413,7 @@ impl Generation {
         id: &StoredId<'_>,
         now: u32,
         window: u32,
+        dead: &mut Option<(usize, u32)>,
     ) -> Option<(usize, u32)> {
         let tag = slot_tag(hash);
         let (mut i, mut slot) = start;
@@ -405,6 +427,9 @@ impl Generation {
                     let stamp = self.stamp(offset);
                     if in_window(stamp, now, window) {
                         return Some((offset, stamp));
+                    }
+                    if stamp >= RELEASED && dead.is_none() {
+                        *dead = Some((offset, stamp));
                     }
                 }
             }
@@ -433,7 +458,7 @@ impl Generation {
         entry[ENTRY_HEADER..].copy_from_slice(bytes);
         self.used += ENTRY_HEADER + bytes.len();
         self.entries += 1;
-        if stamp == PENDING {
+        if is_pending(stamp) {
             self.pending += 1;
         }
         let mut i = self.first_slot(hash);
@@ -447,6 +472,15 @@ impl Generation {
         let slot = (slot_tag(hash) << OFFSET_BITS) | (offset as u32 + 1);
         self.buf[i * SLOT..i * SLOT + SLOT].copy_from_slice(&slot.to_le_bytes());
         offset
+    }
+
+    /// Stamps a released entry again (pending or accepted): the id's retry takes the dead
+    /// entry's place instead of a new one.
+    fn rearm(&mut self, offset: usize, stamp: u32) {
+        self.set_stamp(offset, stamp);
+        if is_pending(stamp) {
+            self.pending += 1;
+        }
     }
 
     /// The stamps of the entries, in the order they were written.
@@ -468,11 +502,35 @@ impl Generation {
 
 /// Whether an id stamped `stamp` still counts at `now`: pending, or accepted within the window.
 fn in_window(stamp: u32, now: u32, window: u32) -> bool {
-    match stamp {
-        RELEASED => false,
-        PENDING => true,
-        accepted => now.saturating_sub(accepted) < window,
+    if stamp >= RELEASED {
+        false
+    } else if stamp >= PENDING {
+        true
+    } else {
+        now.saturating_sub(stamp) < window
     }
+}
+
+/// Whether `stamp` is one of the pending stamps.
+fn is_pending(stamp: u32) -> bool {
+    (PENDING..RELEASED).contains(&stamp)
+}
+
+/// The re-arm count carried by a pending or released stamp.
+fn arm_of(stamp: u32) -> u8 {
+    // Both ranges are 256 long, so the low byte is the count.
+    (stamp.wrapping_sub(PENDING) & 0xff) as u8
+}
+
+/// What a shard holds of an id.
+enum Found {
+    /// A live entry: generation, offset, stamp.
+    Live(usize, usize, u32),
+    /// No live entry; a released one in the newest or second-newest generation can be
+    /// re-armed: generation, offset, stamp.
+    Dead(usize, usize, u32),
+    /// Nothing usable: a claim appends.
+    Absent,
 }
 
 struct Shard {
@@ -501,28 +559,36 @@ impl Shard {
         }
     }
 
-    /// The live entry of `(customer, id)` in any generation: generation, offset, stamp.
-    fn find(
-        &self,
-        hash: u64,
-        customer: u32,
-        id: &StoredId<'_>,
-        now: u32,
-        window: u32,
-    ) -> Option<(usize, usize, u32)> {
+    /// The live entry of `(customer, id)` in any generation, or else a released one that a
+    /// claim may re-arm.
+    fn find(&self, hash: u64, customer: u32, id: &StoredId<'_>, now: u32, window: u32) -> Found {
         // The first slot of every generation is read before any is looked at: these loads
         // are independent, so their cache misses overlap instead of adding up (a new id
         // probes all four generations; on a full table this took 15 % off a claim).
         let starts: [(usize, u32); GENERATIONS] =
             std::array::from_fn(|g| self.generations[g].probe_start(hash));
+        let mut dead = None;
         // Newest first: retries and concurrent duplicates are usually recent.
-        (0..GENERATIONS)
-            .map(|k| (self.newest + GENERATIONS - k) % GENERATIONS)
-            .find_map(|g| {
-                self.generations[g]
-                    .find(starts[g], hash, customer, id, now, window)
-                    .map(|(offset, stamp)| (g, offset, stamp))
-            })
+        for k in 0..GENERATIONS {
+            let g = (self.newest + GENERATIONS - k) % GENERATIONS;
+            let generation = &self.generations[g];
+            let mut dead_here = None;
+            if let Some((offset, stamp)) =
+                generation.find(starts[g], hash, customer, id, now, window, &mut dead_here)
+            {
+                return Found::Live(g, offset, stamp);
+            }
+            // Only the two newest generations take a re-armed entry: re-arming one in an
+            // older generation would pin it (pending) just before it is due for reuse, and
+            // stamp it recent where it is dropped first.
+            if dead.is_none() && generation.epoch + 2 >= self.next_epoch {
+                dead = dead_here.map(|(offset, stamp)| (g, offset, stamp));
+            }
+        }
+        match dead {
+            Some((g, offset, stamp)) => Found::Dead(g, offset, stamp),
+            None => Found::Absent,
+        }
     }
 
     /// Stores an entry in the newest generation, reusing the oldest one first if it is full.
@@ -576,14 +642,15 @@ impl Shard {
         true
     }
 
-    /// The ticket's pending entry, if the ticket is current.
+    /// The ticket's pending entry, if the ticket is current: the same generation epoch and
+    /// the same claim of the entry (its exact pending stamp).
     fn pending_entry(&mut self, ticket: &Ticket) -> Option<(&mut Generation, usize)> {
         let generation = self.generations.get_mut(usize::from(ticket.generation))?;
         let offset = ticket.offset as usize;
         (generation.epoch == ticket.epoch
             && offset < generation.used
-            && generation.stamp(offset) == PENDING)
-            .then_some((generation, offset))
+            && generation.stamp(offset) == PENDING + u32::from(ticket.arm))
+        .then_some((generation, offset))
     }
 }
 
@@ -704,23 +771,32 @@ impl Dedup {
         let hash = (self.hash)(self.seed, customer.0, id.tag, id.bytes());
         let now = self.now();
         let (index, mut shard) = self.shard(hash);
-        let ticket = |epoch, generation: usize, offset: usize| Ticket {
+        let ticket = |epoch, generation: usize, offset: usize, stamp: u32| Ticket {
             epoch,
             // Offsets are below 2^24, generations below 4.
             offset: offset as u32,
             shard: index,
             generation: generation as u8,
+            arm: arm_of(stamp),
         };
-        if let Some((g, offset, stamp)) = shard.find(hash, customer.0, &id, now, self.window_secs) {
-            return if stamp == PENDING {
-                Claim::InFlight(ticket(shard.generations[g].epoch, g, offset))
-            } else {
-                Claim::Duplicate
-            };
-        }
-        match shard.insert(hash, customer.0, &id, PENDING, now, self) {
-            Some((g, offset)) => Claim::New(ticket(shard.generations[g].epoch, g, offset)),
-            None => Claim::Full,
+        match shard.find(hash, customer.0, &id, now, self.window_secs) {
+            Found::Live(g, offset, stamp) if is_pending(stamp) => {
+                Claim::InFlight(ticket(shard.generations[g].epoch, g, offset, stamp))
+            }
+            Found::Live(..) => Claim::Duplicate,
+            Found::Dead(g, offset, released) => {
+                // A retry of a refused record: its dead entry is claimed again, under the
+                // next arm count, so the refused attempt's ticket stays stale.
+                let stamp = PENDING + u32::from(arm_of(released).wrapping_add(1));
+                shard.generations[g].rearm(offset, stamp);
+                Claim::New(ticket(shard.generations[g].epoch, g, offset, stamp))
+            }
+            Found::Absent => match shard.insert(hash, customer.0, &id, PENDING, now, self) {
+                Some((g, offset)) => {
+                    Claim::New(ticket(shard.generations[g].epoch, g, offset, PENDING))
+                }
+                None => Claim::Full,
+            },
         }
     }
 
@@ -746,7 +822,7 @@ impl Dedup {
                 continue;
             };
             if let Some((generation, offset)) = shard.pending_entry(ticket) {
-                generation.set_stamp(offset, RELEASED);
+                generation.set_stamp(offset, RELEASED + u32::from(ticket.arm));
                 generation.pending -= 1;
             }
         }
@@ -762,11 +838,12 @@ impl Dedup {
         let hash = (self.hash)(self.seed, customer.0, id.tag, id.bytes());
         let now = self.now();
         let (_, mut shard) = self.shard(hash);
-        if shard
-            .find(hash, customer.0, &id, now, self.window_secs)
-            .is_none()
-        {
-            shard.insert(hash, customer.0, &id, now, now, self);
+        match shard.find(hash, customer.0, &id, now, self.window_secs) {
+            Found::Live(..) => {}
+            Found::Dead(g, offset, _) => shard.generations[g].rearm(offset, now),
+            Found::Absent => {
+                shard.insert(hash, customer.0, &id, now, now, self);
+            }
         }
     }
 
@@ -919,6 +996,67 @@ mod tests {
         dedup.commit(&[second]);
         dedup.release(&[second]);
         assert_eq!(dedup.claim(a, "e1"), Claim::Duplicate);
+    }
+
+    #[test]
+    fn refused_retries_reuse_their_entry_and_evict_nothing() {
+        // One shard for every id, and the smallest table: about 100 entries a generation,
+        // so 10,000 appended copies would turn the shard over a hundred times.
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0);
+        let a = dedup.customer("cus_a");
+        accept(&dedup, a, "committed-earlier");
+        let mut previous = None;
+        for _ in 0..10_000 {
+            let ticket = new_ticket(dedup.claim(a, "refused-and-retried"));
+            assert_eq!(
+                dedup.claim(a, "refused-and-retried"),
+                Claim::InFlight(ticket)
+            );
+            if let Some(stale) = previous {
+                // The refused attempt's ticket names that attempt only, not its retry.
+                assert_ne!(stale, ticket);
+                dedup.commit(&[stale]);
+                dedup.release(&[stale]);
+                assert_eq!(
+                    dedup.claim(a, "refused-and-retried"),
+                    Claim::InFlight(ticket)
+                );
+            }
+            dedup.release(&[ticket]);
+            previous = Some(ticket);
+        }
+        assert_eq!(dedup.evictions(), 0);
+        assert_eq!(dedup.claim(a, "committed-earlier"), Claim::Duplicate);
+        let shard = dedup.shards[0].0.lock().unwrap();
+        let entries: usize = shard.generations.iter().map(|g| g.entries).sum();
+        assert_eq!(entries, 2, "one entry an id");
+        drop(shard);
+        // The last retry is accepted: a duplicate from then on.
+        accept(&dedup, a, "refused-and-retried");
+        assert_eq!(dedup.claim(a, "refused-and-retried"), Claim::Duplicate);
+        assert_eq!(dedup.len(), 2);
+    }
+
+    #[test]
+    fn a_released_id_in_an_older_generation_is_appended_anew() {
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0);
+        let a = dedup.customer("cus_a");
+        let refused = new_ticket(dedup.claim(a, "old"));
+        dedup.release(&[refused]);
+        // Two reuses: the dead entry's generation is now third newest.
+        let epoch = dedup.shards[0].0.lock().unwrap().next_epoch;
+        let mut n = 0;
+        while dedup.shards[0].0.lock().unwrap().next_epoch < epoch + 2 {
+            accept(&dedup, a, &harness_id(n));
+            n += 1;
+        }
+        let retry = new_ticket(dedup.claim(a, "old"));
+        assert_ne!(retry.generation, refused.generation);
+        // The stale ticket of the older generation changes nothing.
+        dedup.commit(&[refused]);
+        assert_eq!(dedup.claim(a, "old"), Claim::InFlight(retry));
+        dedup.commit(&[retry]);
+        assert_eq!(dedup.claim(a, "old"), Claim::Duplicate);
     }
 
     #[test]
