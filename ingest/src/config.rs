@@ -69,7 +69,8 @@ pub struct ServerConfig {
     /// budget usually binds first).
     pub dedup_capacity: usize,
     /// `APEX_DEDUP_MAX_BYTES`, default 134,217,728 (128 MiB), 1 MiB to 4 GiB: the dedup
-    /// table's memory, allocated at start ([`crate::dedup`]).
+    /// table's memory, allocated and made resident (every page written) at start
+    /// ([`crate::dedup`]).
     pub dedup_max_bytes: usize,
     /// `APEX_KEY_REFRESH_SECS`, default 60: full key cache refresh period.
     pub key_refresh: Duration,
