@@ -95,7 +95,9 @@
 //! A generation holding a pending id is never emptied: the next oldest is reused instead.
 //! In the pathological case where every older generation of a shard holds one, a new id of
 //! that shard gets [`Claim::Full`] rather than forgetting an id whose record is not yet
-//! durable. It is answered like an id in flight: retry shortly.
+//! durable. The edge answers it 503 `dedup_full` (a per-record `dedup_full` in a batch, and
+//! 503 for a batch of which nothing else was taken) and counts it in
+//! `apex_ingest_dedup_full_total`: retry after `Retry-After`.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, RwLock};
@@ -155,7 +157,8 @@ pub enum Claim {
     /// recognises its own earlier record with the same id by it).
     InFlight(Ticket),
     /// No room to hold the id pending: every generation that could be reused still holds
-    /// an id in flight. Answer like [`Claim::InFlight`]: retry shortly.
+    /// an id in flight. Nothing is wrong with the id: the edge answers 503 `dedup_full`
+    /// (retry after `Retry-After`), not a conflict.
     Full,
 }
 

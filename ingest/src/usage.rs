@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 use crate::auth;
 use crate::body::read_body;
 use crate::dedup::{Claim, Dedup, Ticket};
-use crate::error::{ApiError, RecordError};
+use crate::error::{ApiError, DEDUP_FULL_MESSAGE, RecordError};
 use crate::keycache::{ActiveCustomer, KeyVerdict};
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
 use crate::response::{self, Body};
@@ -253,7 +253,12 @@ pub async fn track(
                 count_records("duplicate", "event_id", 1);
                 return Ok(track_answer(&customer, &valid, true));
             }
-            Claim::InFlight(_) | Claim::Full => return Err(ApiError::DuplicateInFlight),
+            Claim::InFlight(_) => return Err(ApiError::DuplicateInFlight),
+            Claim::Full => {
+                metrics::counter!(names::DEDUP_FULL_TOTAL).increment(1);
+                count_records("rejected", "dedup_full", 1);
+                return Err(ApiError::DedupFull);
+            }
         }
     }
     let answer = track_answer(&customer, &valid, false);
@@ -289,6 +294,18 @@ pub fn indexed_errors(errors: &[(usize, RecordError)]) -> Vec<IndexedError> {
             message: e.message.clone(),
         })
         .collect()
+}
+
+/// The refusal of a batch of which no record was taken. A 400 is permanent to ordinary
+/// clients, so when some records only lacked room in the dedup table (`full` of them), the
+/// whole batch is answered 503 `dedup_full` instead: its retry then lists any invalid
+/// records by index.
+fn nothing_taken(errors: Vec<(usize, RecordError)>, full: usize) -> ApiError {
+    if full > 0 {
+        ApiError::DedupFull
+    } else {
+        ApiError::AllRejected(errors)
+    }
 }
 
 fn record_parse_error(e: &serde_json::Error) -> RecordError {
@@ -356,6 +373,7 @@ pub async fn batch(
     let mut accepted = Vec::with_capacity(items.len());
     let mut errors: Vec<(usize, RecordError)> = Vec::new();
     let mut duplicates = 0usize;
+    let mut full = 0usize;
     let mut keys = Vec::new();
     // The ids of this request, exactly: the tickets it holds, and those of other requests
     // it found in flight. An id met again in the same request is a duplicate.
@@ -403,7 +421,7 @@ pub async fn batch(
                     duplicates += 1;
                     continue;
                 }
-                Claim::InFlight(_) | Claim::Full => {
+                Claim::InFlight(_) => {
                     errors.push((
                         index,
                         RecordError::new(
@@ -411,6 +429,11 @@ pub async fn batch(
                             "a request with this event_id is still being recorded; retry shortly",
                         ),
                     ));
+                    continue;
+                }
+                Claim::Full => {
+                    full += 1;
+                    errors.push((index, RecordError::new("dedup_full", DEDUP_FULL_MESSAGE)));
                     continue;
                 }
             }
@@ -421,8 +444,11 @@ pub async fn batch(
         count_records("rejected", e.code, 1);
     }
     count_records("duplicate", "event_id", duplicates);
+    if full > 0 {
+        metrics::counter!(names::DEDUP_FULL_TOTAL).increment(full as u64);
+    }
     if accepted.is_empty() && duplicates == 0 {
-        return Err(ApiError::AllRejected(errors));
+        return Err(nothing_taken(errors, full));
     }
     let accepted_count = accepted.len();
     if !accepted.is_empty() {
@@ -439,4 +465,27 @@ pub async fn batch(
             errors: indexed_errors(&errors),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_with_records_refused_for_a_full_dedup_is_retryable() {
+        let invalid = (0, RecordError::new("invalid_quantity", "negative"));
+        let full = (1, RecordError::new("dedup_full", DEDUP_FULL_MESSAGE));
+        // All refused for room, or some invalid as well: 503, never a permanent 400.
+        for errors in [vec![full.clone()], vec![invalid.clone(), full]] {
+            let answer = nothing_taken(errors, 1);
+            assert_eq!(answer, ApiError::DedupFull);
+            let (status, code, _) = answer.status();
+            assert_eq!((status.as_u16(), code), (503, "dedup_full"));
+        }
+        // Only invalid records: the 400 with the errors by index, as before.
+        assert_eq!(
+            nothing_taken(vec![invalid.clone()], 0),
+            ApiError::AllRejected(vec![invalid])
+        );
+    }
 }
