@@ -83,6 +83,9 @@
 //! acknowledges the record ([`Dedup::commit`], which stamps the entry in place) or refuses
 //! it ([`Dedup::release`], which marks the entry dead, so a retry is new). A concurrent
 //! request with the same id gets [`Claim::InFlight`] (409 `duplicate_in_flight`, retry).
+//! A request holds its tickets in a [`PendingIds`] guard from the moment it claims them: if
+//! the request ends without committing or releasing them (an early return, a panic), the
+//! guard releases them when dropped, so no leaked ticket pins a generation for good.
 //!
 //! A retry of a refused record re-arms the dead entry in place when it is in the newest or
 //! second-newest generation, so refusals under overload do not use up the table. An older
@@ -100,7 +103,7 @@
 //! `apex_ingest_dedup_full_total`: retry after `Retry-After`.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -184,6 +187,58 @@ impl Ticket {
         generation: 0,
         arm: 0,
     };
+}
+
+/// Tickets claimed by one request and not yet resolved. Dropping the guard releases every
+/// ticket it still holds, so a request that ends early (an error path, a panic between the
+/// claim and the sink's answer) never leaves an id pending: a pending id pins its whole
+/// generation, and three pinned generations make a shard answer [`Claim::Full`].
+pub struct PendingIds {
+    dedup: Arc<Dedup>,
+    tickets: Vec<Ticket>,
+}
+
+impl PendingIds {
+    /// An empty guard over `dedup`.
+    pub fn new(dedup: Arc<Dedup>) -> Self {
+        Self {
+            dedup,
+            tickets: Vec::new(),
+        }
+    }
+
+    /// Holds the ticket of a [`Claim::New`].
+    pub fn push(&mut self, ticket: Ticket) {
+        self.tickets.push(ticket);
+    }
+
+    /// Tickets held.
+    pub fn len(&self) -> usize {
+        self.tickets.len()
+    }
+
+    /// True when no ticket is held.
+    pub fn is_empty(&self) -> bool {
+        self.tickets.is_empty()
+    }
+
+    /// Commits every ticket held ([`Dedup::commit`]): the records are durable.
+    pub fn commit(mut self) {
+        self.dedup.commit(&std::mem::take(&mut self.tickets));
+    }
+
+    /// Releases every ticket held ([`Dedup::release`]): the records were refused.
+    pub fn release(mut self) {
+        self.dedup.release(&std::mem::take(&mut self.tickets));
+    }
+}
+
+impl Drop for PendingIds {
+    fn drop(&mut self) {
+        if !self.tickets.is_empty() {
+            self.dedup.release(&self.tickets);
+        }
+    }
 }
 
 /// A customer as the table stores it: an index into its exact customer map. Get it once a
@@ -1082,6 +1137,50 @@ mod tests {
         assert_eq!(dedup.claim(a, "old"), Claim::InFlight(retry));
         dedup.commit(&[retry]);
         assert_eq!(dedup.claim(a, "old"), Claim::Duplicate);
+    }
+
+    #[test]
+    fn a_claim_left_unresolved_is_released_when_its_guard_drops() {
+        let dedup = Arc::new(Dedup::with_hash(
+            HOUR,
+            MIN_MAX_BYTES,
+            8_000_000,
+            0,
+            |_, _, _, _| 0,
+        ));
+        let a = dedup.customer("cus_a");
+        let pinned = |dedup: &Dedup| -> usize {
+            let shard = dedup.shards[0].0.lock().unwrap();
+            shard.generations.iter().map(|g| g.pending).sum()
+        };
+        // A request panics between its claims and the sink's answer.
+        let request = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut ids = PendingIds::new(dedup.clone());
+            for id in ["lost-1", "lost-2"] {
+                ids.push(new_ticket(dedup.claim(a, id)));
+            }
+            assert_eq!(ids.len(), 2);
+            assert_eq!(pinned(&dedup), 2);
+            panic!("a fault between the claim and the sink");
+        }));
+        assert!(request.is_err());
+        // Nothing stays pending: the ids are new to a retry, and no generation is pinned.
+        assert_eq!(pinned(&dedup), 0);
+        let mut ids = PendingIds::new(dedup.clone());
+        ids.push(new_ticket(dedup.claim(a, "lost-1")));
+        ids.commit();
+        assert_eq!(dedup.claim(a, "lost-1"), Claim::Duplicate);
+        // Generations turn over freely: never Full.
+        for n in 0..5_000 {
+            accept(&dedup, a, &harness_id(n));
+        }
+        assert!(dedup.evictions() > 0);
+        // A committed guard releases nothing when dropped; an explicit release does.
+        let mut ids = PendingIds::new(dedup.clone());
+        ids.push(new_ticket(dedup.claim(a, "refused")));
+        ids.release();
+        assert!(matches!(dedup.claim(a, "refused"), Claim::New(_)));
+        assert!(PendingIds::new(dedup.clone()).is_empty());
     }
 
     #[test]

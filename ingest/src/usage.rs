@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 
 use crate::auth;
 use crate::body::read_body;
-use crate::dedup::{Claim, Dedup, Ticket};
+use crate::dedup::{Claim, PendingIds, Ticket};
 use crate::error::{ApiError, DEDUP_FULL_MESSAGE, RecordError};
 use crate::keycache::{ActiveCustomer, KeyVerdict};
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
@@ -116,54 +116,54 @@ fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
     }
 }
 
-/// Ids claimed by a request. If the request is dropped before its acknowledgement arrives
-/// (the client went away), the acknowledgement is still awaited in the background, so the ids
-/// end up committed or released, never pending forever.
+/// Ids claimed by a request whose records the sink took. If the request is dropped before
+/// its acknowledgement arrives (the client went away), the acknowledgement is still awaited
+/// in the background, so the ids end up committed or released, never pending forever. Where
+/// no task can be spawned (no runtime) the ids are released by their guard.
 struct ClaimedIds {
-    dedup: Arc<Dedup>,
-    keys: Vec<Ticket>,
+    ids: Option<PendingIds>,
     ack: Option<Ack>,
 }
 
-impl ClaimedIds {
-    fn resolve(dedup: &Dedup, keys: &[Ticket], outcome: &Result<(), SinkError>) {
-        if outcome.is_ok() {
-            dedup.commit(keys);
-        } else {
-            dedup.release(keys);
-        }
+fn resolve(ids: PendingIds, outcome: &Result<(), SinkError>) {
+    if outcome.is_ok() {
+        ids.commit();
+    } else {
+        ids.release();
     }
 }
 
 impl Drop for ClaimedIds {
     fn drop(&mut self) {
-        if let Some(ack) = self.ack.take() {
-            let dedup = self.dedup.clone();
-            let keys = std::mem::take(&mut self.keys);
-            tokio::spawn(async move {
+        let (Some(ack), Some(ids)) = (self.ack.take(), self.ids.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A runtime shutting down drops the task unrun, and with it the guard: released.
+            runtime.spawn(async move {
                 let outcome = ack.await.unwrap_or(Err(SinkError::Closed));
-                ClaimedIds::resolve(&dedup, &keys, &outcome);
+                resolve(ids, &outcome);
             });
         }
     }
 }
 
-/// Hands records to the sink and waits until they are durable.
+/// Hands records to the sink and waits until they are durable; then commits the request's
+/// claimed ids, or releases them if the records were refused.
 async fn send(
     state: &AppState,
     records: Vec<UsageRecord>,
-    keys: Vec<Ticket>,
+    ids: PendingIds,
 ) -> Result<(), ApiError> {
     let ack = match state.sink.submit(records) {
         Ok(ack) => ack,
         Err(e) => {
-            state.dedup.release(&keys);
+            ids.release();
             return Err(sink_error(e));
         }
     };
     let mut claimed = ClaimedIds {
-        dedup: state.dedup.clone(),
-        keys,
+        ids: Some(ids),
         ack: Some(ack),
     };
     let outcome = match claimed.ack.as_mut() {
@@ -171,7 +171,9 @@ async fn send(
         None => Err(SinkError::Closed),
     };
     claimed.ack = None;
-    ClaimedIds::resolve(&state.dedup, &claimed.keys, &outcome);
+    if let Some(ids) = claimed.ids.take() {
+        resolve(ids, &outcome);
+    }
     outcome.map_err(sink_error)
 }
 
@@ -245,10 +247,11 @@ pub async fn track(
         count_records("rejected", e.code, 1);
         ApiError::InvalidRecord(e)
     })?;
-    let mut keys = Vec::new();
+    // Owned by the guard from the claim on: released if the request ends before the sink.
+    let mut ids = PendingIds::new(state.dedup.clone());
     if let Some(event_id) = &valid.event_id {
         match state.dedup.claim(state.dedup.customer(&customer), event_id) {
-            Claim::New(ticket) => keys.push(ticket),
+            Claim::New(ticket) => ids.push(ticket),
             Claim::Duplicate => {
                 count_records("duplicate", "event_id", 1);
                 return Ok(track_answer(&customer, &valid, true));
@@ -262,7 +265,7 @@ pub async fn track(
         }
     }
     let answer = track_answer(&customer, &valid, false);
-    send(state, vec![into_record(&customer, valid, now)], keys).await?;
+    send(state, vec![into_record(&customer, valid, now)], ids).await?;
     count_records("accepted", "ok", 1);
     Ok(answer)
 }
@@ -374,7 +377,8 @@ pub async fn batch(
     let mut errors: Vec<(usize, RecordError)> = Vec::new();
     let mut duplicates = 0usize;
     let mut full = 0usize;
-    let mut keys = Vec::new();
+    // Owned by the guard from the claim on: released if the request ends before the sink.
+    let mut ids = PendingIds::new(state.dedup.clone());
     // The ids of this request, exactly: the tickets it holds, and those of other requests
     // it found in flight. An id met again in the same request is a duplicate.
     let mut seen_here: HashSet<Ticket> = HashSet::new();
@@ -411,7 +415,7 @@ pub async fn batch(
             match state.dedup.claim(dedup_customer, event_id) {
                 Claim::New(ticket) => {
                     seen_here.insert(ticket);
-                    keys.push(ticket);
+                    ids.push(ticket);
                 }
                 Claim::Duplicate => {
                     duplicates += 1;
@@ -452,7 +456,7 @@ pub async fn batch(
     }
     let accepted_count = accepted.len();
     if !accepted.is_empty() {
-        send(state, accepted, keys).await?;
+        send(state, accepted, ids).await?;
     }
     count_records("accepted", "ok", accepted_count);
     Ok(response::json(
@@ -470,6 +474,53 @@ pub async fn batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dedup::Dedup;
+
+    fn claimed(dedup: &Arc<Dedup>, id: &str) -> PendingIds {
+        let mut ids = PendingIds::new(dedup.clone());
+        match dedup.claim(dedup.customer("cus"), id) {
+            Claim::New(ticket) => ids.push(ticket),
+            other => panic!("{other:?}"),
+        }
+        ids
+    }
+
+    #[test]
+    fn a_dropped_request_still_resolves_its_ids() {
+        let dedup = Arc::new(Dedup::new(
+            std::time::Duration::from_secs(3600),
+            1 << 20,
+            1_000,
+        ));
+        let cus = dedup.customer("cus");
+        // Outside a runtime nothing can wait for the answer: the guard releases the ids.
+        let (_answer, ack) = tokio::sync::oneshot::channel();
+        drop(ClaimedIds {
+            ids: Some(claimed(&dedup, "no-runtime")),
+            ack: Some(ack),
+        });
+        assert!(matches!(dedup.claim(cus, "no-runtime"), Claim::New(_)));
+        // In a runtime the answer is awaited in the background and commits them.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (answer, ack) = tokio::sync::oneshot::channel();
+            drop(ClaimedIds {
+                ids: Some(claimed(&dedup, "client-gone")),
+                ack: Some(ack),
+            });
+            assert!(matches!(
+                dedup.claim(cus, "client-gone"),
+                Claim::InFlight(_)
+            ));
+            answer.send(Ok(())).unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(dedup.claim(cus, "client-gone"), Claim::Duplicate);
+        });
+    }
 
     #[test]
     fn a_batch_with_records_refused_for_a_full_dedup_is_retryable() {
