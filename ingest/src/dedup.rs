@@ -1241,6 +1241,61 @@ mod tests {
     }
 
     #[test]
+    fn a_degenerate_hash_never_merges_ids_across_wrap_around_and_reuse() {
+        // Every id hashes to 0xffff_ffff: one shard, one slot tag, and the last slot as every
+        // probe's first, so each probe wraps around at once. In the smallest table the
+        // shard's generations turn over every few dozen ids, so lookups cross generations,
+        // reuse them, re-fit them to mixed id sizes and re-arm refused ids.
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0xffff_ffff);
+        {
+            let shard = dedup.shards[0].0.lock().unwrap();
+            let newest = &shard.generations[shard.newest];
+            assert_eq!(newest.first_slot(0xffff_ffff), newest.slots - 1);
+        }
+        let customers = [dedup.customer("cus_a"), dedup.customer("cus_b")];
+        let who = |n: u64| customers[(n % 2) as usize];
+        let id = |n: u64| match n % 4 {
+            0 => harness_id(n),
+            1 => format!("3f1c2a9e-7b7d-4d6b-9a51-{n:012x}"),
+            2 => format!("3F1C2A9E-7B7D-4D6B-9A51-{n:012X}"),
+            _ => format!("{n:0>128}"),
+        };
+        let total = 3_000u64;
+        for n in 0..total {
+            // Never seen before: new, whatever the table holds.
+            let ticket = new_ticket(dedup.claim(who(n), &id(n)));
+            if n % 5 == 0 {
+                // The same bytes for the other customer are another id (refused here).
+                let other = new_ticket(dedup.claim(who(n + 1), &id(n)));
+                dedup.release(&[other]);
+            }
+            if n % 7 == 0 {
+                // Refused, then retried: the retry re-arms the entry; the old ticket is stale.
+                dedup.release(&[ticket]);
+                let retry = new_ticket(dedup.claim(who(n), &id(n)));
+                dedup.commit(&[ticket]);
+                assert_eq!(dedup.claim(who(n), &id(n)), Claim::InFlight(retry));
+                dedup.commit(&[retry]);
+            } else {
+                dedup.commit(&[ticket]);
+            }
+            if n % 10 == 0 {
+                // The latest ids are duplicates, whatever generation holds them.
+                for m in n.saturating_sub(30)..=n {
+                    assert_eq!(dedup.claim(who(m), &id(m)), Claim::Duplicate, "{m} at {n}");
+                }
+            }
+        }
+        let reuses = dedup.shards[0].0.lock().unwrap().next_epoch - GENERATIONS as u64;
+        assert!(reuses > 20, "{reuses} reuses");
+        assert!(dedup.evictions() > 0);
+        // The first ids went with their generations: new again, never a false duplicate.
+        for m in 0..100 {
+            assert!(matches!(dedup.claim(who(m), &id(m)), Claim::New(_)), "{m}");
+        }
+    }
+
+    #[test]
     fn uuids_pack_exactly_and_reversibly() {
         let id = "3f1c2a9e-7b7d-4d6b-9a51-0c2f6f1e8b11";
         let packed = pack_uuid(id.as_bytes()).unwrap();
@@ -1268,6 +1323,32 @@ mod tests {
             .collect();
         let start = dedup.allocated_bytes();
         assert!(start <= MIN_MAX_BYTES, "{start} bytes");
+        // Every buffer as allocated: its address and its real length.
+        let buffers = || -> Vec<(usize, usize)> {
+            dedup
+                .shards
+                .iter()
+                .flat_map(|shard| {
+                    let shard = shard.0.lock().unwrap();
+                    shard
+                        .generations
+                        .iter()
+                        .map(|g| (g.buf.as_ptr() as usize, g.buf.len()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let allocated = buffers();
+        // The budget worked out independently: 63/64 of it for 256 equal buffers, less the
+        // headers; the buffers take nearly all of that and never more.
+        let buffer_bytes: usize = allocated.iter().map(|(_, len)| len).sum();
+        let share = (MIN_MAX_BYTES - MIN_MAX_BYTES / 64) / (SHARDS * GENERATIONS);
+        assert!(
+            allocated
+                .iter()
+                .all(|&(_, len)| len <= share && len + 128 > share)
+        );
+        assert!(buffer_bytes <= start && start - buffer_bytes < 64 * 1024);
         // Far past what fits (about 25,000 harness ids), in every id shape.
         let total = 300_000u64;
         for n in 0..total {
@@ -1283,6 +1364,8 @@ mod tests {
             }
         }
         assert_eq!(dedup.allocated_bytes(), start);
+        // Not one buffer was replaced or resized: the same addresses, the same lengths.
+        assert_eq!(buffers(), allocated);
         assert!(dedup.evictions() > 250_000, "{}", dedup.evictions());
         // It still works: the latest ids are duplicates, new ones are new.
         for n in total - 500..total {
