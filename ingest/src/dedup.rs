@@ -145,7 +145,8 @@ const CUSTOMER_SHARE: usize = 64;
 
 /// The smallest budget, in bytes: 1 MiB (about 100 ids a generation).
 pub const MIN_MAX_BYTES: usize = 1 << 20;
-/// The largest budget, in bytes: 4 GiB, every generation at its largest (16 MiB).
+/// The largest budget, in bytes: 4 GiB, every generation at its largest (just under 16 MiB,
+/// as 1/64 goes to the customer index; the default id capacity binds long before).
 pub const MAX_MAX_BYTES: usize = SHARDS * GENERATIONS * MAX_GENERATION_BYTES;
 
 /// The outcome of claiming an id.

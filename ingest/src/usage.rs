@@ -381,7 +381,7 @@ pub async fn batch(
     let mut ids = PendingIds::new(state.dedup.clone());
     // The ids of this request, exactly: the tickets it holds, and those of other requests
     // it found in flight. An id met again in the same request is a duplicate.
-    let mut seen_here: HashSet<Ticket> = HashSet::new();
+    let mut seen_here: HashSet<Ticket> = HashSet::with_capacity(items.len());
     for (index, raw) in items.iter().enumerate() {
         let wire: WireRecord<'_> = match serde_json::from_slice(raw) {
             Ok(wire) => wire,
