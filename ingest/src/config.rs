@@ -65,11 +65,13 @@ pub struct ServerConfig {
     pub queue_capacity: usize,
     /// `APEX_DEDUP_WINDOW_SECS`, default 86,400: how long an event id is remembered.
     pub dedup_window: Duration,
-    /// `APEX_DEDUP_CAPACITY`, default 8,000,000: event ids remembered at most (the byte
-    /// budget usually binds first).
+    /// `APEX_DEDUP_CAPACITY`, default 8,000,000: event ids remembered at most, about: it is
+    /// split over 256 generations, rounded down to a multiple of 256 but at least 256 (the
+    /// byte budget usually binds first).
     pub dedup_capacity: usize,
     /// `APEX_DEDUP_MAX_BYTES`, default 134,217,728 (128 MiB), 1 MiB to 4 GiB: the dedup
-    /// table's memory, allocated at start ([`crate::dedup`]).
+    /// table's memory, allocated and made resident (every page written) at start
+    /// ([`crate::dedup`]).
     pub dedup_max_bytes: usize,
     /// `APEX_KEY_REFRESH_SECS`, default 60: full key cache refresh period.
     pub key_refresh: Duration,

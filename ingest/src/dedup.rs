@@ -21,7 +21,12 @@
 //! # Bounded in bytes
 //!
 //! `APEX_DEDUP_MAX_BYTES` (default 128 MiB) is the budget; all memory is allocated when the
-//! table is made and never grows, never rehashes, and never frees an entry one by one. The
+//! table is made and never grows, never rehashes, and never frees an entry one by one. Every
+//! page is written once when the table is made (pre-faulted), so the memory is resident from
+//! the start and the process's RSS does not climb as the table fills; a memory limit too
+//! small for the budget fails at start, not hours into traffic. At the default 128 MiB that
+//! takes about 40 to 65 ms (measured on a 2-core machine, in a debug build and in an
+//! optimised one alike: the cost is the kernel's page faults, not the loop). The
 //! table has 64 shards, each behind its own lock, and each shard 4 *generations* of equal
 //! size. A generation is one buffer: an index of 4-byte slots (an 8-bit tag and the entry's
 //! offset plus one; 0 is free), then an arena of entries, each
@@ -67,21 +72,38 @@
 //! counted in `apex_ingest_dedup_evictions_total`, and `apex_ingest_dedup_window_seconds`
 //! shows the effective window: how far back every accepted id is still remembered (the
 //! configured window until the first drop). Raise `APEX_DEDUP_MAX_BYTES` for a longer one:
-//! it scales linearly.
+//! it scales linearly. "New ids a second" counts every id claimed for the first time,
+//! including ids whose records are then refused (503): each takes an entry. Its retries do
+//! not: they re-arm that entry (see below) as long as it is in one of the two newest
+//! generations.
 //!
 //! # Pending ids
 //!
 //! An id is *pending* from the moment a request claims it ([`Claim::New`]) until the sink
 //! acknowledges the record ([`Dedup::commit`], which stamps the entry in place) or refuses
 //! it ([`Dedup::release`], which marks the entry dead, so a retry is new). A concurrent
-//! request with the same id gets [`Claim::InFlight`] (409 `duplicate_in_flight`, retry). A
-//! generation holding a pending id is never emptied: the next oldest is reused instead. In
-//! the pathological case where every older generation of a shard holds one, a new id of that
-//! shard gets [`Claim::Full`], answered like an id in flight (retry shortly), rather than
-//! forgetting an id whose record is not yet durable.
+//! request with the same id gets [`Claim::InFlight`] (409 `duplicate_in_flight`, retry).
+//! A request holds its tickets in a [`PendingIds`] guard from the moment it claims them: if
+//! the request ends without committing or releasing them (an early return, a panic), the
+//! guard releases them when dropped, so no leaked ticket pins a generation for good.
+//!
+//! A retry of a refused record re-arms the dead entry in place when it is in the newest or
+//! second-newest generation, so refusals under overload do not use up the table. An older
+//! generation is left alone (a pending id there would hold back its reuse); the retry is
+//! then appended to the newest. Tickets stay exact: the pending stamp carries the entry's
+//! re-arm count (mod 256) and so does the ticket, so the refused attempt's ticket cannot
+//! commit or release its retry (it could only match again 256 re-arms later, and every
+//! ticket is resolved once, long before).
+//!
+//! A generation holding a pending id is never emptied: the next oldest is reused instead.
+//! In the pathological case where every older generation of a shard holds one, a new id of
+//! that shard gets [`Claim::Full`] rather than forgetting an id whose record is not yet
+//! durable. The edge answers it 503 `dedup_full` (a per-record `dedup_full` in a batch, and
+//! 503 for a batch of which nothing else was taken) and counts it in
+//! `apex_ingest_dedup_full_total`: retry after `Retry-After`.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -110,16 +132,21 @@ const FIRST_MEAN_ENTRY: usize = 36;
 /// Tag of a packed UUID in an entry's length byte; raw ids are never this long.
 const PACKED_UUID: u8 = u8::MAX;
 const _: () = assert!(MAX_EVENT_ID_BYTES < PACKED_UUID as usize);
-/// Stamp of a claimed id whose record is not yet durable.
-const PENDING: u32 = u32::MAX - 1;
-/// Stamp of a released id: a dead entry, skipped by every lookup.
-const RELEASED: u32 = u32::MAX;
+/// Stamps from here up are states, not times. `PENDING + k` (k below 256) is a claimed id
+/// whose record is not yet durable, and `RELEASED + k` one whose record was refused (a dead
+/// entry, skipped by every lookup). `k` counts how often the entry was re-armed (mod 256),
+/// so a ticket names one claim exactly, not only one entry. Times cap below `PENDING`:
+/// 2^32 - 512 seconds is 136 years.
+const PENDING: u32 = u32::MAX - 511;
+/// The first released stamp: see [`PENDING`].
+const RELEASED: u32 = u32::MAX - 255;
 /// Share of the budget kept for the customer index: 1/64.
 const CUSTOMER_SHARE: usize = 64;
 
 /// The smallest budget, in bytes: 1 MiB (about 100 ids a generation).
 pub const MIN_MAX_BYTES: usize = 1 << 20;
-/// The largest budget, in bytes: 4 GiB, every generation at its largest (16 MiB).
+/// The largest budget, in bytes: 4 GiB, every generation at its largest (just under 16 MiB,
+/// as 1/64 goes to the customer index; the default id capacity binds long before).
 pub const MAX_MAX_BYTES: usize = SHARDS * GENERATIONS * MAX_GENERATION_BYTES;
 
 /// The outcome of claiming an id.
@@ -134,7 +161,8 @@ pub enum Claim {
     /// recognises its own earlier record with the same id by it).
     InFlight(Ticket),
     /// No room to hold the id pending: every generation that could be reused still holds
-    /// an id in flight. Answer like [`Claim::InFlight`]: retry shortly.
+    /// an id in flight. Nothing is wrong with the id: the edge answers 503 `dedup_full`
+    /// (retry after `Retry-After`), not a conflict.
     Full,
 }
 
@@ -146,6 +174,8 @@ pub struct Ticket {
     offset: u32,
     shard: u16,
     generation: u8,
+    /// Which claim of the entry: its pending stamp is `PENDING + arm`.
+    arm: u8,
 }
 
 impl Ticket {
@@ -156,7 +186,60 @@ impl Ticket {
         offset: 0,
         shard: 0,
         generation: 0,
+        arm: 0,
     };
+}
+
+/// Tickets claimed by one request and not yet resolved. Dropping the guard releases every
+/// ticket it still holds, so a request that ends early (an error path, a panic between the
+/// claim and the sink's answer) never leaves an id pending: a pending id pins its whole
+/// generation, and three pinned generations make a shard answer [`Claim::Full`].
+pub struct PendingIds {
+    dedup: Arc<Dedup>,
+    tickets: Vec<Ticket>,
+}
+
+impl PendingIds {
+    /// An empty guard over `dedup`.
+    pub fn new(dedup: Arc<Dedup>) -> Self {
+        Self {
+            dedup,
+            tickets: Vec::new(),
+        }
+    }
+
+    /// Holds the ticket of a [`Claim::New`].
+    pub fn push(&mut self, ticket: Ticket) {
+        self.tickets.push(ticket);
+    }
+
+    /// Tickets held.
+    pub fn len(&self) -> usize {
+        self.tickets.len()
+    }
+
+    /// True when no ticket is held.
+    pub fn is_empty(&self) -> bool {
+        self.tickets.is_empty()
+    }
+
+    /// Commits every ticket held ([`Dedup::commit`]): the records are durable.
+    pub fn commit(mut self) {
+        self.dedup.commit(&std::mem::take(&mut self.tickets));
+    }
+
+    /// Releases every ticket held ([`Dedup::release`]): the records were refused.
+    pub fn release(mut self) {
+        self.dedup.release(&std::mem::take(&mut self.tickets));
+    }
+}
+
+impl Drop for PendingIds {
+    fn drop(&mut self) {
+        if !self.tickets.is_empty() {
+            self.dedup.release(&self.tickets);
+        }
+    }
 }
 
 /// A customer as the table stores it: an index into its exact customer map. Get it once a
@@ -293,6 +376,22 @@ fn layout(bytes: usize, mean_entry: usize, cap: usize) -> (usize, usize) {
     (slots, (slots * 4 / 5).clamp(1, cap.max(1)))
 }
 
+/// Bytes of a memory page, as far as pre-faulting cares: a smaller stride than the real page
+/// only writes some pages more than once.
+const PAGE: usize = 4096;
+
+/// Writes every page of a freshly allocated buffer once, so the kernel backs all of it now:
+/// zeroed memory from the allocator is only address space until it is first written, and the
+/// table's resident size would otherwise climb for hours as generations fill (a memory limit
+/// too small for the budget would kill the process then, not at start).
+fn prefault(buf: &mut [u8]) {
+    // Opaque to the optimiser: it knows the allocation is zeroed and would drop stores of 0.
+    let buf = std::hint::black_box(buf);
+    for page in buf.chunks_mut(PAGE) {
+        page[0] = 0;
+    }
+}
+
 /// One generation: a fixed buffer holding the index slots, then the arena of entries.
 struct Generation {
     /// Allocated once; never grows.
@@ -314,9 +413,10 @@ struct Generation {
 impl Generation {
     fn new(bytes: usize, cap: usize, epoch: u64) -> Self {
         let (slots, max_entries) = layout(bytes, FIRST_MEAN_ENTRY, cap);
+        let mut buf = vec![0; bytes].into_boxed_slice();
+        prefault(&mut buf);
         Self {
-            // Zeroed pages from the allocator: untouched ones cost no resident memory yet.
-            buf: vec![0; bytes].into_boxed_slice(),
+            buf,
             slots,
             used: 0,
             entries: 0,
@@ -383,7 +483,9 @@ impl Generation {
 
     /// The live entry of `(customer, id)`, probing from `start` ([`Generation::probe_start`]):
     /// its offset and stamp. Released entries and entries accepted `window` or more seconds
-    /// before `now` are absent.
+    /// before `now` are absent; the first released entry of the id met on the way is put in
+    /// `dead` (offset and stamp), so a claim can re-arm it instead of appending a copy.
+    #[allow(clippy::too_many_arguments)]
     fn find(
         &self,
         start: (usize, u32),
@@ -392,6 +494,7 @@ impl Generation {
         id: &StoredId<'_>,
         now: u32,
         window: u32,
+        dead: &mut Option<(usize, u32)>,
     ) -> Option<(usize, u32)> {
         let tag = slot_tag(hash);
         let (mut i, mut slot) = start;
@@ -405,6 +508,9 @@ impl Generation {
                     let stamp = self.stamp(offset);
                     if in_window(stamp, now, window) {
                         return Some((offset, stamp));
+                    }
+                    if stamp >= RELEASED && dead.is_none() {
+                        *dead = Some((offset, stamp));
                     }
                 }
             }
@@ -433,7 +539,7 @@ impl Generation {
         entry[ENTRY_HEADER..].copy_from_slice(bytes);
         self.used += ENTRY_HEADER + bytes.len();
         self.entries += 1;
-        if stamp == PENDING {
+        if is_pending(stamp) {
             self.pending += 1;
         }
         let mut i = self.first_slot(hash);
@@ -447,6 +553,15 @@ impl Generation {
         let slot = (slot_tag(hash) << OFFSET_BITS) | (offset as u32 + 1);
         self.buf[i * SLOT..i * SLOT + SLOT].copy_from_slice(&slot.to_le_bytes());
         offset
+    }
+
+    /// Stamps a released entry again (pending or accepted): the id's retry takes the dead
+    /// entry's place instead of a new one.
+    fn rearm(&mut self, offset: usize, stamp: u32) {
+        self.set_stamp(offset, stamp);
+        if is_pending(stamp) {
+            self.pending += 1;
+        }
     }
 
     /// The stamps of the entries, in the order they were written.
@@ -468,11 +583,35 @@ impl Generation {
 
 /// Whether an id stamped `stamp` still counts at `now`: pending, or accepted within the window.
 fn in_window(stamp: u32, now: u32, window: u32) -> bool {
-    match stamp {
-        RELEASED => false,
-        PENDING => true,
-        accepted => now.saturating_sub(accepted) < window,
+    if stamp >= RELEASED {
+        false
+    } else if stamp >= PENDING {
+        true
+    } else {
+        now.saturating_sub(stamp) < window
     }
+}
+
+/// Whether `stamp` is one of the pending stamps.
+fn is_pending(stamp: u32) -> bool {
+    (PENDING..RELEASED).contains(&stamp)
+}
+
+/// The re-arm count carried by a pending or released stamp.
+fn arm_of(stamp: u32) -> u8 {
+    // Both ranges are 256 long, so the low byte is the count.
+    (stamp.wrapping_sub(PENDING) & 0xff) as u8
+}
+
+/// What a shard holds of an id.
+enum Found {
+    /// A live entry: generation, offset, stamp.
+    Live(usize, usize, u32),
+    /// No live entry; a released one in the newest or second-newest generation can be
+    /// re-armed: generation, offset, stamp.
+    Dead(usize, usize, u32),
+    /// Nothing usable: a claim appends.
+    Absent,
 }
 
 struct Shard {
@@ -501,28 +640,36 @@ impl Shard {
         }
     }
 
-    /// The live entry of `(customer, id)` in any generation: generation, offset, stamp.
-    fn find(
-        &self,
-        hash: u64,
-        customer: u32,
-        id: &StoredId<'_>,
-        now: u32,
-        window: u32,
-    ) -> Option<(usize, usize, u32)> {
+    /// The live entry of `(customer, id)` in any generation, or else a released one that a
+    /// claim may re-arm.
+    fn find(&self, hash: u64, customer: u32, id: &StoredId<'_>, now: u32, window: u32) -> Found {
         // The first slot of every generation is read before any is looked at: these loads
         // are independent, so their cache misses overlap instead of adding up (a new id
         // probes all four generations; on a full table this took 15 % off a claim).
         let starts: [(usize, u32); GENERATIONS] =
             std::array::from_fn(|g| self.generations[g].probe_start(hash));
+        let mut dead = None;
         // Newest first: retries and concurrent duplicates are usually recent.
-        (0..GENERATIONS)
-            .map(|k| (self.newest + GENERATIONS - k) % GENERATIONS)
-            .find_map(|g| {
-                self.generations[g]
-                    .find(starts[g], hash, customer, id, now, window)
-                    .map(|(offset, stamp)| (g, offset, stamp))
-            })
+        for k in 0..GENERATIONS {
+            let g = (self.newest + GENERATIONS - k) % GENERATIONS;
+            let generation = &self.generations[g];
+            let mut dead_here = None;
+            if let Some((offset, stamp)) =
+                generation.find(starts[g], hash, customer, id, now, window, &mut dead_here)
+            {
+                return Found::Live(g, offset, stamp);
+            }
+            // Only the two newest generations take a re-armed entry: re-arming one in an
+            // older generation would pin it (pending) just before it is due for reuse, and
+            // stamp it recent where it is dropped first.
+            if dead.is_none() && generation.epoch + 2 >= self.next_epoch {
+                dead = dead_here.map(|(offset, stamp)| (g, offset, stamp));
+            }
+        }
+        match dead {
+            Some((g, offset, stamp)) => Found::Dead(g, offset, stamp),
+            None => Found::Absent,
+        }
     }
 
     /// Stores an entry in the newest generation, reusing the oldest one first if it is full.
@@ -576,14 +723,15 @@ impl Shard {
         true
     }
 
-    /// The ticket's pending entry, if the ticket is current.
+    /// The ticket's pending entry, if the ticket is current: the same generation epoch and
+    /// the same claim of the entry (its exact pending stamp).
     fn pending_entry(&mut self, ticket: &Ticket) -> Option<(&mut Generation, usize)> {
         let generation = self.generations.get_mut(usize::from(ticket.generation))?;
         let offset = ticket.offset as usize;
         (generation.epoch == ticket.epoch
             && offset < generation.used
-            && generation.stamp(offset) == PENDING)
-            .then_some((generation, offset))
+            && generation.stamp(offset) == PENDING + u32::from(ticket.arm))
+        .then_some((generation, offset))
     }
 }
 
@@ -704,23 +852,32 @@ impl Dedup {
         let hash = (self.hash)(self.seed, customer.0, id.tag, id.bytes());
         let now = self.now();
         let (index, mut shard) = self.shard(hash);
-        let ticket = |epoch, generation: usize, offset: usize| Ticket {
+        let ticket = |epoch, generation: usize, offset: usize, stamp: u32| Ticket {
             epoch,
             // Offsets are below 2^24, generations below 4.
             offset: offset as u32,
             shard: index,
             generation: generation as u8,
+            arm: arm_of(stamp),
         };
-        if let Some((g, offset, stamp)) = shard.find(hash, customer.0, &id, now, self.window_secs) {
-            return if stamp == PENDING {
-                Claim::InFlight(ticket(shard.generations[g].epoch, g, offset))
-            } else {
-                Claim::Duplicate
-            };
-        }
-        match shard.insert(hash, customer.0, &id, PENDING, now, self) {
-            Some((g, offset)) => Claim::New(ticket(shard.generations[g].epoch, g, offset)),
-            None => Claim::Full,
+        match shard.find(hash, customer.0, &id, now, self.window_secs) {
+            Found::Live(g, offset, stamp) if is_pending(stamp) => {
+                Claim::InFlight(ticket(shard.generations[g].epoch, g, offset, stamp))
+            }
+            Found::Live(..) => Claim::Duplicate,
+            Found::Dead(g, offset, released) => {
+                // A retry of a refused record: its dead entry is claimed again, under the
+                // next arm count, so the refused attempt's ticket stays stale.
+                let stamp = PENDING + u32::from(arm_of(released).wrapping_add(1));
+                shard.generations[g].rearm(offset, stamp);
+                Claim::New(ticket(shard.generations[g].epoch, g, offset, stamp))
+            }
+            Found::Absent => match shard.insert(hash, customer.0, &id, PENDING, now, self) {
+                Some((g, offset)) => {
+                    Claim::New(ticket(shard.generations[g].epoch, g, offset, PENDING))
+                }
+                None => Claim::Full,
+            },
         }
     }
 
@@ -746,7 +903,7 @@ impl Dedup {
                 continue;
             };
             if let Some((generation, offset)) = shard.pending_entry(ticket) {
-                generation.set_stamp(offset, RELEASED);
+                generation.set_stamp(offset, RELEASED + u32::from(ticket.arm));
                 generation.pending -= 1;
             }
         }
@@ -762,11 +919,12 @@ impl Dedup {
         let hash = (self.hash)(self.seed, customer.0, id.tag, id.bytes());
         let now = self.now();
         let (_, mut shard) = self.shard(hash);
-        if shard
-            .find(hash, customer.0, &id, now, self.window_secs)
-            .is_none()
-        {
-            shard.insert(hash, customer.0, &id, now, now, self);
+        match shard.find(hash, customer.0, &id, now, self.window_secs) {
+            Found::Live(..) => {}
+            Found::Dead(g, offset, _) => shard.generations[g].rearm(offset, now),
+            Found::Absent => {
+                shard.insert(hash, customer.0, &id, now, now, self);
+            }
         }
     }
 
@@ -922,6 +1080,111 @@ mod tests {
     }
 
     #[test]
+    fn refused_retries_reuse_their_entry_and_evict_nothing() {
+        // One shard for every id, and the smallest table: about 100 entries a generation,
+        // so 10,000 appended copies would turn the shard over a hundred times.
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0);
+        let a = dedup.customer("cus_a");
+        accept(&dedup, a, "committed-earlier");
+        let mut previous = None;
+        for _ in 0..10_000 {
+            let ticket = new_ticket(dedup.claim(a, "refused-and-retried"));
+            assert_eq!(
+                dedup.claim(a, "refused-and-retried"),
+                Claim::InFlight(ticket)
+            );
+            if let Some(stale) = previous {
+                // The refused attempt's ticket names that attempt only, not its retry.
+                assert_ne!(stale, ticket);
+                dedup.commit(&[stale]);
+                dedup.release(&[stale]);
+                assert_eq!(
+                    dedup.claim(a, "refused-and-retried"),
+                    Claim::InFlight(ticket)
+                );
+            }
+            dedup.release(&[ticket]);
+            previous = Some(ticket);
+        }
+        assert_eq!(dedup.evictions(), 0);
+        assert_eq!(dedup.claim(a, "committed-earlier"), Claim::Duplicate);
+        let shard = dedup.shards[0].0.lock().unwrap();
+        let entries: usize = shard.generations.iter().map(|g| g.entries).sum();
+        assert_eq!(entries, 2, "one entry an id");
+        drop(shard);
+        // The last retry is accepted: a duplicate from then on.
+        accept(&dedup, a, "refused-and-retried");
+        assert_eq!(dedup.claim(a, "refused-and-retried"), Claim::Duplicate);
+        assert_eq!(dedup.len(), 2);
+    }
+
+    #[test]
+    fn a_released_id_in_an_older_generation_is_appended_anew() {
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0);
+        let a = dedup.customer("cus_a");
+        let refused = new_ticket(dedup.claim(a, "old"));
+        dedup.release(&[refused]);
+        // Two reuses: the dead entry's generation is now third newest.
+        let epoch = dedup.shards[0].0.lock().unwrap().next_epoch;
+        let mut n = 0;
+        while dedup.shards[0].0.lock().unwrap().next_epoch < epoch + 2 {
+            accept(&dedup, a, &harness_id(n));
+            n += 1;
+        }
+        let retry = new_ticket(dedup.claim(a, "old"));
+        assert_ne!(retry.generation, refused.generation);
+        // The stale ticket of the older generation changes nothing.
+        dedup.commit(&[refused]);
+        assert_eq!(dedup.claim(a, "old"), Claim::InFlight(retry));
+        dedup.commit(&[retry]);
+        assert_eq!(dedup.claim(a, "old"), Claim::Duplicate);
+    }
+
+    #[test]
+    fn a_claim_left_unresolved_is_released_when_its_guard_drops() {
+        let dedup = Arc::new(Dedup::with_hash(
+            HOUR,
+            MIN_MAX_BYTES,
+            8_000_000,
+            0,
+            |_, _, _, _| 0,
+        ));
+        let a = dedup.customer("cus_a");
+        let pinned = |dedup: &Dedup| -> usize {
+            let shard = dedup.shards[0].0.lock().unwrap();
+            shard.generations.iter().map(|g| g.pending).sum()
+        };
+        // A request panics between its claims and the sink's answer.
+        let request = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut ids = PendingIds::new(dedup.clone());
+            for id in ["lost-1", "lost-2"] {
+                ids.push(new_ticket(dedup.claim(a, id)));
+            }
+            assert_eq!(ids.len(), 2);
+            assert_eq!(pinned(&dedup), 2);
+            panic!("a fault between the claim and the sink");
+        }));
+        assert!(request.is_err());
+        // Nothing stays pending: the ids are new to a retry, and no generation is pinned.
+        assert_eq!(pinned(&dedup), 0);
+        let mut ids = PendingIds::new(dedup.clone());
+        ids.push(new_ticket(dedup.claim(a, "lost-1")));
+        ids.commit();
+        assert_eq!(dedup.claim(a, "lost-1"), Claim::Duplicate);
+        // Generations turn over freely: never Full.
+        for n in 0..5_000 {
+            accept(&dedup, a, &harness_id(n));
+        }
+        assert!(dedup.evictions() > 0);
+        // A committed guard releases nothing when dropped; an explicit release does.
+        let mut ids = PendingIds::new(dedup.clone());
+        ids.push(new_ticket(dedup.claim(a, "refused")));
+        ids.release();
+        assert!(matches!(dedup.claim(a, "refused"), Claim::New(_)));
+        assert!(PendingIds::new(dedup.clone()).is_empty());
+    }
+
+    #[test]
     fn customers_and_ids_do_not_run_together() {
         let dedup = Dedup::new(HOUR, MIN_MAX_BYTES, 1000);
         accept(&dedup, dedup.customer("ab"), "c");
@@ -979,6 +1242,61 @@ mod tests {
     }
 
     #[test]
+    fn a_degenerate_hash_never_merges_ids_across_wrap_around_and_reuse() {
+        // Every id hashes to 0xffff_ffff: one shard, one slot tag, and the last slot as every
+        // probe's first, so each probe wraps around at once. In the smallest table the
+        // shard's generations turn over every few dozen ids, so lookups cross generations,
+        // reuse them, re-fit them to mixed id sizes and re-arm refused ids.
+        let dedup = Dedup::with_hash(HOUR, MIN_MAX_BYTES, 8_000_000, 0, |_, _, _, _| 0xffff_ffff);
+        {
+            let shard = dedup.shards[0].0.lock().unwrap();
+            let newest = &shard.generations[shard.newest];
+            assert_eq!(newest.first_slot(0xffff_ffff), newest.slots - 1);
+        }
+        let customers = [dedup.customer("cus_a"), dedup.customer("cus_b")];
+        let who = |n: u64| customers[(n % 2) as usize];
+        let id = |n: u64| match n % 4 {
+            0 => harness_id(n),
+            1 => format!("3f1c2a9e-7b7d-4d6b-9a51-{n:012x}"),
+            2 => format!("3F1C2A9E-7B7D-4D6B-9A51-{n:012X}"),
+            _ => format!("{n:0>128}"),
+        };
+        let total = 3_000u64;
+        for n in 0..total {
+            // Never seen before: new, whatever the table holds.
+            let ticket = new_ticket(dedup.claim(who(n), &id(n)));
+            if n % 5 == 0 {
+                // The same bytes for the other customer are another id (refused here).
+                let other = new_ticket(dedup.claim(who(n + 1), &id(n)));
+                dedup.release(&[other]);
+            }
+            if n % 7 == 0 {
+                // Refused, then retried: the retry re-arms the entry; the old ticket is stale.
+                dedup.release(&[ticket]);
+                let retry = new_ticket(dedup.claim(who(n), &id(n)));
+                dedup.commit(&[ticket]);
+                assert_eq!(dedup.claim(who(n), &id(n)), Claim::InFlight(retry));
+                dedup.commit(&[retry]);
+            } else {
+                dedup.commit(&[ticket]);
+            }
+            if n % 10 == 0 {
+                // The latest ids are duplicates, whatever generation holds them.
+                for m in n.saturating_sub(30)..=n {
+                    assert_eq!(dedup.claim(who(m), &id(m)), Claim::Duplicate, "{m} at {n}");
+                }
+            }
+        }
+        let reuses = dedup.shards[0].0.lock().unwrap().next_epoch - GENERATIONS as u64;
+        assert!(reuses > 20, "{reuses} reuses");
+        assert!(dedup.evictions() > 0);
+        // The first ids went with their generations: new again, never a false duplicate.
+        for m in 0..100 {
+            assert!(matches!(dedup.claim(who(m), &id(m)), Claim::New(_)), "{m}");
+        }
+    }
+
+    #[test]
     fn uuids_pack_exactly_and_reversibly() {
         let id = "3f1c2a9e-7b7d-4d6b-9a51-0c2f6f1e8b11";
         let packed = pack_uuid(id.as_bytes()).unwrap();
@@ -1006,6 +1324,32 @@ mod tests {
             .collect();
         let start = dedup.allocated_bytes();
         assert!(start <= MIN_MAX_BYTES, "{start} bytes");
+        // Every buffer as allocated: its address and its real length.
+        let buffers = || -> Vec<(usize, usize)> {
+            dedup
+                .shards
+                .iter()
+                .flat_map(|shard| {
+                    let shard = shard.0.lock().unwrap();
+                    shard
+                        .generations
+                        .iter()
+                        .map(|g| (g.buf.as_ptr() as usize, g.buf.len()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let allocated = buffers();
+        // The budget worked out independently: 63/64 of it for 256 equal buffers, less the
+        // headers; the buffers take nearly all of that and never more.
+        let buffer_bytes: usize = allocated.iter().map(|(_, len)| len).sum();
+        let share = (MIN_MAX_BYTES - MIN_MAX_BYTES / 64) / (SHARDS * GENERATIONS);
+        assert!(
+            allocated
+                .iter()
+                .all(|&(_, len)| len <= share && len + 128 > share)
+        );
+        assert!(buffer_bytes <= start && start - buffer_bytes < 64 * 1024);
         // Far past what fits (about 25,000 harness ids), in every id shape.
         let total = 300_000u64;
         for n in 0..total {
@@ -1021,6 +1365,8 @@ mod tests {
             }
         }
         assert_eq!(dedup.allocated_bytes(), start);
+        // Not one buffer was replaced or resized: the same addresses, the same lengths.
+        assert_eq!(buffers(), allocated);
         assert!(dedup.evictions() > 250_000, "{}", dedup.evictions());
         // It still works: the latest ids are duplicates, new ones are new.
         for n in total - 500..total {

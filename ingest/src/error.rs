@@ -22,6 +22,10 @@ impl RecordError {
     }
 }
 
+/// The message of a `dedup_full` refusal, of a request or of one record of a batch.
+pub const DEDUP_FULL_MESSAGE: &str = "the duplicate check has no room to hold this event_id \
+     right now; nothing was recorded: retry after the Retry-After delay";
+
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiError {
@@ -49,6 +53,9 @@ pub enum ApiError {
     AccountSuspended,
     /// A request with the same event id is still being made durable.
     DuplicateInFlight,
+    /// The dedup table has no room to hold the event id pending right now
+    /// ([`crate::dedup::Claim::Full`]): 503, retry after `Retry-After`.
+    DedupFull,
     /// The body did not arrive in time.
     BodyTimeout,
     /// The body, its decompressed form or its record count is over a limit.
@@ -144,6 +151,11 @@ impl ApiError {
                 StatusCode::CONFLICT,
                 "duplicate_in_flight",
                 "a request with this event_id is still being recorded; retry shortly".into(),
+            ),
+            DedupFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "dedup_full",
+                DEDUP_FULL_MESSAGE.into(),
             ),
             BodyTimeout => (
                 StatusCode::REQUEST_TIMEOUT,

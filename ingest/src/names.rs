@@ -26,6 +26,8 @@ pub const KEY_CACHE_REFRESHES_TOTAL: &str = "apex_ingest_key_cache_refreshes_tot
 pub const DEDUP_IDS: &str = "apex_ingest_dedup_ids";
 /// Event ids forgotten early because the dedup table was full.
 pub const DEDUP_EVICTIONS_TOTAL: &str = "apex_ingest_dedup_evictions_total";
+/// Event ids refused because the dedup table had no room to hold them pending.
+pub const DEDUP_FULL_TOTAL: &str = "apex_ingest_dedup_full_total";
 /// Bytes the dedup table has allocated.
 pub const DEDUP_BYTES: &str = "apex_ingest_dedup_bytes";
 /// Seconds back to which every accepted event id is still remembered (the effective window).
@@ -69,6 +71,10 @@ pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         DEDUP_EVICTIONS_TOTAL,
         "Event ids forgotten before their window ended because the dedup table's byte budget (APEX_DEDUP_MAX_BYTES) or id capacity was reached.",
+    ),
+    MetricSpec::counter(
+        DEDUP_FULL_TOTAL,
+        "Event ids refused (503 dedup_full, or a per-record dedup_full in a batch) because every reusable generation of their dedup shard still held an id in flight.",
     ),
     MetricSpec::gauge(
         DEDUP_BYTES,

@@ -57,6 +57,7 @@ pub async fn run_with_sink(
     // Counters that only move on trouble start at 0, so their alerts have a series to read.
     metrics::counter!(names::QUEUE_FULL_TOTAL).increment(0);
     metrics::counter!(names::DEDUP_EVICTIONS_TOTAL).increment(0);
+    metrics::counter!(names::DEDUP_FULL_TOTAL).increment(0);
     std::fs::create_dir_all(&config.wal_dir).map_err(|source| ServerError::WalDir {
         path: config.wal_dir.display().to_string(),
         source,

@@ -16,8 +16,8 @@ use serde_json::value::RawValue;
 
 use crate::auth;
 use crate::body::read_body;
-use crate::dedup::{Claim, Dedup, Ticket};
-use crate::error::{ApiError, RecordError};
+use crate::dedup::{Claim, PendingIds, Ticket};
+use crate::error::{ApiError, DEDUP_FULL_MESSAGE, RecordError};
 use crate::keycache::{ActiveCustomer, KeyVerdict};
 use crate::records::{self, ValidRecord, WireBatch, WireRecord};
 use crate::response::{self, Body};
@@ -116,54 +116,54 @@ fn count_records(outcome: &'static str, cause: &'static str, n: usize) {
     }
 }
 
-/// Ids claimed by a request. If the request is dropped before its acknowledgement arrives
-/// (the client went away), the acknowledgement is still awaited in the background, so the ids
-/// end up committed or released, never pending forever.
+/// Ids claimed by a request whose records the sink took. If the request is dropped before
+/// its acknowledgement arrives (the client went away), the acknowledgement is still awaited
+/// in the background, so the ids end up committed or released, never pending forever. Where
+/// no task can be spawned (no runtime) the ids are released by their guard.
 struct ClaimedIds {
-    dedup: Arc<Dedup>,
-    keys: Vec<Ticket>,
+    ids: Option<PendingIds>,
     ack: Option<Ack>,
 }
 
-impl ClaimedIds {
-    fn resolve(dedup: &Dedup, keys: &[Ticket], outcome: &Result<(), SinkError>) {
-        if outcome.is_ok() {
-            dedup.commit(keys);
-        } else {
-            dedup.release(keys);
-        }
+fn resolve(ids: PendingIds, outcome: &Result<(), SinkError>) {
+    if outcome.is_ok() {
+        ids.commit();
+    } else {
+        ids.release();
     }
 }
 
 impl Drop for ClaimedIds {
     fn drop(&mut self) {
-        if let Some(ack) = self.ack.take() {
-            let dedup = self.dedup.clone();
-            let keys = std::mem::take(&mut self.keys);
-            tokio::spawn(async move {
+        let (Some(ack), Some(ids)) = (self.ack.take(), self.ids.take()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A runtime shutting down drops the task unrun, and with it the guard: released.
+            runtime.spawn(async move {
                 let outcome = ack.await.unwrap_or(Err(SinkError::Closed));
-                ClaimedIds::resolve(&dedup, &keys, &outcome);
+                resolve(ids, &outcome);
             });
         }
     }
 }
 
-/// Hands records to the sink and waits until they are durable.
+/// Hands records to the sink and waits until they are durable; then commits the request's
+/// claimed ids, or releases them if the records were refused.
 async fn send(
     state: &AppState,
     records: Vec<UsageRecord>,
-    keys: Vec<Ticket>,
+    ids: PendingIds,
 ) -> Result<(), ApiError> {
     let ack = match state.sink.submit(records) {
         Ok(ack) => ack,
         Err(e) => {
-            state.dedup.release(&keys);
+            ids.release();
             return Err(sink_error(e));
         }
     };
     let mut claimed = ClaimedIds {
-        dedup: state.dedup.clone(),
-        keys,
+        ids: Some(ids),
         ack: Some(ack),
     };
     let outcome = match claimed.ack.as_mut() {
@@ -171,7 +171,9 @@ async fn send(
         None => Err(SinkError::Closed),
     };
     claimed.ack = None;
-    ClaimedIds::resolve(&state.dedup, &claimed.keys, &outcome);
+    if let Some(ids) = claimed.ids.take() {
+        resolve(ids, &outcome);
+    }
     outcome.map_err(sink_error)
 }
 
@@ -245,19 +247,25 @@ pub async fn track(
         count_records("rejected", e.code, 1);
         ApiError::InvalidRecord(e)
     })?;
-    let mut keys = Vec::new();
+    // Owned by the guard from the claim on: released if the request ends before the sink.
+    let mut ids = PendingIds::new(state.dedup.clone());
     if let Some(event_id) = &valid.event_id {
         match state.dedup.claim(state.dedup.customer(&customer), event_id) {
-            Claim::New(ticket) => keys.push(ticket),
+            Claim::New(ticket) => ids.push(ticket),
             Claim::Duplicate => {
                 count_records("duplicate", "event_id", 1);
                 return Ok(track_answer(&customer, &valid, true));
             }
-            Claim::InFlight(_) | Claim::Full => return Err(ApiError::DuplicateInFlight),
+            Claim::InFlight(_) => return Err(ApiError::DuplicateInFlight),
+            Claim::Full => {
+                metrics::counter!(names::DEDUP_FULL_TOTAL).increment(1);
+                count_records("rejected", "dedup_full", 1);
+                return Err(ApiError::DedupFull);
+            }
         }
     }
     let answer = track_answer(&customer, &valid, false);
-    send(state, vec![into_record(&customer, valid, now)], keys).await?;
+    send(state, vec![into_record(&customer, valid, now)], ids).await?;
     count_records("accepted", "ok", 1);
     Ok(answer)
 }
@@ -289,6 +297,18 @@ pub fn indexed_errors(errors: &[(usize, RecordError)]) -> Vec<IndexedError> {
             message: e.message.clone(),
         })
         .collect()
+}
+
+/// The refusal of a batch of which no record was taken. A 400 is permanent to ordinary
+/// clients, so when some records only lacked room in the dedup table (`full` of them), the
+/// whole batch is answered 503 `dedup_full` instead: its retry then lists any invalid
+/// records by index.
+fn nothing_taken(errors: Vec<(usize, RecordError)>, full: usize) -> ApiError {
+    if full > 0 {
+        ApiError::DedupFull
+    } else {
+        ApiError::AllRejected(errors)
+    }
 }
 
 fn record_parse_error(e: &serde_json::Error) -> RecordError {
@@ -356,10 +376,12 @@ pub async fn batch(
     let mut accepted = Vec::with_capacity(items.len());
     let mut errors: Vec<(usize, RecordError)> = Vec::new();
     let mut duplicates = 0usize;
-    let mut keys = Vec::new();
+    let mut full = 0usize;
+    // Owned by the guard from the claim on: released if the request ends before the sink.
+    let mut ids = PendingIds::new(state.dedup.clone());
     // The ids of this request, exactly: the tickets it holds, and those of other requests
     // it found in flight. An id met again in the same request is a duplicate.
-    let mut seen_here: HashSet<Ticket> = HashSet::new();
+    let mut seen_here: HashSet<Ticket> = HashSet::with_capacity(items.len());
     for (index, raw) in items.iter().enumerate() {
         let wire: WireRecord<'_> = match serde_json::from_slice(raw) {
             Ok(wire) => wire,
@@ -393,7 +415,7 @@ pub async fn batch(
             match state.dedup.claim(dedup_customer, event_id) {
                 Claim::New(ticket) => {
                     seen_here.insert(ticket);
-                    keys.push(ticket);
+                    ids.push(ticket);
                 }
                 Claim::Duplicate => {
                     duplicates += 1;
@@ -403,7 +425,7 @@ pub async fn batch(
                     duplicates += 1;
                     continue;
                 }
-                Claim::InFlight(_) | Claim::Full => {
+                Claim::InFlight(_) => {
                     errors.push((
                         index,
                         RecordError::new(
@@ -411,6 +433,11 @@ pub async fn batch(
                             "a request with this event_id is still being recorded; retry shortly",
                         ),
                     ));
+                    continue;
+                }
+                Claim::Full => {
+                    full += 1;
+                    errors.push((index, RecordError::new("dedup_full", DEDUP_FULL_MESSAGE)));
                     continue;
                 }
             }
@@ -421,12 +448,15 @@ pub async fn batch(
         count_records("rejected", e.code, 1);
     }
     count_records("duplicate", "event_id", duplicates);
+    if full > 0 {
+        metrics::counter!(names::DEDUP_FULL_TOTAL).increment(full as u64);
+    }
     if accepted.is_empty() && duplicates == 0 {
-        return Err(ApiError::AllRejected(errors));
+        return Err(nothing_taken(errors, full));
     }
     let accepted_count = accepted.len();
     if !accepted.is_empty() {
-        send(state, accepted, keys).await?;
+        send(state, accepted, ids).await?;
     }
     count_records("accepted", "ok", accepted_count);
     Ok(response::json(
@@ -439,4 +469,74 @@ pub async fn batch(
             errors: indexed_errors(&errors),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::Dedup;
+
+    fn claimed(dedup: &Arc<Dedup>, id: &str) -> PendingIds {
+        let mut ids = PendingIds::new(dedup.clone());
+        match dedup.claim(dedup.customer("cus"), id) {
+            Claim::New(ticket) => ids.push(ticket),
+            other => panic!("{other:?}"),
+        }
+        ids
+    }
+
+    #[test]
+    fn a_dropped_request_still_resolves_its_ids() {
+        let dedup = Arc::new(Dedup::new(
+            std::time::Duration::from_secs(3600),
+            1 << 20,
+            1_000,
+        ));
+        let cus = dedup.customer("cus");
+        // Outside a runtime nothing can wait for the answer: the guard releases the ids.
+        let (_answer, ack) = tokio::sync::oneshot::channel();
+        drop(ClaimedIds {
+            ids: Some(claimed(&dedup, "no-runtime")),
+            ack: Some(ack),
+        });
+        assert!(matches!(dedup.claim(cus, "no-runtime"), Claim::New(_)));
+        // In a runtime the answer is awaited in the background and commits them.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (answer, ack) = tokio::sync::oneshot::channel();
+            drop(ClaimedIds {
+                ids: Some(claimed(&dedup, "client-gone")),
+                ack: Some(ack),
+            });
+            assert!(matches!(
+                dedup.claim(cus, "client-gone"),
+                Claim::InFlight(_)
+            ));
+            answer.send(Ok(())).unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(dedup.claim(cus, "client-gone"), Claim::Duplicate);
+        });
+    }
+
+    #[test]
+    fn a_batch_with_records_refused_for_a_full_dedup_is_retryable() {
+        let invalid = (0, RecordError::new("invalid_quantity", "negative"));
+        let full = (1, RecordError::new("dedup_full", DEDUP_FULL_MESSAGE));
+        // All refused for room, or some invalid as well: 503, never a permanent 400.
+        for errors in [vec![full.clone()], vec![invalid.clone(), full]] {
+            let answer = nothing_taken(errors, 1);
+            assert_eq!(answer, ApiError::DedupFull);
+            let (status, code, _) = answer.status();
+            assert_eq!((status.as_u16(), code), (503, "dedup_full"));
+        }
+        // Only invalid records: the 400 with the errors by index, as before.
+        assert_eq!(
+            nothing_taken(vec![invalid.clone()], 0),
+            ApiError::AllRejected(vec![invalid])
+        );
+    }
 }

@@ -138,3 +138,74 @@ async fn shutdown_answers_every_request_in_flight() {
         .unwrap();
     assert_eq!(sink.acknowledged.load(Ordering::SeqCst), 20);
 }
+
+#[tokio::test]
+async fn a_full_dedup_table_is_answered_503_dedup_full_never_400() {
+    // 256 ids of capacity: one entry a generation, so a shard holds 4 pending ids at most.
+    // The sink holds the first batch's records for 3 s, pending all that time.
+    let sink = SlowSink::new(16, Duration::from_secs(3));
+    let server = start_with(&[("APEX_DEDUP_CAPACITY", "256")], Some(sink.clone())).await;
+    let (_, key) = customer(&server).await;
+    let batch = |prefix: &str, n: usize| {
+        let records: Vec<_> = (0..n)
+            .map(|i| json!({"metric_type": "impressions", "quantity": 1, "event_id": format!("{prefix}-{i}")}))
+            .collect();
+        json!({"api_key": key, "records": records})
+    };
+    let first = {
+        let (addr, body) = (server.addr, batch("first", 2_000));
+        tokio::spawn(async move { post_json(addr, "/api/usage/batch", &body).await })
+    };
+    // The first batch's ids are claimed (every shard holds 4) while its records wait.
+    let mut waited = Duration::ZERO;
+    while sink.queue_depth() == 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the first batch never reached the sink"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    // No room for any id: the whole batch is retryable, not a permanent 400.
+    let second = post_json(server.addr, "/api/usage/batch", &batch("second", 200)).await;
+    assert_eq!(second.status, 503, "{}", second.body);
+    assert_eq!(second.error_code(), "dedup_full");
+    assert_eq!(second.header("retry-after").as_deref(), Some("1"));
+    let track =
+        json!({"api_key": key, "metric_type": "impressions", "quantity": 1, "event_id": "track-1"});
+    let track = post_json(server.addr, "/api/usage/track", &track).await;
+    assert_eq!(track.status, 503, "{}", track.body);
+    assert_eq!(track.error_code(), "dedup_full");
+
+    // The first batch: what fitted is accepted, the rest is refused per record, retryably.
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    let answer = first.json();
+    let accepted = answer["accepted"].as_u64().unwrap();
+    let errors = answer["errors"].as_array().unwrap();
+    assert!((1..=256).contains(&accepted), "{accepted} accepted");
+    assert_eq!(accepted as usize + errors.len(), 2_000);
+    assert!(
+        errors.iter().all(|e| e["code"] == "dedup_full"),
+        "{errors:?}"
+    );
+    assert_eq!(sink.acknowledged.load(Ordering::SeqCst), accepted as usize);
+
+    // Acknowledged, the ids free their generations: the refused track goes through now.
+    let track =
+        json!({"api_key": key, "metric_type": "impressions", "quantity": 1, "event_id": "track-1"});
+    assert_eq!(
+        post_json(server.addr, "/api/usage/track", &track)
+            .await
+            .status,
+        200
+    );
+    let metrics = common::get(server.addr, "/metrics").await.body;
+    let full: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("apex_ingest_dedup_full_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("apex_ingest_dedup_full_total on /metrics");
+    // The first batch's refused records and the second batch's, and the track besides.
+    assert!(full > 2_000 - accepted + 200, "{full}");
+}

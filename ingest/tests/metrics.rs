@@ -61,6 +61,7 @@ async fn metrics_pass_promtool_with_help_for_every_series() {
         "apex_pipeline_wal_full_total 0",
         "apex_ingest_queue_full_total 0",
         "apex_ingest_dedup_evictions_total 0",
+        "apex_ingest_dedup_full_total 0",
         // Nothing dropped: the effective window is the configured one.
         "apex_ingest_dedup_window_seconds 86400",
     ] {
