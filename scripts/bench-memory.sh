@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The edge's memory under overload with the dedup window full (issue 19): for each server
 # binary, start it on the local stack (the whole durable pipeline), fill its dedup table with
-# 1,000-record batches (every record has its own event_id) for FILL seconds, then offer `track`
-# well above what it can serve (RATE req/s, 5,000 connections) for OVERLOAD seconds while
-# apex-loadtest samples the server's RSS every second. Prints, per binary: RSS max, RSS at the
-# middle and at the end of the overload, the growth over its second half, and the dedup
-# gauges from /metrics at the end. The binaries run one after the other in one invocation, so
-# their figures compare side by side.
+# 1,000-record batches (every record has its own event_id) offered at FILL_RATE requests a
+# second for FILL seconds (below what the stores absorb, so no backlog is left: wait until
+# both appliers have caught up), then offer `track` well above what it can serve (RATE req/s,
+# 5,000 connections) for OVERLOAD seconds while apex-loadtest samples the server's RSS every
+# second. Prints, per binary: RSS max, RSS at the middle and at the end of the overload, the
+# growth over its second half, and the dedup gauges from /metrics at the end. The binaries
+# run one after the other in one invocation, so their figures compare side by side.
 # Usage: scripts/bench-memory.sh [FILL=30] [OVERLOAD=60] [RATE=150000] [SERVER_BINARY...]
 # (default binary: the release apex-server just built; pass an earlier build's path too to
-# compare, e.g. a copy of target/release/apex-server made before a change).
+# compare, e.g. a copy of target/release/apex-server made before a change). FILL_RATE
+# (environment, default 400 batches/s = 400,000 records/s) sets the fill's pace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fill="${1:-30}"; overload="${2:-60}"; rate="${3:-150000}"; shift $(($# < 3 ? $# : 3))
@@ -31,11 +33,18 @@ for binary in "${binaries[@]}"; do
   trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"; true' EXIT
   for _ in $(seq 1 100); do curl -sf 127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
   target=http://127.0.0.1:$port
-  "$lt" run --target "$target" --keys-file "$keys" --mode batch --batch-size 1000 --closed \
-    --connections 16 --duration "${fill}s" --no-progress --json "$out/fill-$n.json" >/dev/null
+  "$lt" run --target "$target" --keys-file "$keys" --mode batch --batch-size 1000 \
+    --rate "${FILL_RATE:-400}" --connections 32 --duration "${fill}s" --no-progress \
+    --json "$out/fill-$n.json" >/dev/null
+  for _ in $(seq 1 600); do
+    backlog=$(curl -sf "$target/metrics" | awk '/^apex_pipeline_wal_backlog_bytes/ {s += $NF} END {print s + 0}')
+    [ "$backlog" = 0 ] && break
+    sleep 0.2
+  done
   "$lt" run --target "$target" --keys-file "$keys" --mode track --rate "$rate" --connections 5000 \
     --duration "${overload}s" --timeout 5s --no-progress --watch-pid "$server" \
-    --json "$out/overload-$n.json" >/dev/null
+    --json "$out/overload-$n.json" >/dev/null ||
+    true  # exit 1 on refusals: an overload is answered 503 in part, by design
   metrics=$(curl -sf "$target/metrics" | grep -E '^apex_ingest_dedup_(ids|bytes|window_seconds|evictions_total) ' || true)
   python3 - "$out/overload-$n.json" "$binary" "$metrics" <<'PY'
 import json, sys

@@ -5,6 +5,8 @@
 # every record after the load stopped, and whether their totals match what was acknowledged
 # (exit status 1 if not, or if any answer was not 2xx: the figures would not measure ingest).
 # Usage: scripts/bench-pipeline.sh [ROUNDS=3] [SECONDS=60] [CONNECTIONS=16]
+# APEX_BENCH_SERVER names another apex-server binary to measure (an earlier build, to compare
+# two builds side by side on the same stack); by default the one just built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"; secs="${2:-60}"; conns="${3:-16}"
@@ -13,7 +15,7 @@ wal=$(mktemp -d)
 # Rate limits out of reach (issue 19): the limiter runs but never refuses, so the figures
 # measure the pipeline, not the plan's limit.
 APEX_LISTEN=127.0.0.1:18081 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
-  APEX_CUSTOMER_RATE_LIMIT=1000000000 APEX_CUSTOMER_RATE_BURST=1000000000 APEX_WAL_DIR="$wal" "$bin/apex-server" & server=$!
+  APEX_CUSTOMER_RATE_LIMIT=1000000000 APEX_CUSTOMER_RATE_BURST=1000000000 APEX_WAL_DIR="$wal" "${APEX_BENCH_SERVER:-$bin/apex-server}" & server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"' EXIT
 for _ in $(seq 1 100); do curl -sf 127.0.0.1:18081/readyz >/dev/null && break; sleep 0.1; done
 
