@@ -49,7 +49,7 @@ for round in $(seq 1 "$rounds"); do
         APEX_CUSTOMER_RATE_LIMIT=1000000000 APEX_CUSTOMER_RATE_BURST=1000000000 APEX_WAL_DIR="$wal" \
         "$binary" & pid=$!
     fi
-    trap 'kill $pid 2>/dev/null; rm -rf "$wal"; true' EXIT
+    trap 'kill $pid 2>/dev/null || true; rm -rf "$wal"' EXIT
     for _ in $(seq 1 100); do curl -s -o /dev/null "127.0.0.1:$port/readyz" && break; sleep 0.1; done
     measure "$binary" "$pid" "$port"
     kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$wal"

@@ -11,7 +11,44 @@ use apex_pipeline::durable::DurableSink;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// How long, in milliseconds, mimalloc keeps a freed page committed before returning it to
+/// the kernel. mimalloc 3's built-in 1,000 ms kept the appliers' large batches and every burst
+/// of requests resident; 10 ms is the value mimalloc's header documents (and mimalloc 2's
+/// default). With [`no_transparent_huge_pages`] it brought RSS under overload within issue
+/// 19's 384 MiB at no CPU cost measurable on this machine (BENCHMARKS.md, "Edge efficiency
+/// (issue 19)"). An operator's `MIMALLOC_PURGE_DELAY` still wins.
+const PURGE_DELAY_MS: std::ffi::c_long = 10;
+
+/// `mi_option_purge_delay`'s index in mimalloc.h's option enum (15 in mimalloc 2 and 3);
+/// libmimalloc-sys does not name it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets the allocator's purge delay unless the environment already does.
+#[allow(unsafe_code)]
+fn purge_freed_pages_promptly() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: `mi_option_set` stores an integer in mimalloc's option table: no pointers,
+        // no preconditions, and callable at any time (mimalloc.h).
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    }
+}
+
+/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`), unless
+/// `MIMALLOC_ALLOW_THP` is set. mimalloc asks for huge pages on its arenas, and the kernel's
+/// khugepaged then backs a whole 2 MiB range once any of its 4 KiB pages is in use (its
+/// default `max_ptes_none` is 511), which undoes the purge: RSS under overload wandered from
+/// 330 to 457 MiB between runs of the same binary, and sat 15 MiB higher at idle. Best effort:
+/// where prctl is refused (a seccomp filter), the server runs as before, with more memory.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        let _ = rustix::thread::disable_transparent_huge_pages(true);
+    }
+}
+
 fn main() -> ExitCode {
+    purge_freed_pages_promptly();
+    no_transparent_huge_pages();
     process::init_logging();
     let config = match ServerConfig::from_env(&EnvSource::process()) {
         Ok(config) => config,
@@ -55,4 +92,43 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(unsafe_code)]
+    fn purge_delay() -> std::ffi::c_long {
+        // SAFETY: `mi_option_get` reads an integer from mimalloc's option table.
+        unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) }
+    }
+
+    #[test]
+    fn the_allocator_returns_freed_pages_after_ten_milliseconds() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return; // the operator's value stands; nothing of ours to check
+        }
+        // mimalloc 3's default for this index is 1,000 ms: this is the purge delay option.
+        assert_eq!(
+            purge_delay(),
+            1000,
+            "option {MI_OPTION_PURGE_DELAY} is not the purge delay"
+        );
+        purge_freed_pages_promptly();
+        assert_eq!(purge_delay(), PURGE_DELAY_MS);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn transparent_huge_pages_are_off_for_the_server() {
+        if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+            return; // the operator's choice stands
+        }
+        no_transparent_huge_pages();
+        assert_eq!(
+            rustix::thread::transparent_huge_pages_are_disabled().ok(),
+            Some(true)
+        );
+    }
 }

@@ -107,7 +107,10 @@ pub async fn run_with_sink(
                 tokio::select! {
                     () = &mut stop => return,
                     _ = every_minute.tick() => {
-                        dedup.sweep();
+                        // The sweep reads every entry of the table (tens of milliseconds at
+                        // 128 MiB): off the async workers, so no request waits behind it.
+                        let dedup = dedup.clone();
+                        let _ = tokio::task::spawn_blocking(move || dedup.sweep()).await;
                         rate_limits.prune();
                     }
                 }
