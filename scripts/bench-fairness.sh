@@ -10,7 +10,8 @@
 # Two servers run side by side on the local stack (the whole durable pipeline), one with
 # APEX_CUSTOMER_RATE_LIMIT=LIMIT, one without a reachable limit. Prints each run (the
 # customer's p50, p99, p99.9 and answers; the flooder's answers) and the medians per way.
-# Exit status 1 if the well-behaved customer got anything but 200 in a limited run.
+# Exit status 1 if the well-behaved customer got anything but 200 alone or in a limited run
+# (RATE must be below LIMIT: its own requests are never over the limit).
 # Usage: scripts/bench-fairness.sh [ROUNDS=3] [SECONDS=15] [RATE=1000] [LIMIT=2000]
 # (FLOOD_RATE and FLOOD_CONNECTIONS in the environment, defaults 20000 and 64; FLOOD_RATE=closed
 # floods in closed loop instead: as fast as it is answered, so 429s, being cheap, come faster).
@@ -18,6 +19,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"; secs="${2:-15}"; rate="${3:-1000}"; limit="${4:-2000}"
 flood_conns="${FLOOD_CONNECTIONS:-64}"; flood_rate="${FLOOD_RATE:-20000}"
+if ! awk -v r="$rate" -v l="$limit" 'BEGIN {exit !(r < l)}'; then
+  echo "bench-fairness: RATE ($rate) must be below LIMIT ($limit)" >&2; exit 2
+fi
 if [ "$flood_rate" = closed ]; then pacing=(--closed); else pacing=(--rate "$flood_rate"); fi
 . scripts/bench/prepare.sh
 out="bench-results/fairness-$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$out"
@@ -26,17 +30,20 @@ for who in normal flooder; do
     --json >"$out/$who.jsonl"
   echo >>"$out/$who.jsonl"
 done
-start_server() { # port limit -> pid
+wal_limited=$(mktemp -d); wal_unlimited=$(mktemp -d)
+start_server() { # port limit wal-dir -> pid
   APEX_LISTEN=127.0.0.1:$1 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
-    APEX_CUSTOMER_RATE_LIMIT=$2 APEX_CUSTOMER_RATE_BURST=$2 APEX_WAL_DIR="$(mktemp -d)" \
-    "${APEX_BENCH_SERVER:-$bin/apex-server}" >/dev/null 2>&1 &
+    APEX_CUSTOMER_RATE_LIMIT=$2 APEX_CUSTOMER_RATE_BURST=$2 APEX_WAL_DIR="$3" \
+    "${APEX_BENCH_SERVER:-$bin/apex-server}" >>"$out/servers.log" 2>&1 &
   echo $!
 }
-limited=$(start_server 18501 "$limit")
-unlimited=$(start_server 18502 1000000000)
-trap 'kill $limited $unlimited 2>/dev/null || true' EXIT
+limited=$(start_server 18501 "$limit" "$wal_limited")
+unlimited=$(start_server 18502 1000000000 "$wal_unlimited")
+trap 'kill $limited $unlimited 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$wal_limited" "$wal_unlimited"' EXIT
 for port in 18501 18502; do
   for _ in $(seq 1 100); do curl -sf 127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
+  curl -sf 127.0.0.1:$port/readyz >/dev/null ||
+    { echo "bench-fairness: apex-server on :$port is not ready (see $out/servers.log)" >&2; exit 1; }
 done
 
 normal_run() { # port name

@@ -34,6 +34,7 @@ for binary in "${binaries[@]}"; do
   trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$wal"' EXIT
   for _ in $(seq 1 100); do curl -sf 127.0.0.1:$port/readyz >/dev/null && break; sleep 0.1; done
   target=http://127.0.0.1:$port
+  kill -0 "$server" 2>/dev/null || { echo "bench-memory: $binary did not start" >&2; exit 1; }
   rss_start=$(awk '/^VmRSS/ {print $2}' /proc/$server/status)
   "$lt" run --target "$target" --keys-file "$keys" --mode batch --batch-size 1000 \
     --rate "${FILL_RATE:-400}" --connections 32 --duration "${fill}s" --no-progress \

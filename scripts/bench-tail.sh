@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Where the tail latency is (issue 19): `track` offered open loop at RATE requests a second
 # for SECONDS (apex-loadtest, the harness's records, 20 `scale` customers, CONNECTIONS
-# connections), first to apex-server on the local stack (the whole durable pipeline), then to
-# the null-server at the same rate. Prints, for each: the client's p50, p99, p99.9 and max from
-# the intended send time, and its worst latency in every second; for apex-server also its own
-# view (`apex_ingest_request_duration_seconds` of `track`: the share of requests its handler
-# finished within 10 and 25 ms) and the log's fsync quantiles; and vmstat's CPU columns
-# during the run (bench-results/tail-*/vmstat.txt). A client p99 far above the server's own
-# says the time is spent outside the handler: in the run queues of two shared cores.
+# connections), first to the null-server, then to apex-server on the local stack (the whole
+# durable pipeline; the null-server goes first so that apex-server's appliers and stores are
+# not still at work during its run). Prints, for each: the client's p50, p99, p99.9 and max
+# from the intended send time, and its worst latency in every second; for apex-server also
+# its own view (`apex_ingest_request_duration_seconds` of `track`: the share of requests its
+# handler finished within 10 and 25 ms) and the log's fsync quantiles. vmstat's columns
+# during apex-server's run are kept in bench-results/tail-*/vmstat.txt. A client p99 far
+# above the server's own says the time is spent outside the handler: in the run queues of
+# two shared cores.
 # Usage: scripts/bench-tail.sh [RATE=21000] [SECONDS=30] [CONNECTIONS=64]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +25,8 @@ wal=$(mktemp -d)
 APEX_LISTEN=127.0.0.1:18601 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
   APEX_WAL_DIR="$wal" "${APEX_BENCH_SERVER:-$bin/apex-server}" & server=$!
 "$bin/apex-loadtest" null-server --listen 127.0.0.1:18602 2>/dev/null & null=$!
-trap 'kill $server $null 2>/dev/null || true; rm -rf "$wal"' EXIT
+vmstat=""
+trap 'kill $server $null $vmstat 2>/dev/null || true; rm -rf "$wal"' EXIT
 for _ in $(seq 1 100); do
   curl -sf 127.0.0.1:18601/readyz >/dev/null && curl -sf -X POST 127.0.0.1:18602/ >/dev/null && break
   sleep 0.1
@@ -33,15 +36,15 @@ run() { # port name
     --rate "$rate" --connections "$conns" --duration "${secs}s" --no-progress \
     --json "$out/$2.json" >/dev/null
 }
-vmstat 1 "$((secs + 1))" >"$out/vmstat.txt" &
+run 18602 null-server
+vmstat 1 "$((secs + 1))" >"$out/vmstat.txt" & vmstat=$!
 run 18601 apex-server
 curl -sf 127.0.0.1:18601/metrics >"$out/metrics.txt"
-run 18602 null-server
 python3 - "$out" "$rate" "$conns" <<'PY'
 import json, re, sys
 out, rate, conns = sys.argv[1], sys.argv[2], sys.argv[3]
 print(f"track, open loop at {rate} req/s, {conns} connections, latency from the intended send time")
-for name in ("apex-server", "null-server"):
+for name in ("null-server", "apex-server"):
     r = json.load(open(f"{out}/{name}.json"))
     l = r["latency"]
     print(f"{name}: p50 {l['p50_us']/1e3:.2f} ms, p99 {l['p99_us']/1e3:.2f} ms, p99.9 "

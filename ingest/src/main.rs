@@ -16,40 +16,49 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// of requests resident; 10 ms is the value mimalloc's header documents (and mimalloc 2's
 /// default). With [`no_transparent_huge_pages`] it brought RSS under overload within issue
 /// 19's 384 MiB at no CPU cost measurable on this machine (BENCHMARKS.md, "Edge efficiency
-/// (issue 19)"). An operator's `MIMALLOC_PURGE_DELAY` still wins.
+/// (issue 19)"). A value from the environment (`MIMALLOC_PURGE_DELAY`, read by mimalloc at
+/// load, in any case or under its legacy name) still wins.
 const PURGE_DELAY_MS: std::ffi::c_long = 10;
 
 /// `mi_option_purge_delay`'s index in mimalloc.h's option enum (15 in mimalloc 2 and 3);
 /// libmimalloc-sys does not name it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
-/// Sets the allocator's purge delay unless the environment already does.
+/// Makes [`PURGE_DELAY_MS`] mimalloc's purge delay unless the environment set one. Call it
+/// first thing in `main`, before any other thread exists.
 #[allow(unsafe_code)]
 fn purge_freed_pages_promptly() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: `mi_option_set` stores an integer in mimalloc's option table: no pointers,
-        // no preconditions, and callable at any time (mimalloc.h).
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
-    }
+    // SAFETY: `mi_option_set_default` writes an integer into mimalloc's option table (plain,
+    // not atomic) unless the option was initialised from the environment: no pointers, no
+    // preconditions, and no other thread runs yet to read the table concurrently.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }
 
-/// Turns transparent huge pages off for this process (`prctl(PR_SET_THP_DISABLE)`), unless
-/// `MIMALLOC_ALLOW_THP` is set. mimalloc asks for huge pages on its arenas, and the kernel's
-/// khugepaged then backs a whole 2 MiB range once any of its 4 KiB pages is in use (its
-/// default `max_ptes_none` is 511), which undoes the purge: RSS under overload wandered from
-/// 330 to 457 MiB between runs of the same binary, and sat 15 MiB higher at idle. Best effort:
-/// where prctl is refused (a seccomp filter), the server runs as before, with more memory.
-fn no_transparent_huge_pages() {
+/// Turns transparent huge pages off for the whole process (`prctl(PR_SET_THP_DISABLE)`, a flag
+/// on its address space, so every thread and later fault), unless `MIMALLOC_ALLOW_THP` is set:
+/// that is mimalloc's own option, `0` turns them off as this does, `1` leaves them on. mimalloc
+/// asks for huge pages on its arenas, and the kernel's khugepaged then backs a whole 2 MiB
+/// range once any of its 4 KiB pages is in use (its default `max_ptes_none` is 511), which
+/// undoes the purge: RSS under overload wandered from 330 to 457 MiB between runs of the same
+/// binary, and sat 15 MiB higher at idle.
+///
+/// # Errors
+/// The prctl's, e.g. where a seccomp filter refuses it; the server then runs as before, with
+/// more memory.
+fn no_transparent_huge_pages() -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        let _ = rustix::thread::disable_transparent_huge_pages(true);
+        rustix::thread::disable_transparent_huge_pages(true)?;
     }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     purge_freed_pages_promptly();
-    no_transparent_huge_pages();
     process::init_logging();
+    if let Err(e) = no_transparent_huge_pages() {
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off: RSS may be higher");
+    }
     let config = match ServerConfig::from_env(&EnvSource::process()) {
         Ok(config) => config,
         Err(e) => {
@@ -125,7 +134,13 @@ mod tests {
         if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
             return; // the operator's choice stands
         }
-        no_transparent_huge_pages();
+        // The flag is inherited: start from "on", whatever the parent process chose.
+        rustix::thread::disable_transparent_huge_pages(false).expect("prctl");
+        assert_eq!(
+            rustix::thread::transparent_huge_pages_are_disabled().ok(),
+            Some(false)
+        );
+        no_transparent_huge_pages().expect("prctl(PR_SET_THP_DISABLE)");
         assert_eq!(
             rustix::thread::transparent_huge_pages_are_disabled().ok(),
             Some(true)
