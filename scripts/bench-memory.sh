@@ -21,10 +21,7 @@ ulimit -n "$(ulimit -Hn)"  # 5,000 connections need 10,000 descriptors (client a
 binaries=("$@"); [ ${#binaries[@]} -gt 0 ] || binaries=("$bin/apex-server")
 out="bench-results/memory-$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$out"
 keys="$out/keys.jsonl"
-for i in $(seq 1 20); do
-  "$bin/apexctl" customers create --name "Memory $i" --email "memory+$i@example.com" --plan scale --json >>"$keys"
-  echo >>"$keys"
-done
+bench_customers Memory "$keys"
 lt="$bin/apex-loadtest"
 n=0
 for binary in "${binaries[@]}"; do

@@ -17,10 +17,7 @@ rate="${1:-21000}"; secs="${2:-30}"; conns="${3:-64}"
 . scripts/bench/prepare.sh
 out="bench-results/tail-$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$out"
 keys="$out/keys.jsonl"
-for i in $(seq 1 20); do
-  "$bin/apexctl" customers create --name "Tail $i" --email "tail+$i@example.com" --plan scale --json >>"$keys"
-  echo >>"$keys"
-done
+bench_customers Tail "$keys"
 wal=$(mktemp -d)
 APEX_LISTEN=127.0.0.1:18601 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
   APEX_WAL_DIR="$wal" "${APEX_BENCH_SERVER:-$bin/apex-server}" & server=$!
