@@ -22,19 +22,22 @@ ticks() { for f in /proc/"$1"/task/*/stat; do
   sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\4 \5/' "$f" 2>/dev/null
 done | awk '{u += $1; s += $2} END {print u + 0, s + 0}'; }
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
+# Minor page faults of the whole process (field 10 of /proc/PID/stat): memory the allocator
+# gave back and touched again, or touched for the first time.
+faults() { sed -E 's/^[0-9]+ \(.*\) [A-Za-z] (([^ ]+ ){6})([0-9]+).*/\3/' /proc/"$1"/stat; }
 
 measure() { # name pid port
-  local before after cs_before cs_after out requests bad
-  before=$(ticks "$2"); cs_before=$(switches "$2")
+  local before after cs_before cs_after pf_before pf_after out requests bad
+  before=$(ticks "$2"); cs_before=$(switches "$2"); pf_before=$(faults "$2")
   out=$(wrk -t1 -c"$conns" -d"${secs}s" -s scripts/bench/track.lua "http://127.0.0.1:$3/api/usage/track" 2>&1)
-  after=$(ticks "$2"); cs_after=$(switches "$2")
+  after=$(ticks "$2"); cs_after=$(switches "$2"); pf_after=$(faults "$2")
   requests=$(printf '%s\n' "$out" | awk '/requests in/ {print $1}')
   bad=$(printf '%s\n' "$out" | awk '/Non-2xx/ {print $NF}')
   if [ -n "$bad" ] && [ "$bad" != 0 ]; then echo "FAILED: $1: $bad non-2xx answers" >&2; exit 1; fi
-  echo "$before $after $requests $cs_before $cs_after" | awk -v name="$1" -v secs="$secs" -v hz="$(getconf CLK_TCK)" '
+  echo "$before $after $requests $cs_before $cs_after $pf_before $pf_after" | awk -v name="$1" -v secs="$secs" -v hz="$(getconf CLK_TCK)" '
     { u = ($3 - $1) / hz * 1e6 / $5; s = ($4 - $2) / hz * 1e6 / $5
-      printf "%-40s %9d req %8.0f req/s  CPU %6.2f µs/req (user %5.2f, kernel %5.2f)  %.3f switches/req\n",
-        name, $5, $5 / secs, u + s, u, s, ($7 - $6) / $5 }'
+      printf "%-40s %9d req %8.0f req/s  CPU %6.2f µs/req (user %5.2f, kernel %5.2f)  %.3f switches/req  %.3f faults/req\n",
+        name, $5, $5 / secs, u + s, u, s, ($7 - $6) / $5, ($9 - $8) / $5 }'
 }
 
 port=18400

@@ -28,15 +28,16 @@ pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
 /// requests is a few hundred KiB at most; a larger one came from big batches and is freed).
 const KEPT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
-/// A block read back from the log.
+/// A block read back from the log: where it is, and where its payload lies in the bytes the
+/// [`Scan`] read (no copy: [`Scan::payload`] borrows it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Block {
     /// Position of the frame.
     pub position: u64,
     /// Position just after it.
     pub next: u64,
-    /// Its payload.
-    pub payload: Vec<u8>,
+    /// Its payload's offsets in the scanned bytes.
+    pub payload: std::ops::Range<usize>,
 }
 
 fn segment_name(start: u64) -> String {
@@ -125,6 +126,8 @@ fn parse_frame(bytes: &[u8]) -> Parsed {
 /// Blocks found in a region of the log, and what was skipped.
 #[derive(Debug, Default)]
 pub struct Scan {
+    /// The bytes [`read`] read (empty from [`scan`], which borrows its caller's).
+    pub bytes: Vec<u8>,
     /// Intact blocks, in order.
     pub blocks: Vec<Block>,
     /// Bytes skipped because they were corrupt.
@@ -135,8 +138,28 @@ pub struct Scan {
     pub incomplete_tail: bool,
 }
 
-/// Parses `bytes`, which start at `position`. With `is_tail`, a final partial or corrupt
-/// stretch is a torn tail (not counted as corruption); otherwise it is skipped and counted.
+impl Scan {
+    /// The payload of `block`, one of this scan's blocks, in the bytes [`read`] read.
+    ///
+    /// # Panics
+    /// If `block` comes from another scan whose bytes were longer.
+    pub fn payload(&self, block: &Block) -> &[u8] {
+        &self.bytes[block.payload.clone()]
+    }
+
+    /// The read bytes' allocation, emptied, for the next [`read`]: an applier reads a batch
+    /// every half second, and a fresh buffer of several MiB each time cost a page fault per
+    /// 4 KiB once the allocator had returned the last one to the kernel.
+    pub fn into_buffer(self) -> Vec<u8> {
+        let mut bytes = self.bytes;
+        bytes.clear();
+        bytes
+    }
+}
+
+/// Parses `bytes`, which start at `position`; the blocks' payloads are offsets into `bytes`.
+/// With `is_tail`, a final partial or corrupt stretch is a torn tail (not counted as
+/// corruption); otherwise it is skipped and counted.
 pub fn scan(bytes: &[u8], position: u64, is_tail: bool) -> Scan {
     let mut out = Scan {
         end: position,
@@ -149,7 +172,7 @@ pub fn scan(bytes: &[u8], position: u64, is_tail: bool) -> Scan {
                 out.blocks.push(Block {
                     position: position + at as u64,
                     next: position + (at + size) as u64,
-                    payload: bytes[at + FRAME_HEADER..at + size].to_vec(),
+                    payload: at + FRAME_HEADER..at + size,
                 });
                 at += size;
                 out.end = position + at as u64;
@@ -344,8 +367,16 @@ fn create_segment(dir: &Path, start: u64) -> io::Result<File> {
 }
 
 /// Reads blocks from `position` up to `end` (exclusive), at most about `max_bytes` of them
-/// (always at least one whole block). Skips corruption, counting it.
-pub fn read(dir: &Path, position: u64, end: u64, max_bytes: usize) -> io::Result<Scan> {
+/// (always at least one whole block), into `buffer` (cleared first; pass the last scan's
+/// [`Scan::into_buffer`] to reuse its allocation, or `Vec::new()`). Skips corruption,
+/// counting it.
+pub fn read(
+    dir: &Path,
+    position: u64,
+    end: u64,
+    max_bytes: usize,
+    mut buffer: Vec<u8>,
+) -> io::Result<Scan> {
     let starts = segments(dir)?;
     let Some(index) = starts.iter().rposition(|&s| s <= position) else {
         return Ok(Scan {
@@ -358,12 +389,18 @@ pub fn read(dir: &Path, position: u64, end: u64, max_bytes: usize) -> io::Result
     let mut file = File::open(dir.join(segment_name(segment_start)))?;
     let available = segment_end.saturating_sub(position);
     let mut want = (max_bytes as u64).min(available);
+    let in_file = file
+        .metadata()?
+        .len()
+        .saturating_sub(position - segment_start);
     loop {
         file.seek(SeekFrom::Start(position - segment_start))?;
-        let mut bytes = Vec::new();
-        (&mut file).take(want).read_to_end(&mut bytes)?;
-        let at_region_end = want >= available || (bytes.len() as u64) < want;
-        let mut scanned = scan(&bytes, position, !at_region_end);
+        buffer.clear();
+        // Room for the whole read up front: no doubling and copying as it fills.
+        buffer.reserve(usize::try_from(want.min(in_file)).unwrap_or(usize::MAX));
+        (&mut file).take(want).read_to_end(&mut buffer)?;
+        let at_region_end = want >= available || (buffer.len() as u64) < want;
+        let mut scanned = scan(&buffer, position, !at_region_end);
         if !scanned.blocks.is_empty() || at_region_end || scanned.corrupt_bytes > 0 {
             if at_region_end && scanned.incomplete_tail && segment_end < end {
                 // A segment that ends inside a frame: the rest of it is corrupt.
@@ -378,6 +415,7 @@ pub fn read(dir: &Path, position: u64, end: u64, max_bytes: usize) -> io::Result
             {
                 scanned.end = segment_end;
             }
+            scanned.bytes = buffer;
             return Ok(scanned);
         }
         // One block is bigger than max_bytes: read more.
@@ -487,20 +525,32 @@ impl<'a> Cursor<'a> {
 
 /// Decodes a block payload back into records.
 pub fn decode_records(payload: &[u8]) -> Result<Vec<UsageRecord>, DecodeError> {
+    let mut records = Vec::new();
+    decode_records_into(payload, &mut records)?;
+    Ok(records)
+}
+
+/// Decodes a block payload and appends its records to `out`; on an error `out` is left as it
+/// was. A record whose customer is the one of the record before it in `out` (every record of
+/// a block, and consecutive blocks of one customer) shares that record's allocation.
+pub fn decode_records_into(payload: &[u8], out: &mut Vec<UsageRecord>) -> Result<(), DecodeError> {
+    let before = out.len();
+    let decoded = decode_appending(payload, out);
+    if decoded.is_err() {
+        out.truncate(before);
+    }
+    decoded
+}
+
+fn decode_appending(payload: &[u8], out: &mut Vec<UsageRecord>) -> Result<(), DecodeError> {
     let mut c = Cursor(payload);
     let count = c.u32()? as usize;
-    let mut records = Vec::with_capacity(count.min(payload.len() / 30 + 1));
-    let mut last_customer: Option<Arc<str>> = None;
+    out.reserve(count.min(payload.len() / 30 + 1));
     for _ in 0..count {
         let customer = c.str()?;
-        // Records of one block share their customer: share the allocation too.
-        let customer_id = match &last_customer {
-            Some(last) if &**last == customer => last.clone(),
-            _ => {
-                let fresh: Arc<str> = Arc::from(customer);
-                last_customer = Some(fresh.clone());
-                fresh
-            }
+        let customer_id = match out.last() {
+            Some(last) if &*last.customer_id == customer => last.customer_id.clone(),
+            _ => Arc::from(customer),
         };
         let metric = match c.u8()? {
             1 => Metric::Impressions,
@@ -508,7 +558,7 @@ pub fn decode_records(payload: &[u8]) -> Result<Vec<UsageRecord>, DecodeError> {
             3 => Metric::DataTransfer,
             _ => return Err(DecodeError("metric")),
         };
-        records.push(UsageRecord {
+        out.push(UsageRecord {
             customer_id,
             metric,
             quantity: c.u64()?,
@@ -521,7 +571,7 @@ pub fn decode_records(payload: &[u8]) -> Result<Vec<UsageRecord>, DecodeError> {
     if !c.0.is_empty() {
         return Err(DecodeError("trailing bytes"));
     }
-    Ok(records)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -562,11 +612,11 @@ mod tests {
         log.append_frames(&frames).unwrap();
         log.append_frames(&frames[..1]).unwrap();
         log.sync().unwrap();
-        let scanned = read(&dir, 0, log.position(), usize::MAX).unwrap();
+        let scanned = read(&dir, 0, log.position(), usize::MAX, Vec::new()).unwrap();
         let decoded: Vec<_> = scanned
             .blocks
             .iter()
-            .map(|b| decode_records(&b.payload).unwrap())
+            .map(|b| decode_records(scanned.payload(b)).unwrap())
             .collect();
         assert_eq!(
             decoded,
@@ -583,6 +633,30 @@ mod tests {
         let records: Vec<_> = (0..5).map(record).collect();
         assert_eq!(decode_records(&encode_records(&records)).unwrap(), records);
         assert!(decode_records(&encode_records(&records)[..20]).is_err());
+    }
+
+    #[test]
+    fn decoding_appends_shares_a_customer_across_blocks_and_is_all_or_nothing() {
+        let first: Vec<_> = (0..3).map(record).collect();
+        let mut other = record(3);
+        other.customer_id = "cus_b".into();
+        let second = vec![record(4), other.clone(), record(5)];
+        let mut out = Vec::new();
+        decode_records_into(&encode_records(&first), &mut out).unwrap();
+        decode_records_into(&encode_records(&second), &mut out).unwrap();
+        let expected: Vec<_> = first.iter().chain(&second).cloned().collect();
+        assert_eq!(out, expected);
+        // One allocation for the first block and the first record of the second, which
+        // follows it; a new one where the customer changes, and another after it.
+        assert!(Arc::ptr_eq(&out[0].customer_id, &out[3].customer_id));
+        assert!(!Arc::ptr_eq(&out[3].customer_id, &out[4].customer_id));
+        assert!(!Arc::ptr_eq(&out[4].customer_id, &out[5].customer_id));
+        // A block that does not decode leaves what was there, even after some of its records
+        // decoded.
+        let mut bad = encode_records(&second);
+        bad.truncate(bad.len() - 3);
+        assert!(decode_records_into(&bad, &mut out).is_err());
+        assert_eq!(out, expected);
     }
 
     fn write_blocks(dir: &Path, n: u64, segment_bytes: u64) -> Vec<u64> {
@@ -602,11 +676,11 @@ mod tests {
         let mut corrupt = 0;
         let mut at = oldest_position(dir).unwrap();
         while at < end {
-            let scan = read(dir, at, end, 1024).unwrap();
+            let scan = read(dir, at, end, 1024, Vec::new()).unwrap();
             corrupt += scan.corrupt_bytes;
             for block in &scan.blocks {
                 quantities.extend(
-                    decode_records(&block.payload)
+                    decode_records(scan.payload(block))
                         .unwrap()
                         .iter()
                         .map(|r| r.quantity),

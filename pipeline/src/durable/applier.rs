@@ -12,7 +12,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::time::Instant;
 
-use super::batching::{self, Step, read_batch};
+use super::batching::{self, BatchBuffers, Step, read_batch};
 use super::{DurableConfig, Shared, Store};
 use crate::names;
 use crate::store::{Batch, Resume, StoreError, StoreWriter};
@@ -138,6 +138,7 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
         }
         let limits = self.config.batch;
         let mut waiting_since: Option<Instant> = None;
+        let mut buffers = BatchBuffers::default();
         loop {
             let durable = self.shared.durable.load(Ordering::Acquire);
             let backlog = durable.saturating_sub(position);
@@ -175,7 +176,15 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
             };
             let replaying = position < inherited || unfinished_end.is_some();
             let read_at = Instant::now();
-            let batch = match read_batch(&self.config.wal_dir, position, limit, &limits, exact) {
+            let read = read_batch(
+                &self.config.wal_dir,
+                position,
+                limit,
+                &limits,
+                exact,
+                &mut buffers,
+            );
+            let batch = match read {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(error = %e, store = label, "applier: cannot read the log");
@@ -204,7 +213,7 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
                 log_id: self.log_id,
                 start: position,
                 end: batch.end,
-                records: &batch.records,
+                records: batch.records,
             };
             let mut retry = false;
             loop {
@@ -244,6 +253,7 @@ impl<'a, W: StoreWriter> Applier<'a, W> {
                     (self.shared.durable.load(Ordering::Acquire) > batch.end).then_some(read_at);
             }
             position = batch.end;
+            buffers.recycle();
             unfinished_end = None;
             self.set_applied(position);
         }

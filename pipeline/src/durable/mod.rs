@@ -459,8 +459,10 @@ impl RecordSink for DurableSink {
         // are on disk whatever the stores did.
         let mut visited = 0;
         let mut position = self.shared.oldest.load(Ordering::Acquire);
+        let (mut bytes, mut records) = (Vec::new(), Vec::new());
         while position < self.inherited_end {
-            let scan = match wal::read(&self.wal_dir, position, self.inherited_end, 16 << 20) {
+            let scan = match wal::read(&self.wal_dir, position, self.inherited_end, 16 << 20, bytes)
+            {
                 Ok(scan) => scan,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the log for its event ids");
@@ -468,17 +470,22 @@ impl RecordSink for DurableSink {
                 }
             };
             for block in &scan.blocks {
-                for record in wal::decode_records(&block.payload).unwrap_or_default() {
-                    if let Some(event_id) = &record.event_id {
-                        visit(&record.customer_id, event_id);
-                        visited += 1;
+                records.clear();
+                if wal::decode_records_into(scan.payload(block), &mut records).is_ok() {
+                    for record in &records {
+                        if let Some(event_id) = &record.event_id {
+                            visit(&record.customer_id, event_id);
+                            visited += 1;
+                        }
                     }
                 }
             }
-            if scan.end <= position {
+            let end = scan.end;
+            bytes = scan.into_buffer();
+            if end <= position {
                 break;
             }
-            position = scan.end;
+            position = end;
         }
         visited
     }

@@ -11,7 +11,7 @@ use apex_core::model::{Metric, UsageRecord};
 use apex_core::stores::StoreConfig;
 
 use super::applier::Applier;
-use super::batching::{NAP, Step, next_step, read_batch};
+use super::batching::{BatchBuffers, NAP, Step, next_step, read_batch};
 use super::memory::MemoryStore;
 use super::{BatchLimits, DurableConfig, DurableSink, Shared, Store};
 use crate::sink::RecordSink;
@@ -174,18 +174,38 @@ fn batches_are_cut_at_block_boundaries_by_rows_and_bytes() {
         max_bytes,
         max_age: Duration::ZERO,
     };
+    // One set of buffers for every read, as an applier keeps it: no batch sees another's.
+    let mut buffers = BatchBuffers::default();
     // 100 rows at most: three 30-record blocks, never a block split.
-    let batch = read_batch(&dir, 0, end, &limits(100, 1 << 20), false).unwrap();
+    let batch = read_batch(&dir, 0, end, &limits(100, 1 << 20), false, &mut buffers).unwrap();
     assert_eq!((batch.records.len(), batch.end), (90, positions[3]));
     // A byte budget of two blocks.
     let two = (positions[2] - positions[0]) as usize;
-    let batch = read_batch(&dir, 0, end, &limits(1_000, two), false).unwrap();
+    let batch = read_batch(&dir, 0, end, &limits(1_000, two), false, &mut buffers).unwrap();
     assert_eq!(batch.end, positions[2]);
     // A block bigger than the row limit still makes one batch.
-    let batch = read_batch(&dir, positions[4], end, &limits(10, 1 << 20), false).unwrap();
+    let batch = read_batch(
+        &dir,
+        positions[4],
+        end,
+        &limits(10, 1 << 20),
+        false,
+        &mut buffers,
+    )
+    .unwrap();
+    assert_eq!(batch.records[0].quantity, 121);
     assert_eq!((batch.records.len(), batch.end), (30, positions[5]));
     // Exactly a given range, limits or not.
-    let batch = read_batch(&dir, positions[1], positions[7], &limits(10, 10), true).unwrap();
+    buffers.recycle();
+    let batch = read_batch(
+        &dir,
+        positions[1],
+        positions[7],
+        &limits(10, 10),
+        true,
+        &mut buffers,
+    )
+    .unwrap();
     assert_eq!((batch.records.len(), batch.end), (180, positions[7]));
     assert_eq!(batch.records[0].quantity, 31);
     let _ = std::fs::remove_dir_all(&dir);
