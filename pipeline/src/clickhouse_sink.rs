@@ -36,7 +36,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use clickhouse::Client;
 use serde::Serialize;
@@ -71,29 +71,30 @@ const INSERT_EVENTS: &str = "INSERT INTO usage_events (customer_id, metric_type,
 /// (the crate's row-by-row writer copied every byte about three times).
 const CHUNK_BYTES: usize = 1 << 20;
 
-fn put_string(out: &mut Vec<u8>, value: &str) {
+fn put_string(out: &mut impl BufMut, value: &str) {
     // RowBinary strings: the length as unsigned LEB128, then the bytes.
     let mut len = value.len();
     while len >= 0x80 {
-        out.push((len as u8) | 0x80);
+        out.put_u8((len as u8) | 0x80);
         len >>= 7;
     }
-    out.push(len as u8);
-    out.extend_from_slice(value.as_bytes());
+    out.put_u8(len as u8);
+    out.put_slice(value.as_bytes());
 }
 
-/// Appends one `usage_events` row in RowBinary, in the column order of [`INSERT_EVENTS`].
-pub fn encode_row(out: &mut Vec<u8>, batch: &Batch<'_>, seq: u32, record: &UsageRecord) {
+/// Appends one `usage_events` row in RowBinary, in the column order of [`INSERT_EVENTS`], to
+/// `out` (a `Vec<u8>` or the sink's reused `BytesMut`).
+pub fn encode_row(out: &mut impl BufMut, batch: &Batch<'_>, seq: u32, record: &UsageRecord) {
     put_string(out, &record.customer_id);
-    out.push(metric_code(record.metric) as u8);
-    out.extend_from_slice(&record.quantity.to_le_bytes());
+    out.put_u8(metric_code(record.metric) as u8);
+    out.put_u64_le(record.quantity);
     put_string(out, record.event_id.as_deref().unwrap_or(""));
-    out.extend_from_slice(&batch.start.to_le_bytes());
-    out.extend_from_slice(&datetime(record.timestamp_ms).to_le_bytes());
-    out.extend_from_slice(&datetime(record.received_ms).to_le_bytes());
+    out.put_u64_le(batch.start);
+    out.put_u32_le(datetime(record.timestamp_ms));
+    out.put_u32_le(datetime(record.received_ms));
     put_string(out, record.metadata.as_deref().unwrap_or(""));
     put_string(out, batch.log_id);
-    out.extend_from_slice(&seq.to_le_bytes());
+    out.put_u32_le(seq);
 }
 
 /// `pipeline_batches.state` of a batch being written (`started`).
@@ -218,6 +219,19 @@ pub async fn write_batch(
     batch: &Batch<'_>,
     progress: &mut Progress,
 ) -> Result<(), ChError> {
+    write_batch_with(client, batch, progress, &mut BytesMut::new()).await
+}
+
+/// [`write_batch`], encoding into `chunk`, which the [`ClickHouseWriter`] keeps from batch to
+/// batch: once the client has sent and dropped the last batch's chunks, the allocation is
+/// taken back instead of made afresh (a new 1 MiB chunk cost 256 page faults once the
+/// allocator had returned the last one to the kernel).
+async fn write_batch_with(
+    client: &Client,
+    batch: &Batch<'_>,
+    progress: &mut Progress,
+    chunk: &mut BytesMut,
+) -> Result<(), ChError> {
     if !progress.started {
         write_marker(client, &marker(batch, STARTED)).await?;
         progress.started = true;
@@ -235,15 +249,17 @@ pub async fn write_batch(
             .insert_formatted_with(INSERT_EVENTS)
             .with_setting("query_id", insert_query_id(batch));
         let half = batch.records.len() / 2;
-        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+        // `reserve` takes the buffer back when every chunk made from it has been dropped.
+        chunk.clear();
+        chunk.reserve(CHUNK_BYTES + 4096);
         for (seq, record) in (0u32..).zip(batch.records) {
             if present.contains(&seq) {
                 continue;
             }
-            encode_row(&mut chunk, batch, seq, record);
+            encode_row(chunk, batch, seq, record);
             if chunk.len() >= CHUNK_BYTES {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
-                insert.send(Bytes::from(full)).await?;
+                insert.send(chunk.split().freeze()).await?;
+                chunk.reserve(CHUNK_BYTES + 4096);
             }
             if seq as usize == half {
                 // Half the rows are on their way: a crash now cuts the stream.
@@ -251,7 +267,7 @@ pub async fn write_batch(
             }
         }
         if !chunk.is_empty() {
-            insert.send(Bytes::from(chunk)).await?;
+            insert.send(chunk.split().freeze()).await?;
         }
         insert.end().await?;
     }
@@ -358,6 +374,8 @@ pub struct ClickHouseWriter {
     client: Box<Client>,
     /// The batch being written (its start) and how far it got.
     current: Option<(u64, Progress)>,
+    /// The RowBinary chunk buffer, kept between batches (see `write_batch_with`).
+    chunk: BytesMut,
 }
 
 impl ClickHouseWriter {
@@ -366,6 +384,7 @@ impl ClickHouseWriter {
         Self {
             client: Box::new(client),
             current: None,
+            chunk: BytesMut::new(),
         }
     }
 }
@@ -388,7 +407,7 @@ impl StoreWriter for ClickHouseWriter {
             Some((at, progress)) if *at == batch.start => progress,
             current => &mut current.insert((batch.start, Progress::default())).1,
         };
-        write_batch(&self.client, batch, progress)
+        write_batch_with(&self.client, batch, progress, &mut self.chunk)
             .await
             .map_err(|e| classify(&e))
     }

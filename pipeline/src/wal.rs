@@ -147,13 +147,13 @@ impl Scan {
         &self.bytes[block.payload.clone()]
     }
 
-    /// The read bytes' allocation, emptied, for the next [`read`]: an applier reads a batch
-    /// every half second, and a fresh buffer of several MiB each time cost a page fault per
-    /// 4 KiB once the allocator had returned the last one to the kernel.
-    pub fn into_buffer(self) -> Vec<u8> {
-        let mut bytes = self.bytes;
-        bytes.clear();
-        bytes
+    /// Empties the scan, keeping its allocations (bytes and blocks) for the next [`read`].
+    fn reset(&mut self, position: u64) {
+        self.bytes.clear();
+        self.blocks.clear();
+        self.corrupt_bytes = 0;
+        self.end = position;
+        self.incomplete_tail = false;
     }
 }
 
@@ -161,10 +161,14 @@ impl Scan {
 /// With `is_tail`, a final partial or corrupt stretch is a torn tail (not counted as
 /// corruption); otherwise it is skipped and counted.
 pub fn scan(bytes: &[u8], position: u64, is_tail: bool) -> Scan {
-    let mut out = Scan {
-        end: position,
-        ..Scan::default()
-    };
+    let mut out = Scan::default();
+    scan_into(bytes, position, is_tail, &mut out);
+    out
+}
+
+/// [`scan`] into `out`, which must be empty (its `bytes` are left alone).
+fn scan_into(bytes: &[u8], position: u64, is_tail: bool, out: &mut Scan) {
+    out.end = position;
     let mut at = 0usize;
     while at < bytes.len() {
         match parse_frame(&bytes[at..]) {
@@ -206,7 +210,6 @@ pub fn scan(bytes: &[u8], position: u64, is_tail: bool) -> Scan {
             }
         }
     }
-    out
 }
 
 /// What opening the log found.
@@ -367,23 +370,26 @@ fn create_segment(dir: &Path, start: u64) -> io::Result<File> {
 }
 
 /// Reads blocks from `position` up to `end` (exclusive), at most about `max_bytes` of them
-/// (always at least one whole block), into `buffer` (cleared first; pass the last scan's
-/// [`Scan::into_buffer`] to reuse its allocation, or `Vec::new()`). Skips corruption,
-/// counting it.
+/// (always at least one whole block). Skips corruption, counting it.
+///
+/// `reuse` is emptied and returned as the new scan, so its allocations serve again: pass the
+/// last scan, or `Scan::default()`. An applier reads a batch of several MiB every half
+/// second, and a fresh buffer each time cost a page fault per 4 KiB once the allocator had
+/// returned the last one to the kernel.
 pub fn read(
     dir: &Path,
     position: u64,
     end: u64,
     max_bytes: usize,
-    mut buffer: Vec<u8>,
+    reuse: Scan,
 ) -> io::Result<Scan> {
+    let mut out = reuse;
+    out.reset(position);
     let starts = segments(dir)?;
     let Some(index) = starts.iter().rposition(|&s| s <= position) else {
-        return Ok(Scan {
-            end: position,
-            ..Scan::default()
-        });
+        return Ok(out);
     };
+    let mut buffer = std::mem::take(&mut out.bytes);
     let segment_start = starts[index];
     let segment_end = starts.get(index + 1).copied().unwrap_or(u64::MAX).min(end);
     let mut file = File::open(dir.join(segment_name(segment_start)))?;
@@ -400,7 +406,9 @@ pub fn read(
         buffer.reserve(usize::try_from(want.min(in_file)).unwrap_or(usize::MAX));
         (&mut file).take(want).read_to_end(&mut buffer)?;
         let at_region_end = want >= available || (buffer.len() as u64) < want;
-        let mut scanned = scan(&buffer, position, !at_region_end);
+        out.reset(position);
+        scan_into(&buffer, position, !at_region_end, &mut out);
+        let scanned = &mut out;
         if !scanned.blocks.is_empty() || at_region_end || scanned.corrupt_bytes > 0 {
             if at_region_end && scanned.incomplete_tail && segment_end < end {
                 // A segment that ends inside a frame: the rest of it is corrupt.
@@ -415,8 +423,8 @@ pub fn read(
             {
                 scanned.end = segment_end;
             }
-            scanned.bytes = buffer;
-            return Ok(scanned);
+            out.bytes = buffer;
+            return Ok(out);
         }
         // One block is bigger than max_bytes: read more.
         want = (want * 2).min(available);
@@ -612,7 +620,7 @@ mod tests {
         log.append_frames(&frames).unwrap();
         log.append_frames(&frames[..1]).unwrap();
         log.sync().unwrap();
-        let scanned = read(&dir, 0, log.position(), usize::MAX, Vec::new()).unwrap();
+        let scanned = read(&dir, 0, log.position(), usize::MAX, Scan::default()).unwrap();
         let decoded: Vec<_> = scanned
             .blocks
             .iter()
@@ -676,7 +684,7 @@ mod tests {
         let mut corrupt = 0;
         let mut at = oldest_position(dir).unwrap();
         while at < end {
-            let scan = read(dir, at, end, 1024, Vec::new()).unwrap();
+            let scan = read(dir, at, end, 1024, Scan::default()).unwrap();
             corrupt += scan.corrupt_bytes;
             for block in &scan.blocks {
                 quantities.extend(

@@ -459,9 +459,9 @@ impl RecordSink for DurableSink {
         // are on disk whatever the stores did.
         let mut visited = 0;
         let mut position = self.shared.oldest.load(Ordering::Acquire);
-        let (mut bytes, mut records) = (Vec::new(), Vec::new());
+        let (mut last, mut records) = (wal::Scan::default(), Vec::new());
         while position < self.inherited_end {
-            let scan = match wal::read(&self.wal_dir, position, self.inherited_end, 16 << 20, bytes)
+            let scan = match wal::read(&self.wal_dir, position, self.inherited_end, 16 << 20, last)
             {
                 Ok(scan) => scan,
                 Err(e) => {
@@ -481,7 +481,7 @@ impl RecordSink for DurableSink {
                 }
             }
             let end = scan.end;
-            bytes = scan.into_buffer();
+            last = scan;
             if end <= position {
                 break;
             }
