@@ -100,6 +100,12 @@ pub struct IngestLimits {
     pub batch_max_records: usize,
     /// `APEX_BODY_READ_TIMEOUT_MS`, default 30,000: the whole body must arrive in this time.
     pub body_read_timeout: Duration,
+    /// `APEX_RATE_LIMITED_DELAY_MS`, default 500, 0 to answer at once: how long a request
+    /// refused with 429 for its customer's rate limit is held before its answer, never longer
+    /// than its `Retry-After`. HTTP/1.1 reads a connection's next request only after the
+    /// answer, so a flooding client gets at most one refusal per connection per delay, and
+    /// the edge's CPU goes to the customers within their limits (issue 19, "Fairness").
+    pub rate_limited_delay: Duration,
 }
 
 impl ServerConfig {
@@ -175,7 +181,17 @@ impl ServerConfig {
             batch_max_body_bytes: at_least_one(env, "APEX_BATCH_MAX_BODY_BYTES", 8 * 1024 * 1024)?,
             batch_max_records: at_least_one(env, "APEX_BATCH_MAX_RECORDS", 10_000)?,
             body_read_timeout: millis(env, "APEX_BODY_READ_TIMEOUT_MS", 30_000)?,
+            rate_limited_delay: Duration::from_millis(
+                env.parse_or("APEX_RATE_LIMITED_DELAY_MS", 500u64)?,
+            ),
         };
+        if limits.rate_limited_delay > MAX_RATE_LIMITED_DELAY {
+            return Err(ConfigError::Invalid {
+                name: "APEX_RATE_LIMITED_DELAY_MS",
+                reason: "must be at most 10000 (10 s): a held refusal keeps its connection"
+                    .to_owned(),
+            });
+        }
         let queue_capacity = at_least_one(env, "APEX_QUEUE_CAPACITY", 4_096)?;
         let dedup_window = Duration::from_secs(env.parse_or("APEX_DEDUP_WINDOW_SECS", 86_400u64)?);
         let dedup_capacity = at_least_one(env, "APEX_DEDUP_CAPACITY", 8_000_000)?;
@@ -242,6 +258,9 @@ impl ServerConfig {
         sink
     }
 }
+
+/// The longest `APEX_RATE_LIMITED_DELAY_MS` accepted.
+const MAX_RATE_LIMITED_DELAY: Duration = Duration::from_secs(10);
 
 fn at_least_one(env: &EnvSource, name: &'static str, default: usize) -> Result<usize, ConfigError> {
     let value = env.parse_or(name, default)?;
@@ -351,6 +370,8 @@ mod tests {
             ("APEX_CUSTOMER_RATE_LIMIT", "0"),
             ("APEX_CUSTOMER_RATE_LIMIT", "fast"),
             ("APEX_CUSTOMER_RATE_BURST", "-5"),
+            ("APEX_RATE_LIMITED_DELAY_MS", "10001"),
+            ("APEX_RATE_LIMITED_DELAY_MS", "half"),
         ] {
             let err = ServerConfig::from_env(&env(&[(name, value)]))
                 .unwrap_err()

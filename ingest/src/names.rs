@@ -35,6 +35,8 @@ pub const DEDUP_WINDOW_SECONDS: &str = "apex_ingest_dedup_window_seconds";
 /// Records refused by the per-customer rate limit, by `plan` (a plan id or `none`; never the
 /// customer).
 pub const RATE_LIMITED_RECORDS_TOTAL: &str = "apex_ingest_rate_limited_records_total";
+/// Requests refused by the rate limit whose 429 is being held now (`APEX_RATE_LIMITED_DELAY_MS`).
+pub const RATE_LIMITED_HELD_REQUESTS: &str = "apex_ingest_rate_limited_held_requests";
 /// Resend delivery events stored, by `type` (`delivered`, `bounced`, `complained`, `other`).
 pub const EMAIL_EVENTS_TOTAL: &str = "apex_ingest_email_events_total";
 
@@ -87,6 +89,10 @@ pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         RATE_LIMITED_RECORDS_TOTAL,
         "Usage records refused (429 or 413) by the per-customer rate limit, by the customer's plan (a plan id, or none).",
+    ),
+    MetricSpec::gauge(
+        RATE_LIMITED_HELD_REQUESTS,
+        "Requests refused by the per-customer rate limit whose 429 is being held before it is sent (APEX_RATE_LIMITED_DELAY_MS): the backpressure on flooding connections.",
     ),
     MetricSpec::counter(
         EMAIL_EVENTS_TOTAL,

@@ -2,7 +2,7 @@
 //! error shape, and records the request metrics. Routes match exact paths.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -127,6 +127,15 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         ),
         _ => ("unknown", Err(ApiError::NotFound)),
     };
+    // A refusal of the rate limit is held before it is answered (see `IngestLimits`); not
+    // for the 413 of a batch over the burst, which waiting cannot cure.
+    let hold = match &result {
+        Err(ApiError::RateLimited(Refusal::Later { retry_after, .. })) => state
+            .limits
+            .rate_limited_delay
+            .min(Duration::from_secs(*retry_after)),
+        _ => Duration::ZERO,
+    };
     let response = result.unwrap_or_else(|e| error_response(&e));
     telemetry::count(
         names::REQUESTS_TOTAL,
@@ -141,7 +150,29 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         ("route", route),
         started.elapsed().as_secs_f64(),
     );
+    if !hold.is_zero() {
+        let _held = Held::new();
+        // Boxed: rare, and the timer would otherwise enlarge every connection's future.
+        Box::pin(tokio::time::sleep(hold)).await;
+    }
     response
+}
+
+/// Counts a refusal being held in `apex_ingest_rate_limited_held_requests`, until it is
+/// answered or its client goes away (hyper then drops the request's future).
+struct Held;
+
+impl Held {
+    fn new() -> Self {
+        metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).decrement(1.0);
+    }
 }
 
 async fn only(

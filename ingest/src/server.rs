@@ -58,6 +58,7 @@ pub async fn run_with_sink(
     metrics::counter!(names::QUEUE_FULL_TOTAL).increment(0);
     metrics::counter!(names::DEDUP_EVICTIONS_TOTAL).increment(0);
     metrics::counter!(names::DEDUP_FULL_TOTAL).increment(0);
+    metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).increment(0.0);
     std::fs::create_dir_all(&config.wal_dir).map_err(|source| ServerError::WalDir {
         path: config.wal_dir.display().to_string(),
         source,

@@ -59,8 +59,12 @@ async fn assert_stored_exactly(server: &TestServer, customer_id: &str, metric: &
 }
 
 async fn track(server: &TestServer, key: &str) -> Answer {
+    track_at(server.addr, key).await
+}
+
+async fn track_at(addr: std::net::SocketAddr, key: &str) -> Answer {
     post(
-        server.addr,
+        addr,
         "/api/usage/track",
         &[
             "Content-Type: application/json",
@@ -165,6 +169,67 @@ async fn a_flooding_customer_is_refused_while_another_is_served() {
     barrier(&server).await;
     assert_stored_exactly(&server, &flooder_id, "impressions", accepted as u64).await;
     assert_stored_exactly(&server, &other_id, "impressions", 5).await;
+}
+
+/// Backpressure: a refusal is held before it is answered, so a flooding connection (HTTP/1.1
+/// reads its next request only after the answer) sends at most one request per hold. Asserted
+/// by lower bounds only (a slow machine makes them longer, never shorter), and by the gauge
+/// that counts the refusals being held.
+#[tokio::test]
+async fn a_refused_request_is_held_before_its_answer() {
+    let server = start_with(
+        &[
+            ("APEX_CUSTOMER_RATE_LIMIT", "1"),
+            ("APEX_CUSTOMER_RATE_BURST", "1000"),
+            ("APEX_RATE_LIMITED_DELAY_MS", "400"),
+        ],
+        None,
+    )
+    .await;
+    let (_, key) = customer(&server).await;
+    let full = batch(&server, &key, 1000).await;
+    assert_eq!(full.status, 200, "{}", full.body);
+    // 1,000 s of refill debt: these are refused however slow the machine, each after the hold.
+    let started = Instant::now();
+    let (addr, flooder) = (server.addr, key.clone());
+    let refused = tokio::spawn(async move {
+        (
+            track_at(addr, &flooder).await,
+            track_at(addr, &flooder).await,
+        )
+    });
+    // While one is held, the gauge shows it (other tests' holds only add to it).
+    let mut seen = 0.0;
+    for _ in 0..200 {
+        let metrics = get(server.addr, "/metrics").await;
+        seen = held_requests(&metrics.body);
+        if seen >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(seen >= 1.0, "a refusal is counted while it is held");
+    let (first, second) = refused.await.unwrap();
+    assert_rate_limited(&first, 1000);
+    assert_rate_limited(&second, 1000);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "two refusals in a row take two holds: {:?}",
+        started.elapsed()
+    );
+    // The 413 of a batch over the burst is not held: waiting cannot cure it (its answer says
+    // so at once; asserted by its headers, not by time).
+    let over = batch(&server, &key, 1001).await;
+    assert_eq!(over.status, 413, "{}", over.body);
+}
+
+/// `apex_ingest_rate_limited_held_requests` in a Prometheus exposition, 0 if absent.
+fn held_requests(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("apex_ingest_rate_limited_held_requests "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// `apex_ingest_rate_limited_records_total` of a plan in a Prometheus exposition, 0 if absent.
