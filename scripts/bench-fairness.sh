@@ -14,7 +14,9 @@
 # (RATE must be below LIMIT: its own requests are never over the limit).
 # Usage: scripts/bench-fairness.sh [ROUNDS=3] [SECONDS=15] [RATE=1000] [LIMIT=2000]
 # (FLOOD_RATE and FLOOD_CONNECTIONS in the environment, defaults 20000 and 64; FLOOD_RATE=closed
-# floods in closed loop instead: as fast as it is answered, so 429s, being cheap, come faster).
+# floods in closed loop instead: as fast as it is answered). Both servers take
+# APEX_RATE_LIMITED_DELAY_MS from the environment: the limited one holds each 429 that long
+# (default 500 ms), which is what throttles the flood's connections; 0 answers at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"; secs="${2:-15}"; rate="${3:-1000}"; limit="${4:-2000}"

@@ -100,11 +100,10 @@ pub struct IngestLimits {
     pub batch_max_records: usize,
     /// `APEX_BODY_READ_TIMEOUT_MS`, default 30,000: the whole body must arrive in this time.
     pub body_read_timeout: Duration,
-    /// `APEX_RATE_LIMITED_DELAY_MS`, default 500, 0 to answer at once: how long a request
-    /// refused with 429 for its customer's rate limit is held before its answer, never longer
-    /// than its `Retry-After`. HTTP/1.1 reads a connection's next request only after the
-    /// answer, so a flooding client gets at most one refusal per connection per delay, and
-    /// the edge's CPU goes to the customers within their limits (issue 19, "Fairness").
+    /// `APEX_RATE_LIMITED_DELAY_MS`, default 500, 0 to answer at once, at most 10,000: how
+    /// long a request refused with 429 for its customer's rate limit is held before its
+    /// answer, never longer than its `Retry-After`, with at most a tenth of
+    /// `APEX_MAX_CONNECTIONS` held at once ([`crate::ratelimit::RefusalHolds`]).
     pub rate_limited_delay: Duration,
 }
 

@@ -20,9 +20,11 @@
 //! minute, with the dedup sweep) drops the full ones, which is lossless: a customer without
 //! an entry starts with a full bucket. They are kept in `governor`'s sharded `DashMap` store (its `dashmap` feature), not its default
 //! mutex-guarded map, so requests of different customers do not queue on one lock.
+//! A 429 is held before it is sent ([`RefusalHolds`]), as backpressure on a flooding client.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -194,6 +196,80 @@ impl<C: Clock + Clone> RateLimits<C> {
     }
 }
 
+/// Holding a 429 of the rate limit before it is sent (`APEX_RATE_LIMITED_DELAY_MS`): the
+/// backpressure on a flooding client. HTTP/1.1 reads a connection's next request only after
+/// the answer to the last, so a held refusal stops its connection for the hold: a client
+/// flooding on n connections gets about n refusals per hold instead of as many as it can
+/// send, and the edge's CPU stays with the customers within their limits (issue 19,
+/// "Fairness"). HTTP/2 holds each stream, up to its 256 concurrent streams per connection.
+///
+/// A held request keeps its connection and its connection slot (`APEX_MAX_CONNECTIONS`), so
+/// at most `max_held` are held at once (a tenth of the slots, by the server): past that, and
+/// while the server drains for shutdown, refusals are answered at once. Clients that open a
+/// connection per request (many devices sharing one key) are not slowed by a hold, only
+/// answered later; behind an HTTP proxy the held connections are the proxy's, which is why
+/// the cap exists and why `APEX_RATE_LIMITED_DELAY_MS=0` turns holding off.
+#[derive(Debug)]
+pub struct RefusalHolds {
+    delay: Duration,
+    max_held: usize,
+    held: AtomicUsize,
+    draining: AtomicBool,
+}
+
+/// A refusal being held; dropping it (answered, or its client gone) frees its place.
+#[derive(Debug)]
+pub struct Hold<'a> {
+    holds: &'a RefusalHolds,
+    /// How long to hold: the configured delay, never longer than the refusal's `Retry-After`.
+    pub duration: Duration,
+}
+
+impl RefusalHolds {
+    /// Holds of `delay` (zero: none), at most `max_held` at once.
+    pub fn new(delay: Duration, max_held: usize) -> Self {
+        Self {
+            delay,
+            max_held,
+            held: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// A place to hold a refusal whose `Retry-After` is `retry_after_secs`, or `None`: holding
+    /// is off, every place is taken, or the server is draining.
+    pub fn try_hold(&self, retry_after_secs: u64) -> Option<Hold<'_>> {
+        if self.delay.is_zero() || self.draining.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held < self.max_held).then_some(held + 1)
+            })
+            .ok()?;
+        Some(Hold {
+            holds: self,
+            duration: self.delay.min(Duration::from_secs(retry_after_secs)),
+        })
+    }
+
+    /// Refusals held now (`apex_ingest_rate_limited_held_requests`, read when scraped).
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// No more holds: the server is shutting down (those already held end within the delay).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.holds.held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Whole seconds, rounded up, at least 1 (what `Retry-After` may say).
 fn whole_secs(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
@@ -229,6 +305,31 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let limits = RateLimits::with_clock(rate_override, burst_override, clock.clone());
         (limits, clock)
+    }
+
+    #[test]
+    fn a_refusal_is_held_for_the_delay_at_most_its_retry_after_and_within_the_cap() {
+        let holds = RefusalHolds::new(Duration::from_millis(500), 2);
+        let first = holds.try_hold(1).expect("a place");
+        assert_eq!(first.duration, Duration::from_millis(500));
+        let second = holds.try_hold(1).expect("a second place");
+        assert_eq!(holds.held(), 2);
+        assert!(holds.try_hold(1).is_none(), "the cap: answered at once");
+        drop(first);
+        assert_eq!(holds.held(), 1);
+        assert!(holds.try_hold(1).is_some(), "a freed place is taken again");
+        assert_eq!(holds.held(), 1, "and freed when dropped");
+        drop(second);
+        assert_eq!(holds.held(), 0);
+
+        // Never longer than the client is told to wait.
+        let long = RefusalHolds::new(Duration::from_secs(3), 2);
+        assert_eq!(long.try_hold(1).unwrap().duration, Duration::from_secs(1));
+        assert_eq!(long.try_hold(5).unwrap().duration, Duration::from_secs(3));
+        // Off, and draining.
+        assert!(RefusalHolds::new(Duration::ZERO, 2).try_hold(1).is_none());
+        long.drain();
+        assert!(long.try_hold(1).is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! error shape, and records the request metrics. Routes match exact paths.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -117,6 +117,7 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
                 // Read at scrape time rather than written by every request: a gauge is what
                 // it is when scraped, and the hot path saves a shared write per request.
                 telemetry::queue_depth().set(state.sink.queue_depth() as f64);
+                metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).set(state.holds.held() as f64);
                 Ok(response::text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
@@ -127,15 +128,7 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         ),
         _ => ("unknown", Err(ApiError::NotFound)),
     };
-    // A refusal of the rate limit is held before it is answered (see `IngestLimits`); not
-    // for the 413 of a batch over the burst, which waiting cannot cure.
-    let hold = match &result {
-        Err(ApiError::RateLimited(Refusal::Later { retry_after, .. })) => state
-            .limits
-            .rate_limited_delay
-            .min(Duration::from_secs(*retry_after)),
-        _ => Duration::ZERO,
-    };
+    let hold = held_retry_after(&result).and_then(|secs| state.holds.try_hold(secs));
     let response = result.unwrap_or_else(|e| error_response(&e));
     telemetry::count(
         names::REQUESTS_TOTAL,
@@ -150,28 +143,22 @@ pub async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Respons
         ("route", route),
         started.elapsed().as_secs_f64(),
     );
-    if !hold.is_zero() {
-        let _held = Held::new();
+    // After the metrics: `apex_ingest_request_duration_seconds` is the time the edge worked
+    // on the request, not the hold.
+    if let Some(hold) = hold {
         // Boxed: rare, and the timer would otherwise enlarge every connection's future.
-        Box::pin(tokio::time::sleep(hold)).await;
+        Box::pin(tokio::time::sleep(hold.duration)).await;
     }
     response
 }
 
-/// Counts a refusal being held in `apex_ingest_rate_limited_held_requests`, until it is
-/// answered or its client goes away (hyper then drops the request's future).
-struct Held;
-
-impl Held {
-    fn new() -> Self {
-        metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).increment(1.0);
-        Self
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).decrement(1.0);
+/// The `Retry-After` of a refusal to hold before it is sent ([`crate::ratelimit::RefusalHolds`]):
+/// a 429 of the rate limit; not the 413 of a batch over the burst, which waiting cannot cure,
+/// nor any other answer.
+fn held_retry_after(result: &Result<Response<Body>, ApiError>) -> Option<u64> {
+    match result {
+        Err(ApiError::RateLimited(Refusal::Later { retry_after, .. })) => Some(*retry_after),
+        _ => None,
     }
 }
 
@@ -311,5 +298,28 @@ mod tests {
         // lives; 20 KB with the rarer routes inline was 100 MB at 5,000 connections.
         let size = future_size(&handle);
         assert!(size <= 4096, "routes::handle's future is {size} bytes");
+    }
+
+    #[test]
+    fn only_a_429_of_the_rate_limit_is_held() {
+        let later = Refusal::Later {
+            burst: 5,
+            window_secs: 5,
+            remaining: 0,
+            retry_after: 3,
+        };
+        let over = Refusal::OverBurst {
+            records: 6,
+            burst: 5,
+            window_secs: 5,
+        };
+        assert_eq!(
+            held_retry_after(&Err(ApiError::RateLimited(later))),
+            Some(3)
+        );
+        assert_eq!(held_retry_after(&Err(ApiError::RateLimited(over))), None);
+        assert_eq!(held_retry_after(&Err(ApiError::DedupFull)), None);
+        let ok = response::json(StatusCode::OK, &json!({"success": true}));
+        assert_eq!(held_retry_after(&Ok(ok)), None);
     }
 }

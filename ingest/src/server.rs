@@ -58,7 +58,6 @@ pub async fn run_with_sink(
     metrics::counter!(names::QUEUE_FULL_TOTAL).increment(0);
     metrics::counter!(names::DEDUP_EVICTIONS_TOTAL).increment(0);
     metrics::counter!(names::DEDUP_FULL_TOTAL).increment(0);
-    metrics::gauge!(names::RATE_LIMITED_HELD_REQUESTS).increment(0.0);
     std::fs::create_dir_all(&config.wal_dir).map_err(|source| ServerError::WalDir {
         path: config.wal_dir.display().to_string(),
         source,
@@ -129,6 +128,11 @@ pub async fn run_with_sink(
         sink: sink.clone(),
         limits: config.limits.clone(),
         rate_limits,
+        // A tenth of the connection slots at most: holds must not take them all.
+        holds: crate::ratelimit::RefusalHolds::new(
+            config.limits.rate_limited_delay,
+            (config.max_connections / 10).max(1),
+        ),
         clickhouse: config.stores.clickhouse(),
         jwt_secret: config.jwt_secret.clone(),
         admin_token: config.admin_token.clone(),
@@ -198,6 +202,7 @@ pub async fn run_with_sink(
     }
 
     drop(listener);
+    state.holds.drain();
     tracing::info!("shutting down: draining connections");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),

@@ -25,6 +25,8 @@ pub struct AppState {
     pub limits: IngestLimits,
     /// Per-customer rate limits of the ingest endpoints.
     pub rate_limits: Arc<RateLimits>,
+    /// The 429s of the rate limit being held before they are sent.
+    pub holds: crate::ratelimit::RefusalHolds,
     /// ClickHouse, for the dashboard's analytics.
     pub clickhouse: clickhouse::Client,
     /// Secret of dashboard JWTs.

@@ -1,7 +1,7 @@
 //! Per-customer rate limits at the edge (issue 19, "Fairness"): a customer flooding the edge
 //! gets 429s with `Retry-After`, the RateLimit headers and the API's error body, while another
 //! customer in the same period is served; only accepted records reach the stores. Everything
-//! is asserted by counts, never by time: with a rate of 1 record/s, however slow the machine,
+//! but the hold of a 429 (a lower bound) is asserted by counts, never by time: with a rate of 1 record/s, however slow the machine,
 //! a flood of N requests in T seconds can pass at most burst + T of them; and a refusal that
 //! must happen is forced by a refill debt no slow machine can outwait (rate 1, burst 1,000:
 //! after a batch of 1,000, another needs 1,000 s). "Nothing refused is stored" is asserted
@@ -59,12 +59,8 @@ async fn assert_stored_exactly(server: &TestServer, customer_id: &str, metric: &
 }
 
 async fn track(server: &TestServer, key: &str) -> Answer {
-    track_at(server.addr, key).await
-}
-
-async fn track_at(addr: std::net::SocketAddr, key: &str) -> Answer {
     post(
-        addr,
+        server.addr,
         "/api/usage/track",
         &[
             "Content-Type: application/json",
@@ -171,10 +167,11 @@ async fn a_flooding_customer_is_refused_while_another_is_served() {
     assert_stored_exactly(&server, &other_id, "impressions", 5).await;
 }
 
-/// Backpressure: a refusal is held before it is answered, so a flooding connection (HTTP/1.1
-/// reads its next request only after the answer) sends at most one request per hold. Asserted
-/// by lower bounds only (a slow machine makes them longer, never shorter), and by the gauge
-/// that counts the refusals being held.
+/// Backpressure: a refusal is held before it is answered, so a connection of a flooding client
+/// (HTTP/1.1 reads its next request only after the answer) sends at most one request per hold.
+/// Asserted by a lower bound only, timed around the two requests alone: a slow machine makes
+/// it longer, never shorter. (Which answers are held, the cap and the draining are unit tests
+/// of `routes` and `ratelimit`.)
 #[tokio::test]
 async fn a_refused_request_is_held_before_its_answer() {
     let server = start_with(
@@ -191,45 +188,15 @@ async fn a_refused_request_is_held_before_its_answer() {
     assert_eq!(full.status, 200, "{}", full.body);
     // 1,000 s of refill debt: these are refused however slow the machine, each after the hold.
     let started = Instant::now();
-    let (addr, flooder) = (server.addr, key.clone());
-    let refused = tokio::spawn(async move {
-        (
-            track_at(addr, &flooder).await,
-            track_at(addr, &flooder).await,
-        )
-    });
-    // While one is held, the gauge shows it (other tests' holds only add to it).
-    let mut seen = 0.0;
-    for _ in 0..200 {
-        let metrics = get(server.addr, "/metrics").await;
-        seen = held_requests(&metrics.body);
-        if seen >= 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(seen >= 1.0, "a refusal is counted while it is held");
-    let (first, second) = refused.await.unwrap();
+    let first = track(&server, &key).await;
+    let second = track(&server, &key).await;
+    let took = started.elapsed();
     assert_rate_limited(&first, 1000);
     assert_rate_limited(&second, 1000);
     assert!(
-        started.elapsed() >= Duration::from_millis(800),
-        "two refusals in a row take two holds: {:?}",
-        started.elapsed()
+        took >= Duration::from_millis(800),
+        "two refusals in a row take two holds: {took:?}"
     );
-    // The 413 of a batch over the burst is not held: waiting cannot cure it (its answer says
-    // so at once; asserted by its headers, not by time).
-    let over = batch(&server, &key, 1001).await;
-    assert_eq!(over.status, 413, "{}", over.body);
-}
-
-/// `apex_ingest_rate_limited_held_requests` in a Prometheus exposition, 0 if absent.
-fn held_requests(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("apex_ingest_rate_limited_held_requests "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `apex_ingest_rate_limited_records_total` of a plan in a Prometheus exposition, 0 if absent.

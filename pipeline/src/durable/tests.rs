@@ -211,6 +211,44 @@ fn batches_are_cut_at_block_boundaries_by_rows_and_bytes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn corruption_after_a_cut_is_counted_once_by_the_batch_that_reads_it() {
+    let dir = temp_dir("cut-corrupt");
+    let positions = write_log(&dir, 10, 30);
+    let end = *positions.last().unwrap();
+    // Flip a payload byte of block 5: its checksum fails, and the scan skips the whole block.
+    let segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[(positions[5] + wal::FRAME_HEADER as u64 + 2) as usize] ^= 0xff;
+    std::fs::write(&segment, bytes).unwrap();
+    let limits = BatchLimits {
+        max_rows: 60,
+        max_bytes: 1 << 20,
+        max_age: Duration::ZERO,
+    };
+    // Each read scans to the end of the log, past block 5, but the first batches are cut by
+    // rows before it.
+    let mut buffers = BatchBuffers::default();
+    let (mut at, mut corrupt, mut taken, mut batches) = (0, 0, 0, 0);
+    while at < end {
+        let batch = read_batch(&dir, at, end, &limits, false, &mut buffers).unwrap();
+        corrupt += batch.corrupt_bytes;
+        taken += batch.records.len();
+        at = batch.end;
+        batches += 1;
+        buffers.recycle();
+    }
+    assert_eq!(corrupt, positions[6] - positions[5], "the one block, once");
+    assert_eq!(taken, 9 * 30);
+    assert!(batches >= 5, "{batches} batches");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn acknowledged_records_reach_both_stores_once_across_a_restart() {
     let dir = temp_dir("once");
