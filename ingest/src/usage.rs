@@ -301,11 +301,14 @@ pub fn indexed_errors(errors: &[(usize, RecordError)]) -> Vec<IndexedError> {
 
 /// The refusal of a batch of which no record was taken. A 400 is permanent to ordinary
 /// clients, so when some records only lacked room in the dedup table (`full` of them), the
-/// whole batch is answered 503 `dedup_full` instead: its retry then lists any invalid
-/// records by index.
-fn nothing_taken(errors: Vec<(usize, RecordError)>, full: usize) -> ApiError {
+/// whole batch is answered 503 `dedup_full` instead, and when some were only being recorded
+/// by another request (`in_flight` of them), 409 `duplicate_in_flight`, as `track` answers
+/// one such record: either way its retry then lists any invalid records by index.
+fn nothing_taken(errors: Vec<(usize, RecordError)>, full: usize, in_flight: usize) -> ApiError {
     if full > 0 {
         ApiError::DedupFull
+    } else if in_flight > 0 {
+        ApiError::DuplicateInFlight
     } else {
         ApiError::AllRejected(errors)
     }
@@ -377,6 +380,7 @@ pub async fn batch(
     let mut errors: Vec<(usize, RecordError)> = Vec::new();
     let mut duplicates = 0usize;
     let mut full = 0usize;
+    let mut in_flight = 0usize;
     // Owned by the guard from the claim on: released if the request ends before the sink.
     let mut ids = PendingIds::new(state.dedup.clone());
     // The ids of this request, exactly: the tickets it holds, and those of other requests
@@ -426,6 +430,7 @@ pub async fn batch(
                     continue;
                 }
                 Claim::InFlight(_) => {
+                    in_flight += 1;
                     errors.push((
                         index,
                         RecordError::new(
@@ -452,7 +457,7 @@ pub async fn batch(
         metrics::counter!(names::DEDUP_FULL_TOTAL).increment(full as u64);
     }
     if accepted.is_empty() && duplicates == 0 {
-        return Err(nothing_taken(errors, full));
+        return Err(nothing_taken(errors, full, in_flight));
     }
     let accepted_count = accepted.len();
     if !accepted.is_empty() {
@@ -523,19 +528,28 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_with_records_refused_for_a_full_dedup_is_retryable() {
+    fn a_batch_refused_only_for_room_or_records_in_flight_is_retryable() {
         let invalid = (0, RecordError::new("invalid_quantity", "negative"));
         let full = (1, RecordError::new("dedup_full", DEDUP_FULL_MESSAGE));
         // All refused for room, or some invalid as well: 503, never a permanent 400.
         for errors in [vec![full.clone()], vec![invalid.clone(), full]] {
-            let answer = nothing_taken(errors, 1);
+            let answer = nothing_taken(errors, 1, 0);
             assert_eq!(answer, ApiError::DedupFull);
             let (status, code, _) = answer.status();
             assert_eq!((status.as_u16(), code), (503, "dedup_full"));
         }
+        // Records only in flight elsewhere (with or without invalid ones): 409, retryable,
+        // as `track` answers one such record.
+        let in_flight = (1, RecordError::new("duplicate_in_flight", "retry shortly"));
+        for errors in [vec![in_flight.clone()], vec![invalid.clone(), in_flight]] {
+            let answer = nothing_taken(errors, 0, 1);
+            assert_eq!(answer, ApiError::DuplicateInFlight);
+            let (status, code, _) = answer.status();
+            assert_eq!((status.as_u16(), code), (409, "duplicate_in_flight"));
+        }
         // Only invalid records: the 400 with the errors by index, as before.
         assert_eq!(
-            nothing_taken(vec![invalid.clone()], 0),
+            nothing_taken(vec![invalid.clone()], 0, 0),
             ApiError::AllRejected(vec![invalid])
         );
     }

@@ -209,3 +209,40 @@ async fn a_full_dedup_table_is_answered_503_dedup_full_never_400() {
     // The first batch's refused records and the second batch's, and the track besides.
     assert!(full > 2_000 - accepted + 200, "{full}");
 }
+
+#[tokio::test]
+async fn a_batch_whose_records_are_all_in_flight_is_answered_409_then_counted_as_duplicates() {
+    // The sink holds the first batch's records for 3 s: its ids are in flight all that time.
+    let sink = SlowSink::new(16, Duration::from_secs(3));
+    let server = start_with(&[], Some(sink.clone())).await;
+    let (_, key) = customer(&server).await;
+    let records: Vec<_> = (0..3)
+        .map(|i| json!({"metric_type": "impressions", "quantity": 1, "event_id": format!("e-{i}")}))
+        .collect();
+    let body = json!({"api_key": key, "records": records});
+    let first = {
+        let (addr, body) = (server.addr, body.clone());
+        tokio::spawn(async move { post_json(addr, "/api/usage/batch", &body).await })
+    };
+    let mut waited = Duration::ZERO;
+    while sink.queue_depth() == 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the first batch never reached the sink"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+    // Every record is being recorded by the first: nothing taken, and retryable (not 400).
+    let again = post_json(server.addr, "/api/usage/batch", &body).await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert_eq!(again.error_code(), "duplicate_in_flight");
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.json()["accepted"], 3);
+    // Once the first is acknowledged, the retry finds them recorded.
+    let retry = post_json(server.addr, "/api/usage/batch", &body).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(retry.json()["duplicates"], 3);
+    assert_eq!(sink.acknowledged.load(Ordering::SeqCst), 3);
+}
