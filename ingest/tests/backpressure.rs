@@ -65,6 +65,19 @@ impl RecordSink for SlowSink {
     }
 }
 
+/// Waits (10 s at most) until the first request's records are in the sink.
+async fn until_in_sink(sink: &SlowSink) {
+    let mut waited = Duration::ZERO;
+    while sink.queue_depth() == 0 {
+        assert!(
+            waited < Duration::from_secs(10),
+            "the first batch never reached the sink"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += Duration::from_millis(20);
+    }
+}
+
 #[tokio::test]
 async fn a_full_queue_is_answered_503_with_retry_after() {
     let sink = SlowSink::new(2, Duration::from_millis(800));
@@ -157,15 +170,7 @@ async fn a_full_dedup_table_is_answered_503_dedup_full_never_400() {
         tokio::spawn(async move { post_json(addr, "/api/usage/batch", &body).await })
     };
     // The first batch's ids are claimed (every shard holds 4) while its records wait.
-    let mut waited = Duration::ZERO;
-    while sink.queue_depth() == 0 {
-        assert!(
-            waited < Duration::from_secs(10),
-            "the first batch never reached the sink"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += Duration::from_millis(20);
-    }
+    until_in_sink(&sink).await;
     // No room for any id: the whole batch is retryable, not a permanent 400.
     let second = post_json(server.addr, "/api/usage/batch", &batch("second", 200)).await;
     assert_eq!(second.status, 503, "{}", second.body);
@@ -224,15 +229,7 @@ async fn a_batch_whose_records_are_all_in_flight_is_answered_409_then_counted_as
         let (addr, body) = (server.addr, body.clone());
         tokio::spawn(async move { post_json(addr, "/api/usage/batch", &body).await })
     };
-    let mut waited = Duration::ZERO;
-    while sink.queue_depth() == 0 {
-        assert!(
-            waited < Duration::from_secs(10),
-            "the first batch never reached the sink"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        waited += Duration::from_millis(20);
-    }
+    until_in_sink(&sink).await;
     // Every record is being recorded by the first: nothing taken, and retryable (not 400).
     let again = post_json(server.addr, "/api/usage/batch", &body).await;
     assert_eq!(again.status, 409, "{}", again.body);
