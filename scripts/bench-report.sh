@@ -19,7 +19,7 @@ out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"; mkdir -p "$out"
 wal=$(mktemp -d)
 APEX_LISTEN=127.0.0.1:18082 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secret APEX_LOG=warn \
   APEX_WAL_DIR="$wal" "$bin/apex-server" & server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$wal"' EXIT
+trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$wal"' EXIT
 for _ in $(seq 1 100); do curl -sf 127.0.0.1:18082/readyz >/dev/null && break; sleep 0.1; done
 target=http://127.0.0.1:18082
 lt="$bin/apex-loadtest"
