@@ -459,29 +459,32 @@ impl RecordSink for DurableSink {
         // are on disk whatever the stores did.
         let mut visited = 0;
         let mut position = self.shared.oldest.load(Ordering::Acquire);
-        let (mut last, mut records) = (wal::Scan::default(), Vec::new());
+        // The appliers' reader, in their batches: one way of reading the log.
+        let (mut buffers, limits) = (batching::BatchBuffers::default(), BatchLimits::DEFAULT);
         while position < self.inherited_end {
-            let scan = match wal::read(&self.wal_dir, position, self.inherited_end, 16 << 20, last)
-            {
-                Ok(scan) => scan,
+            let read = batching::read_batch(
+                &self.wal_dir,
+                position,
+                self.inherited_end,
+                &limits,
+                false,
+                &mut buffers,
+            );
+            let batch = match read {
+                Ok(batch) => batch,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the log for its event ids");
                     break;
                 }
             };
-            for block in &scan.blocks {
-                records.clear();
-                if wal::decode_records_into(scan.payload(block), &mut records).is_ok() {
-                    for record in &records {
-                        if let Some(event_id) = &record.event_id {
-                            visit(&record.customer_id, event_id);
-                            visited += 1;
-                        }
-                    }
+            for record in batch.records {
+                if let Some(event_id) = &record.event_id {
+                    visit(&record.customer_id, event_id);
+                    visited += 1;
                 }
             }
-            let end = scan.end;
-            last = scan;
+            let end = batch.end;
+            buffers.recycle();
             if end <= position {
                 break;
             }
