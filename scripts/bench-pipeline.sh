@@ -51,6 +51,8 @@ for round in $(seq 1 "$rounds"); do
     verdict=MISMATCH; failed=1
   fi
   if [ "$bad" != 0 ]; then verdict="$verdict, NON-2XX ANSWERS"; failed=1; fi
-  echo "round $round: $(( acked / secs )) records/s acknowledged ($requests requests, $bad non-2xx, p99 $p99), stores caught up ${drain_ms} ms after the load; postgres $pg clickhouse $ch acknowledged $acked: $verdict"
+  # Rolls into a prepared segment against created ones (a growing file), since the server started.
+  rolls=$(curl -sf 127.0.0.1:18081/metrics | awk '/^apex_pipeline_wal_rolls_total/ {sub(/.*segment="/, ""); sub(/"}/, ""); printf "%s ", $0}')
+  echo "round $round: $(( acked / secs )) records/s acknowledged ($requests requests, $bad non-2xx, p99 $p99), stores caught up ${drain_ms} ms after the load; postgres $pg clickhouse $ch acknowledged $acked: $verdict; log rolls so far: ${rolls:-none}"
 done
 exit $failed

@@ -23,7 +23,8 @@ APEX_LISTEN=127.0.0.1:18601 APEX_JWT_SECRET=bench-secret-bench-secret-bench-secr
   APEX_WAL_DIR="$wal" "${APEX_BENCH_SERVER:-$bin/apex-server}" & server=$!
 "$bin/apex-loadtest" null-server --listen 127.0.0.1:18602 2>/dev/null & null=$!
 vmstat=""
-trap 'kill $server $null $vmstat 2>/dev/null || true; rm -rf "$wal"' EXIT
+# The server stops before its log goes: removed under it, its appliers log read errors.
+trap 'kill $server $null $vmstat 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$wal"' EXIT
 for _ in $(seq 1 100); do
   curl -sf 127.0.0.1:18601/readyz >/dev/null && curl -sf -X POST 127.0.0.1:18602/ >/dev/null && break
   sleep 0.1

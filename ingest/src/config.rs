@@ -81,6 +81,10 @@ pub struct ServerConfig {
     /// for more requests before its fsync (0: the group is whatever queued during the last
     /// fsync; at most 2,000).
     pub wal_group_commit_window: Duration,
+    /// `APEX_WAL_PREALLOCATE`, default `true`: write the log's next segment ahead as zeros
+    /// while its group commits are small, so their fsync writes only data (`false` on
+    /// copy-on-write filesystems such as ZFS or btrfs, where it only adds writes).
+    pub wal_preallocate: bool,
     /// `APEX_CUSTOMER_RATE_LIMIT` (records per second) and `APEX_CUSTOMER_RATE_BURST`
     /// (records), each optional and at least 1: when set, they replace the plans' rate limits
     /// (`plans.rate_limit_records_per_sec` and `plans.rate_limit_burst`) for every customer.
@@ -217,6 +221,7 @@ impl ServerConfig {
                 reason: "must be at most 2000 (2 ms): every request waits for it".to_owned(),
             });
         }
+        let wal_preallocate = env.parse_or("APEX_WAL_PREALLOCATE", true)?;
         let customer_rate_limit = optional_at_least_one(env, "APEX_CUSTOMER_RATE_LIMIT")?;
         let customer_rate_burst = optional_at_least_one(env, "APEX_CUSTOMER_RATE_BURST")?;
         Ok(Self {
@@ -240,6 +245,7 @@ impl ServerConfig {
             key_refresh,
             wal_max_bytes,
             wal_group_commit_window: Duration::from_micros(group_commit_us),
+            wal_preallocate,
             customer_rate_limit,
             customer_rate_burst,
         })
@@ -254,6 +260,7 @@ impl ServerConfig {
         sink.queue_capacity = self.queue_capacity;
         sink.max_log_bytes = self.wal_max_bytes;
         sink.group_commit_window = self.wal_group_commit_window;
+        sink.preallocate_segments = self.wal_preallocate;
         sink
     }
 }
@@ -324,6 +331,13 @@ mod tests {
         assert!(cfg.admin_token.is_none() && cfg.stripe_webhook_secrets.is_empty());
         assert!(cfg.resend_webhook_secrets.is_empty());
         assert!(cfg.migrate_on_start);
+        assert!(cfg.wal_preallocate && cfg.durable_config().preallocate_segments);
+        let off = ServerConfig::from_env(&env(&[("APEX_WAL_PREALLOCATE", "false")])).unwrap();
+        assert!(!off.durable_config().preallocate_segments);
+        let err = ServerConfig::from_env(&env(&[("APEX_WAL_PREALLOCATE", "no")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("APEX_WAL_PREALLOCATE is invalid"), "{err}");
         assert_eq!(
             (cfg.dedup_max_bytes, cfg.dedup_capacity),
             (134_217_728, 8_000_000)

@@ -11,6 +11,10 @@ pub const WAL_FSYNC_SECONDS: &str = "apex_pipeline_wal_fsync_seconds";
 pub const WAL_DISK_BYTES: &str = "apex_pipeline_wal_disk_bytes";
 /// Segment files on disk.
 pub const WAL_SEGMENTS: &str = "apex_pipeline_wal_segments";
+/// Segments the log writer started, by `segment`: `prepared` (written ahead as zeros) or
+/// `created` (an empty file that grows: none was ready, the segment before was written in
+/// big groups, or `APEX_WAL_PREALLOCATE=false`).
+pub const WAL_ROLLS_TOTAL: &str = "apex_pipeline_wal_rolls_total";
 /// Log bytes a store has not applied yet, by `store`.
 pub const WAL_BACKLOG_BYTES: &str = "apex_pipeline_wal_backlog_bytes";
 /// Submissions refused because the log was at its cap.
@@ -50,6 +54,10 @@ pub const ALL: &[MetricSpec] = &[
         "Bytes of write-ahead log on disk (segments not yet applied to every store).",
     ),
     MetricSpec::gauge(WAL_SEGMENTS, "Write-ahead log segment files on disk."),
+    MetricSpec::counter(
+        WAL_ROLLS_TOTAL,
+        "Write-ahead log segments started, by segment: prepared (written ahead as zeros) or created (an empty file: none was ready, big groups, or preparation is off).",
+    ),
     MetricSpec::gauge(
         WAL_BACKLOG_BYTES,
         "Bytes of write-ahead log a store has not applied yet, by store.",

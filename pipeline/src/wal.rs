@@ -6,8 +6,18 @@
 //! log, growing across segments, so it names a block for good (batch ids are positions).
 //! Frame: `MAGIC (4) | payload length (4, LE) | CRC-32 of length and payload (4, LE) | payload`.
 //!
+//! Segments are made ahead ([`WalWriter::prepare_segments_ahead`]): while the group commits are
+//! small, a thread writes the next one as `segment_bytes` of zeros, fsynced, and the writer
+//! renames it into place when it rolls.
+//! Appending inside a file whose blocks already exist and whose size does not change lets a
+//! group commit's `fdatasync` write only the data: appending to a growing file also wrote the
+//! inode every time, synchronously (ext4 without a journal; a journal commit with one), which
+//! made the median fdatasync twice as long on this project's machines (BENCHMARKS.md).
+//! PostgreSQL zero-fills its WAL segments ahead for the same reason.
+//!
 //! Recovery: a torn or corrupt tail of the last segment (a crash mid-append) is cut back to
-//! the end of the last valid frame before new blocks are appended. A corrupt frame in the
+//! the end of the last valid frame before new blocks are appended; zeros after it are the
+//! segment's unused, prepared space, kept as they are. A corrupt frame in the
 //! middle of the log (a flipped byte) is skipped by scanning to the next valid frame; every
 //! skipped byte is counted and logged, and every intact block is still read.
 
@@ -15,6 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use apex_core::model::{Metric, UsageRecord};
 
@@ -24,6 +35,20 @@ pub const MAGIC: [u8; 4] = *b"APXW";
 pub const FRAME_HEADER: usize = 12;
 /// Largest payload a frame may carry (a batch body is at most 8 MiB by default).
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+/// The next segment, written ahead as zeros by [`WalWriter::prepare_segments_ahead`] and renamed
+/// to its start position when the writer rolls. Not a `.wal` name: [`segments`] never lists it.
+pub const PREPARED_SEGMENT: &str = "next-segment.zeroed";
+/// The segment being prepared; renamed to [`PREPARED_SEGMENT`] once all its zeros are durable.
+const PREPARING_SEGMENT: &str = "next-segment.zeroing";
+/// Zeros are written and fsynced this much at a time: a group commit's fsync never waits
+/// behind more than this of the preparer's writes in the disk's queue.
+const ZERO_CHUNK_BYTES: usize = 256 * 1024;
+/// The next segment is written ahead only while the current one's groups average at most
+/// this many bytes. Small appends are where a growing file's inode write is most of a
+/// group commit's fsync (about 2.6x at 4 KiB, 1.5x at 1 MiB here); a log written in big groups
+/// (1,000-record batches) is bound by throughput instead, and writing its zeros as well took
+/// 7 % off the batch path (BENCHMARKS.md).
+pub const PREPARE_BELOW_GROUP_BYTES: u64 = 64 * 1024;
 /// The writer's group buffer is kept between groups up to this capacity (a group of `track`
 /// requests is a few hundred KiB at most; a larger one came from big batches and is freed).
 const KEPT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -210,6 +235,21 @@ fn scan_into(bytes: &[u8], position: u64, is_tail: bool, out: &mut Scan) {
     }
 }
 
+/// The length of `bytes` without the zeros they end with.
+fn without_zero_tail(bytes: &[u8]) -> usize {
+    // A page at a time (one `memcmp` each): a prepared segment is up to 64 MiB of zeros, and
+    // the tests' debug builds recover it at every restart.
+    static ZERO_PAGE: [u8; 4096] = [0; 4096];
+    let mut end = bytes.len();
+    while end >= ZERO_PAGE.len() && bytes[end - ZERO_PAGE.len()..end] == ZERO_PAGE[..] {
+        end -= ZERO_PAGE.len();
+    }
+    while end > 0 && bytes[end - 1] == 0 {
+        end -= 1;
+    }
+    end
+}
+
 /// What opening the log found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
@@ -226,12 +266,28 @@ pub struct WalWriter {
     segment_bytes: u64,
     /// The frames of the group being written, reused from group to group.
     buffer: Vec<u8>,
+    /// The thread writing the next segment ahead, if [`WalWriter::prepare_segments_ahead`]
+    /// started it.
+    preparer: Option<Preparer>,
+    /// Whether the next segment was asked for since the last roll.
+    next_wanted: bool,
+    /// Groups (appends) and their bytes since the last roll or the open: their mean decides
+    /// whether the next segment is worth writing ahead ([`PREPARE_BELOW_GROUP_BYTES`]).
+    groups_since_roll: u64,
+    bytes_since_roll: u64,
 }
 
 impl WalWriter {
-    /// Opens (or creates) the log in `dir`, cutting a torn tail off the last segment.
+    /// Opens (or creates) the log in `dir`, cutting a torn tail off the last segment. Zeros
+    /// after the last valid frame are prepared space ([`WalWriter::prepare_segments_ahead`]),
+    /// not a torn tail: they are kept, and appends go over them.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Self, Recovery)> {
         fs::create_dir_all(dir)?;
+        // A segment whose preparation a stop interrupted: its zeros may not all be durable.
+        match fs::remove_file(dir.join(PREPARING_SEGMENT)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let starts = segments(dir)?;
         let mut recovery = Recovery::default();
         let (segment_start, file, position) = match starts.last() {
@@ -244,16 +300,23 @@ impl WalWriter {
                 let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
                 let mut bytes = Vec::new();
                 file.read_to_end(&mut bytes)?;
-                let scanned = scan(&bytes, start, true);
-                let valid_end = scanned.end;
-                let length = start + bytes.len() as u64;
-                if valid_end < length {
-                    recovery.truncated_bytes = length - valid_end;
-                    file.set_len(valid_end - start)?;
+                // Only up to the zeros a prepared segment ends with: scanning them would be a
+                // byte-by-byte search for a frame through up to 64 MiB.
+                let data_len = without_zero_tail(&bytes);
+                let mut valid_len =
+                    usize::try_from(scan(&bytes[..data_len], start, true).end - start)
+                        .expect("within the bytes read");
+                // A last frame whose payload ends in zero bytes looked cut short: read it whole.
+                if let Parsed::Frame(size) = parse_frame(&bytes[valid_len..]) {
+                    valid_len += size;
+                }
+                if data_len > valid_len {
+                    recovery.truncated_bytes = (data_len - valid_len) as u64;
+                    file.set_len(valid_len as u64)?;
                     file.sync_all()?;
                 }
-                file.seek(SeekFrom::Start(valid_end - start))?;
-                (start, file, valid_end)
+                file.seek(SeekFrom::Start(valid_len as u64))?;
+                (start, file, start + valid_len as u64)
             }
         };
         Ok((
@@ -264,9 +327,32 @@ impl WalWriter {
                 position,
                 segment_bytes: segment_bytes.max(FRAME_HEADER as u64 + 1),
                 buffer: Vec::new(),
+                preparer: None,
+                next_wanted: false,
+                groups_since_roll: 0,
+                bytes_since_roll: 0,
             },
             recovery,
         ))
+    }
+
+    /// Starts a thread (`apex-wal-prep`) that makes the next segment ready: `segment_bytes` of
+    /// zeros, fsynced in 256 KiB steps, as [`PREPARED_SEGMENT`]. The writer asks for it once
+    /// the current segment is half full (so an idle or small log writes no zeros) and only if
+    /// its groups averaged at most [`PREPARE_BELOW_GROUP_BYTES`], and when it
+    /// rolls, renames it to the new segment's name (and fsyncs the folder, as for a created
+    /// one). A roll that finds none ready (the log outran the preparer) creates the segment
+    /// empty, as without preparation. The thread stops, and is
+    /// joined, when the writer is dropped; a preparation it interrupts is removed at the next
+    /// [`WalWriter::open`].
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn prepare_segments_ahead(&mut self) -> io::Result<()> {
+        if self.preparer.is_none() {
+            self.preparer = Some(Preparer::start(self.dir.clone(), self.segment_bytes)?);
+        }
+        Ok(())
     }
 
     /// Position the next block will take.
@@ -309,10 +395,51 @@ impl WalWriter {
             && self.position - self.segment_start >= self.segment_bytes
         {
             self.file.sync_data()?;
-            self.file = create_segment(&self.dir, self.position)?;
+            self.file = self.next_segment(self.position)?;
             self.segment_start = self.position;
+            (self.groups_since_roll, self.bytes_since_roll) = (0, 0);
         }
         Ok(())
+    }
+
+    /// The file of the segment starting at `start`: the prepared one renamed, or a new one.
+    fn next_segment(&mut self, start: u64) -> io::Result<File> {
+        if self.preparer.is_none() {
+            metrics::counter!(crate::names::WAL_ROLLS_TOTAL, "segment" => "created").increment(1);
+            return create_segment(&self.dir, start);
+        }
+        let path = self.dir.join(segment_name(start));
+        let file = match fs::rename(self.dir.join(PREPARED_SEGMENT), &path) {
+            Ok(()) => {
+                let file = OpenOptions::new().read(true).write(true).open(&path)?;
+                // The new name must survive a crash too.
+                File::open(&self.dir)?.sync_all()?;
+                metrics::counter!(crate::names::WAL_ROLLS_TOTAL, "segment" => "prepared")
+                    .increment(1);
+                file
+            }
+            Err(_) => {
+                // None ready (or it cannot be used): an empty segment, as without preparation.
+                metrics::counter!(crate::names::WAL_ROLLS_TOTAL, "segment" => "created")
+                    .increment(1);
+                create_segment(&self.dir, start)?
+            }
+        };
+        self.next_wanted = false;
+        Ok(file)
+    }
+
+    /// Asks the preparer for the next segment once the current one is half full, if its
+    /// groups were small ([`PREPARE_BELOW_GROUP_BYTES`]).
+    fn want_next_when_half_full(&mut self) {
+        if let Some(preparer) = &self.preparer
+            && !self.next_wanted
+            && self.position - self.segment_start >= self.segment_bytes / 2
+            && self.bytes_since_roll <= PREPARE_BELOW_GROUP_BYTES * self.groups_since_roll
+        {
+            preparer.want_next();
+            self.next_wanted = true;
+        }
     }
 
     /// Keeps the group buffer for the next group (no allocation per group), unless one huge
@@ -336,6 +463,9 @@ impl WalWriter {
             return Err(e);
         }
         self.position += size as u64;
+        self.groups_since_roll += 1;
+        self.bytes_since_roll += size as u64;
+        self.want_next_when_half_full();
         Ok(())
     }
 
@@ -353,6 +483,95 @@ impl WalWriter {
         self.position = self.segment_start + keep;
         Ok(())
     }
+}
+
+/// The thread that writes the next segment ahead (see [`WalWriter::prepare_segments_ahead`]).
+struct Preparer {
+    /// Asks for a segment; closed when the writer is dropped.
+    wanted: Option<std::sync::mpsc::SyncSender<()>>,
+    /// Raised when the writer is dropped, so a preparation under way stops between chunks.
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Preparer {
+    fn start(dir: PathBuf, segment_bytes: u64) -> io::Result<Self> {
+        let (wanted, requests) = std::sync::mpsc::sync_channel::<()>(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("apex-wal-prep".into())
+                .spawn(move || {
+                    while requests.recv().is_ok() {
+                        if dir.join(PREPARED_SEGMENT).exists() {
+                            continue;
+                        }
+                        match prepare_segment(&dir, segment_bytes, &stop) {
+                            Ok(true) => {}
+                            Ok(false) => return,
+                            // The next roll creates its segment empty; the one after asks again.
+                            Err(e) => tracing::warn!(
+                                error = %e,
+                                "write-ahead log: cannot prepare the next segment"
+                            ),
+                        }
+                    }
+                })?
+        };
+        Ok(Self {
+            wanted: Some(wanted),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for the next segment (a request already waiting is enough).
+    fn want_next(&self) {
+        if let Some(wanted) = &self.wanted {
+            let _ = wanted.try_send(());
+        }
+    }
+}
+
+impl Drop for Preparer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wanted = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes `bytes` zeros as [`PREPARING_SEGMENT`] in `dir`, fsyncing every
+/// [`ZERO_CHUNK_BYTES`], then renames it to [`PREPARED_SEGMENT`] and fsyncs the folder: the
+/// prepared name only ever names a whole, durable file of zeros. Returns `false`, having
+/// removed the partial file, when `stop` is raised midway.
+fn prepare_segment(dir: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool> {
+    let partial = dir.join(PREPARING_SEGMENT);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&partial)?;
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let mut left = bytes;
+    while left > 0 {
+        if stop.load(Ordering::Relaxed) {
+            drop(file);
+            let _ = fs::remove_file(&partial);
+            return Ok(false);
+        }
+        let chunk = usize::try_from(left).map_or(ZERO_CHUNK_BYTES, |l| l.min(ZERO_CHUNK_BYTES));
+        file.write_all(&zeros[..chunk])?;
+        file.sync_data()?;
+        left -= chunk as u64;
+    }
+    drop(file);
+    fs::rename(&partial, dir.join(PREPARED_SEGMENT))?;
+    File::open(dir)?.sync_all()?;
+    Ok(true)
 }
 
 fn create_segment(dir: &Path, start: u64) -> io::Result<File> {
@@ -784,5 +1003,206 @@ mod tests {
         let (quantities, _) = read_all(&dir, *positions.last().unwrap());
         assert!(quantities.ends_with(&(26..=50).collect::<Vec<_>>()));
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// Waits (up to 10 s) until the preparer has made the next segment.
+    fn wait_for_prepared(dir: &Path) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !dir.join(PREPARED_SEGMENT).exists() {
+            assert!(std::time::Instant::now() < deadline, "no prepared segment");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_roll_takes_the_prepared_segment_and_the_next_is_prepared() {
+        let dir = temp_dir("prepared");
+        let (mut wal, _) = WalWriter::open(&dir, 4096).unwrap();
+        wal.prepare_segments_ahead().unwrap();
+        let mut positions = Vec::new();
+        let mut fill_to = |wal: &mut WalWriter, to: u64| {
+            while wal.position() < to {
+                positions.push(wal.position());
+                wal.append(&[encode_records(&[record(positions.len() as u64)])])
+                    .unwrap();
+            }
+        };
+        // Nothing is prepared before the segment is half full.
+        fill_to(&mut wal, 1024);
+        assert!(!dir.join(PREPARED_SEGMENT).exists());
+        fill_to(&mut wal, 2048);
+        wait_for_prepared(&dir);
+        assert_eq!(
+            fs::metadata(dir.join(PREPARED_SEGMENT)).unwrap().len(),
+            4096,
+            "a whole segment of zeros"
+        );
+        // Fill the first segment, then one block: the roll renames the prepared file.
+        fill_to(&mut wal, 4096);
+        let blocks = positions.len();
+        let second = wal.position();
+        wal.append(&[encode_records(&[record(0)])]).unwrap();
+        wal.sync().unwrap();
+        assert_eq!(segments(&dir).unwrap(), [0, second]);
+        let segment = dir.join(segment_name(second));
+        assert_eq!(
+            fs::metadata(&segment).unwrap().len(),
+            4096,
+            "the prepared file, written over from its start"
+        );
+        let bytes = fs::read(&segment).unwrap();
+        assert_eq!(&bytes[..4], &MAGIC);
+        let written = usize::try_from(wal.position() - second).unwrap();
+        assert!(bytes[written..].iter().all(|&b| b == 0));
+        // The next is asked for at half of this one.
+        assert!(!dir.join(PREPARED_SEGMENT).exists());
+        // Every block reads back, and the zeros after the last are not corruption.
+        let (quantities, corrupt) = read_all(&dir, wal.position());
+        assert_eq!(quantities.len(), blocks + 1);
+        assert_eq!(corrupt, 0);
+        let end = wal.position();
+        drop(wal); // stops and joins the preparer
+        // Reopening keeps the zeros (no torn tail) and appends over them.
+        let (mut wal, recovery) = WalWriter::open(&dir, 4096).unwrap();
+        assert_eq!((wal.position(), recovery.truncated_bytes), (end, 0));
+        assert_eq!(fs::metadata(&segment).unwrap().len(), 4096);
+        wal.append(&[encode_records(&[record(41)])]).unwrap();
+        wal.sync().unwrap();
+        let (quantities, corrupt) = read_all(&dir, wal.position());
+        assert_eq!((quantities.last(), corrupt), (Some(&42), 0));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_append_over_prepared_zeros_is_cut_and_counted_without_the_zeros() {
+        let dir = temp_dir("torn-zeros");
+        let positions = write_blocks(&dir, 10, 1 << 20);
+        let end = *positions.last().unwrap();
+        let path = dir.join(segment_name(0));
+        // The segment was prepared (zeros to 64 KiB); a crash tore the last append: its
+        // first half reached the disk, the rest of the file is still zeros.
+        let mut bytes = fs::read(&path).unwrap();
+        let torn = (end - positions[9]) / 2;
+        bytes.truncate(usize::try_from(positions[9] + torn).unwrap());
+        bytes.resize(64 * 1024, 0);
+        fs::write(&path, &bytes).unwrap();
+        let (wal, recovery) = WalWriter::open(&dir, 1 << 20).unwrap();
+        assert_eq!(wal.position(), positions[9]);
+        // The torn frame's bytes up to its last non-zero one: at most the half on disk.
+        assert!(
+            recovery.truncated_bytes > 0 && recovery.truncated_bytes <= torn,
+            "{}",
+            recovery.truncated_bytes
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len(), positions[9]);
+        let (quantities, corrupt) = read_all(&dir, wal.position());
+        assert_eq!((quantities, corrupt), ((1..=9).collect::<Vec<_>>(), 0));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_last_frame_ending_in_zero_bytes_survives_recovery_over_zeros() {
+        let dir = temp_dir("zero-ended");
+        let (mut wal, _) = WalWriter::open(&dir, 1 << 20).unwrap();
+        wal.append(&[vec![7, 7, 7], vec![1, 2, 0, 0, 0, 0]])
+            .unwrap();
+        wal.sync().unwrap();
+        let end = wal.position();
+        drop(wal);
+        let path = dir.join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.resize(8192, 0);
+        fs::write(&path, &bytes).unwrap();
+        let (wal, recovery) = WalWriter::open(&dir, 1 << 20).unwrap();
+        assert_eq!((wal.position(), recovery.truncated_bytes), (end, 0));
+        let scan = read(&dir, 0, end, 1 << 20, Scan::default()).unwrap();
+        assert_eq!(scan.blocks.len(), 2);
+        assert_eq!(scan.payload(&scan.blocks[1]), [1, 2, 0, 0, 0, 0]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_interrupted_preparation_is_removed_and_a_prepared_file_is_not_a_segment() {
+        let dir = temp_dir("interrupted");
+        write_blocks(&dir, 3, 1 << 20);
+        fs::write(dir.join(PREPARING_SEGMENT), [0u8; 100]).unwrap();
+        fs::write(dir.join(PREPARED_SEGMENT), [0u8; 100]).unwrap();
+        let (_wal, _) = WalWriter::open(&dir, 1 << 20).unwrap();
+        assert!(!dir.join(PREPARING_SEGMENT).exists());
+        assert!(dir.join(PREPARED_SEGMENT).exists());
+        assert_eq!(segments(&dir).unwrap(), [0]);
+        assert_eq!(oldest_position(&dir).unwrap(), 0);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn without_a_prepared_segment_a_roll_creates_one() {
+        let dir = temp_dir("unprepared");
+        let positions = write_blocks(&dir, 50, 500);
+        assert!(segments(&dir).unwrap().len() > 3);
+        assert!(!dir.join(PREPARED_SEGMENT).exists());
+        let (quantities, _) = read_all(&dir, *positions.last().unwrap());
+        assert_eq!(quantities.len(), 50);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_segment_written_in_big_groups_does_not_ask_for_the_next() {
+        let dir = temp_dir("big-groups");
+        let segment = 8 * PREPARE_BELOW_GROUP_BYTES;
+        let (mut wal, _) = WalWriter::open(&dir, segment).unwrap();
+        wal.prepare_segments_ahead().unwrap();
+        let big = vec![7u8; usize::try_from(PREPARE_BELOW_GROUP_BYTES).unwrap() + 1];
+        let fill_in_big_groups_past_half = |wal: &mut WalWriter| {
+            while wal.position() - wal.segment_start <= segment / 2 {
+                wal.append(std::slice::from_ref(&big)).unwrap();
+            }
+        };
+        fill_in_big_groups_past_half(&mut wal);
+        assert!(!wal.next_wanted, "big groups: nothing asked for");
+        // One small group brings the mean under the bound: the mean decides, not one group.
+        wal.append(&[vec![1u8; 1000]]).unwrap();
+        assert!(wal.next_wanted);
+        wait_for_prepared(&dir);
+        while wal.position() < segment {
+            wal.append(&[vec![1u8; 1000]]).unwrap();
+        }
+        // The roll takes the prepared file; this second segment gets big groups only.
+        wal.append(std::slice::from_ref(&big)).unwrap();
+        let second = wal.segment_start;
+        assert!(second > 0);
+        assert_eq!(
+            fs::metadata(dir.join(segment_name(second))).unwrap().len(),
+            segment
+        );
+        fill_in_big_groups_past_half(&mut wal);
+        assert!(!wal.next_wanted, "big groups: nothing asked for");
+        while wal.position() - second < segment {
+            wal.append(std::slice::from_ref(&big)).unwrap();
+        }
+        wal.append(&[vec![1u8; 100]]).unwrap();
+        let third = wal.segment_start;
+        assert_eq!(segments(&dir).unwrap(), [0, second, third]);
+        assert_eq!(
+            fs::metadata(dir.join(segment_name(third))).unwrap().len(),
+            wal.position() - third,
+            "created, not prepared: the file holds only what was written"
+        );
+        drop(wal);
+        assert!(!dir.join(PREPARED_SEGMENT).exists());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_zero_tail_is_found_page_by_page_and_byte_by_byte() {
+        assert_eq!(without_zero_tail(&[]), 0);
+        assert_eq!(without_zero_tail(&[0; 10_000]), 0);
+        let mut bytes = vec![0u8; 3 * 4096 + 17];
+        bytes[4095] = 1;
+        assert_eq!(without_zero_tail(&bytes), 4096);
+        bytes[2 * 4096 + 5] = 9;
+        assert_eq!(without_zero_tail(&bytes), 2 * 4096 + 6);
+        bytes[3 * 4096 + 16] = 3;
+        assert_eq!(without_zero_tail(&bytes), bytes.len());
     }
 }

@@ -59,6 +59,12 @@ pub struct DurableConfig {
     pub queue_capacity: usize,
     /// A new segment is started past this size.
     pub segment_bytes: u64,
+    /// Whether the next segment is written ahead as zeros (`APEX_WAL_PREALLOCATE`, default
+    /// on; only while the groups are small, [`crate::wal::PREPARE_BELOW_GROUP_BYTES`]): a
+    /// group commit's fsync then writes only data, not the growing file's inode too (see
+    /// [`crate::wal`]). Turn it off on copy-on-write filesystems (ZFS, btrfs), where
+    /// writing over zeros allocates anew and the zeros are only extra writes.
+    pub preallocate_segments: bool,
     /// Log bytes on disk beyond which submissions are refused (`APEX_WAL_MAX_BYTES`).
     pub max_log_bytes: u64,
     /// One fsync covers at most this many bytes of blocks.
@@ -80,6 +86,7 @@ impl DurableConfig {
             stores: stores.clone(),
             queue_capacity: 4_096,
             segment_bytes: 64 * 1024 * 1024,
+            preallocate_segments: true,
             max_log_bytes: 4 * 1024 * 1024 * 1024,
             group_commit_bytes: 4 * 1024 * 1024,
             group_commit_window: Duration::ZERO,

@@ -289,7 +289,11 @@ impl DurableSink {
         config.validate().map_err(DurableError::Config)?;
         zero_series();
         let dir = &config.wal_dir;
-        let (log, recovery) = WalWriter::open(dir, config.segment_bytes).map_err(log_error(dir))?;
+        let (mut log, recovery) =
+            WalWriter::open(dir, config.segment_bytes).map_err(log_error(dir))?;
+        if config.preallocate_segments {
+            log.prepare_segments_ahead().map_err(DurableError::Thread)?;
+        }
         if recovery.truncated_bytes > 0 {
             tracing::warn!(
                 bytes = recovery.truncated_bytes,
@@ -369,6 +373,9 @@ impl DurableSink {
 fn zero_series() {
     metrics::counter!(names::WAL_FULL_TOTAL).increment(0);
     metrics::counter!(names::WAL_TRUNCATED_BYTES_TOTAL).increment(0);
+    for segment in ["prepared", "created"] {
+        metrics::counter!(names::WAL_ROLLS_TOTAL, "segment" => segment).increment(0);
+    }
     for store in [Store::Postgres, Store::ClickHouse] {
         let label = store.label();
         metrics::counter!(names::PERMANENT_ERRORS_TOTAL, "store" => label).increment(0);

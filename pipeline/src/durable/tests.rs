@@ -496,3 +496,74 @@ async fn a_store_broken_from_the_start_is_stuck_and_the_other_goes_on() {
     assert!(clickhouse.records().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn the_sink_prepares_segments_ahead_unless_told_not_to() {
+    for preallocate in [true, false] {
+        let dir = temp_dir(&format!("prepare-{preallocate}"));
+        let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+        let mut config = config(&dir);
+        config.segment_bytes = 4096;
+        config.max_log_bytes = 1 << 20;
+        config.preallocate_segments = preallocate;
+        let sink = start_configured(&config, &postgres, &clickhouse);
+        let prepared = dir.join(wal::PREPARED_SEGMENT);
+        let segments = || wal::segments(&dir).unwrap();
+        // Several segments (a request of five records is a few hundred bytes).
+        let mut sent = submit(&sink, 40, 5).await;
+        let one_more = async |sent: &mut Vec<u64>| {
+            let batch = records(5, sent.len() as u64 + 1);
+            sent.extend(quantities(&batch));
+            sink.submit(batch).unwrap().await.unwrap().unwrap();
+        };
+        if preallocate {
+            // Past half of a segment the next is asked for; the roll renames it into place.
+            for _ in 0..2_000 {
+                if prepared.exists() {
+                    break;
+                }
+                one_more(&mut sent).await;
+            }
+            assert!(prepared.exists(), "the next segment is prepared");
+            let before = segments().len();
+            while segments().len() == before {
+                one_more(&mut sent).await;
+            }
+            let last = dir.join(format!("{:020}.wal", segments().last().unwrap()));
+            assert_eq!(
+                std::fs::metadata(last).unwrap().len(),
+                4096,
+                "the prepared file"
+            );
+            assert!(!prepared.exists(), "taken, and the next not yet asked for");
+        } else {
+            assert!(segments().len() > 2 && !prepared.exists());
+        }
+        wait_until("both stores hold the log", || {
+            sink.applied_position() == sink.durable_position()
+        })
+        .await;
+        shut(sink).await;
+        // A restart over a segment that was prepared (zeros after its last block) cuts
+        // nothing and replays nothing; what follows lands once.
+        let again = start_configured(&config, &postgres, &clickhouse);
+        let mut more = Vec::new();
+        for r in 0..10 {
+            let batch = records(5, 1_000 + r * 5);
+            more.extend(quantities(&batch));
+            again.submit(batch).unwrap().await.unwrap().unwrap();
+        }
+        wait_until("both stores hold the log", || {
+            again.applied_position() == again.durable_position()
+        })
+        .await;
+        shut(again).await;
+        let all: Vec<u64> = sent.iter().chain(&more).copied().collect();
+        for store in [&postgres, &clickhouse] {
+            assert_eq!(quantities(&store.records()), all);
+            assert_eq!(store.duplicates(), 0);
+            assert_contiguous(store);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
