@@ -18,9 +18,7 @@ APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "CPU $(date +%s)" --emai
 export APEX_BENCH_KEY
 
 # "utime stime" summed over every thread (fields 14 and 15 of stat), in clock ticks.
-ticks() { for f in /proc/"$1"/task/*/stat; do
-  sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\4 \5/' "$f" 2>/dev/null
-done | awk '{u += $1; s += $2} END {print u + 0, s + 0}'; }
+ticks() { thread_ticks "$1" | awk '{u += $2; s += $3} END {print u + 0, s + 0}'; }
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
 # Minor page faults of the whole process (field 10 of /proc/PID/stat): memory the allocator
 # gave back and touched again, or touched for the first time.

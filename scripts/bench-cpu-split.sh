@@ -12,9 +12,7 @@ secs="${1:-20}"; conns="${2:-256}"
 . scripts/bench/servers.sh
 
 # "name utime stime" summed over the threads of each name (fields 14 and 15 of stat).
-ticks() { for f in /proc/"$1"/task/*/stat; do
-  sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\1 \4 \5/' "$f" 2>/dev/null
-done | awk '{u[$1]+=$2; s[$1]+=$3} END {for (g in u) print g, u[g], s[g]}'; }
+ticks() { thread_ticks "$1" | awk '{u[$1]+=$2; s[$1]+=$3} END {for (g in u) print g, u[g], s[g]}'; }
 
 measure() { # name pid url
   local before after out requests bad

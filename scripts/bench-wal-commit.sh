@@ -19,9 +19,7 @@ variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=("$bin/apex-server")
 APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "Commit $(date +%s)" --email bench@example.com --json |
   sed -E 's/.*"api_key":"([^"]+)".*/\1/')
 export APEX_BENCH_KEY
-ticks() { for f in /proc/"$1"/task/*/stat; do
-  sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\4 \5/' "$f" 2>/dev/null
-done | awk '{t += $1 + $2} END {print t + 0}'; }
+ticks() { thread_ticks "$1" | awk '{t += $2 + $3} END {print t + 0}'; }
 metric() { curl -s "127.0.0.1:$1/metrics" | awk -v k="$2" '$1 == k {print $2}'; }
 load() { wrk -t1 -c"$conns" -d"$2s" --latency -s scripts/bench/track.lua "http://127.0.0.1:$1/api/usage/track" 2>&1; }
 port=18700; pid=""; wal=""

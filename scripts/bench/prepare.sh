@@ -17,3 +17,12 @@ bench_customers() {
     echo >>"$2"
   done
 }
+
+# thread_ticks PID: one line per thread, "name utime stime" (fields 2, 14 and 15 of
+# /proc/PID/task/TID/stat, in clock ticks), for the CPU-per-request scripts.
+thread_ticks() {
+  local f
+  for f in /proc/"$1"/task/*/stat; do
+    sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\1 \4 \5/' "$f" 2>/dev/null
+  done
+}

@@ -18,7 +18,7 @@ use apex_stripe::client::{ClientSettings, StripeClient};
 use apex_stripe::invoicing::{CloseRequest, close_invoices};
 use apex_stripe::sync::{SyncRequest, sync_usage};
 use apex_stripe::testing::{StripeStandIn, TEST_KEY, signup};
-use chrono::{Duration, NaiveDate, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde_json::Value;
 
 use common::{at, record, write_usage};
@@ -451,22 +451,26 @@ async fn reconcile_is_clean_after_the_real_flows_and_names_each_planted_differen
         .unwrap();
     let (_, report) = reconcile(&stores, &standin, &month, &[]);
     assert_eq!(stripe_pair(&report)["verdict"], "unsynced", "{report:#}");
-    sqlx::query(
-        "UPDATE invoices SET created_at = created_at - interval '2 days' WHERE customer_id = $1",
-    )
-    .bind(&a)
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    // Two days before the run's clock (reconcile runs on the wall clock here), not before the
+    // close's: when the period is this month, the close ran as of its end, weeks ahead.
+    let written: DateTime<Utc> =
+        sqlx::query_scalar("SELECT created_at FROM invoices WHERE customer_id = $1")
+            .bind(&a)
+            .fetch_one(&stores.pool)
+            .await
+            .unwrap();
+    let set_created = async |at: DateTime<Utc>| {
+        sqlx::query("UPDATE invoices SET created_at = $2 WHERE customer_id = $1")
+            .bind(&a)
+            .bind(at)
+            .execute(&stores.pool)
+            .await
+            .unwrap();
+    };
+    set_created(Utc::now() - Duration::days(2)).await;
     let (_, report) = reconcile(&stores, &standin, &month, &[]);
     assert_eq!(stripe_pair(&report)["verdict"], "drift", "{report:#}");
-    sqlx::query(
-        "UPDATE invoices SET created_at = created_at + interval '2 days' WHERE customer_id = $1",
-    )
-    .bind(&a)
-    .execute(&stores.pool)
-    .await
-    .unwrap();
+    set_created(written).await;
     apex_billing::invoices::open_review(
         &stores.pool,
         &a,
