@@ -183,17 +183,21 @@ impl Scan {
 /// Parses `bytes`, which start at `position`; the blocks' payloads are offsets into `bytes`
 /// (the returned scan's own `bytes` are empty). With `is_tail`, a final partial or corrupt
 /// stretch is a torn tail (not counted as corruption); otherwise it is skipped and counted.
-fn scan(bytes: &[u8], position: u64, is_tail: bool) -> Scan {
+/// Frames start only before `starts_before` (at most `bytes.len()`), but may end after it: the
+/// log's recovery stops at the zeros a prepared segment ends with, and a last frame whose
+/// payload ends in zero bytes reaches into them.
+fn scan(bytes: &[u8], starts_before: usize, position: u64, is_tail: bool) -> Scan {
     let mut out = Scan::default();
-    scan_into(bytes, position, is_tail, &mut out);
+    scan_into(bytes, starts_before, position, is_tail, &mut out);
     out
 }
 
 /// [`scan`] into `out`, which must be empty (its `bytes` are left alone).
-fn scan_into(bytes: &[u8], position: u64, is_tail: bool, out: &mut Scan) {
+fn scan_into(bytes: &[u8], starts_before: usize, position: u64, is_tail: bool, out: &mut Scan) {
+    let limit = starts_before.min(bytes.len());
     out.end = position;
     let mut at = 0usize;
-    while at < bytes.len() {
+    while at < limit {
         match parse_frame(&bytes[at..]) {
             Parsed::Frame(size) => {
                 out.blocks.push(Block {
@@ -210,7 +214,7 @@ fn scan_into(bytes: &[u8], position: u64, is_tail: bool, out: &mut Scan) {
             }
             Parsed::Corrupt => {
                 // Resynchronise on the next valid frame, if any.
-                let next = (at + 1..bytes.len()).find(|&i| {
+                let next = (at + 1..limit).find(|&i| {
                     bytes[i..].starts_with(&MAGIC)
                         && matches!(parse_frame(&bytes[i..]), Parsed::Frame(_))
                 });
@@ -224,8 +228,8 @@ fn scan_into(bytes: &[u8], position: u64, is_tail: bool, out: &mut Scan) {
                         if is_tail {
                             out.incomplete_tail = true;
                         } else {
-                            out.corrupt_bytes += (bytes.len() - at) as u64;
-                            out.end = position + bytes.len() as u64;
+                            out.corrupt_bytes += (limit - at) as u64;
+                            out.end = position + limit as u64;
                         }
                         break;
                     }
@@ -300,16 +304,12 @@ impl WalWriter {
                 let mut file = OpenOptions::new().read(true).write(true).open(&path)?;
                 let mut bytes = Vec::new();
                 file.read_to_end(&mut bytes)?;
-                // Only up to the zeros a prepared segment ends with: scanning them would be a
-                // byte-by-byte search for a frame through up to 64 MiB.
+                // Frames starting only before the zeros a prepared segment ends with: a search
+                // for one through them would go byte by byte through up to 64 MiB. A frame is
+                // parsed whole, into the zeros when its payload ends in zero bytes.
                 let data_len = without_zero_tail(&bytes);
-                let mut valid_len =
-                    usize::try_from(scan(&bytes[..data_len], start, true).end - start)
-                        .expect("within the bytes read");
-                // A last frame whose payload ends in zero bytes looked cut short: read it whole.
-                if let Parsed::Frame(size) = parse_frame(&bytes[valid_len..]) {
-                    valid_len += size;
-                }
+                let valid_len = usize::try_from(scan(&bytes, data_len, start, true).end - start)
+                    .expect("within the bytes read");
                 if data_len > valid_len {
                     recovery.truncated_bytes = (data_len - valid_len) as u64;
                     file.set_len(valid_len as u64)?;
@@ -353,6 +353,18 @@ impl WalWriter {
             self.preparer = Some(Preparer::start(self.dir.clone(), self.segment_bytes)?);
         }
         Ok(())
+    }
+
+    /// Removes a segment an earlier run prepared, for a log that no longer prepares them
+    /// (`APEX_WAL_PREALLOCATE=false`): it would otherwise keep its 64 MiB on disk for good.
+    ///
+    /// # Errors
+    /// The file exists and cannot be removed.
+    pub fn discard_prepared_segment(&self) -> io::Result<()> {
+        match fs::remove_file(self.dir.join(PREPARED_SEGMENT)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Position the next block will take.
@@ -476,9 +488,17 @@ impl WalWriter {
 
     /// Forgets blocks appended after `position` in the current segment: after a failed sync
     /// their durability is unknown, their requests are refused, so they must not be read.
+    /// The cut is made durable (the file's new size fsynced) before this returns: in a
+    /// prepared segment the size on disk already covers the refused bytes, so a crash could
+    /// otherwise bring them back as valid frames.
+    ///
+    /// # Errors
+    /// The cut or its fsync failed: whether the refused blocks are in the log is unknown, and
+    /// the caller must not append after them (the log writer stops).
     pub fn rollback_to(&mut self, position: u64) -> io::Result<()> {
         let keep = position.max(self.segment_start) - self.segment_start;
         self.file.set_len(keep)?;
+        self.file.sync_all()?;
         self.file.seek(SeekFrom::Start(keep))?;
         self.position = self.segment_start + keep;
         Ok(())
@@ -546,21 +566,36 @@ impl Drop for Preparer {
 
 /// Writes `bytes` zeros as [`PREPARING_SEGMENT`] in `dir`, fsyncing every
 /// [`ZERO_CHUNK_BYTES`], then renames it to [`PREPARED_SEGMENT`] and fsyncs the folder: the
-/// prepared name only ever names a whole, durable file of zeros. Returns `false`, having
-/// removed the partial file, when `stop` is raised midway.
+/// prepared name only ever names a whole, durable file of zeros. Returns `false` when `stop`
+/// is raised midway; then, as on an error (a full disk), the partial file is removed, so it
+/// does not hold the space the log itself needs.
 fn prepare_segment(dir: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool> {
     let partial = dir.join(PREPARING_SEGMENT);
+    let prepared = write_zeros(&partial, bytes, stop).and_then(|whole| {
+        if whole {
+            fs::rename(&partial, dir.join(PREPARED_SEGMENT))?;
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(whole)
+    });
+    if !matches!(prepared, Ok(true)) {
+        let _ = fs::remove_file(&partial);
+    }
+    prepared
+}
+
+/// Writes `bytes` zeros to a new file at `path`, fsyncing every [`ZERO_CHUNK_BYTES`]; `false`
+/// if `stop` was raised first.
+fn write_zeros(path: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool> {
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&partial)?;
+        .open(path)?;
     let zeros = vec![0u8; ZERO_CHUNK_BYTES];
     let mut left = bytes;
     while left > 0 {
         if stop.load(Ordering::Relaxed) {
-            drop(file);
-            let _ = fs::remove_file(&partial);
             return Ok(false);
         }
         let chunk = usize::try_from(left).map_or(ZERO_CHUNK_BYTES, |l| l.min(ZERO_CHUNK_BYTES));
@@ -568,9 +603,6 @@ fn prepare_segment(dir: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool
         file.sync_data()?;
         left -= chunk as u64;
     }
-    drop(file);
-    fs::rename(&partial, dir.join(PREPARED_SEGMENT))?;
-    File::open(dir)?.sync_all()?;
     Ok(true)
 }
 
@@ -628,7 +660,7 @@ pub fn read(
         (&mut file).take(want).read_to_end(&mut buffer)?;
         let at_region_end = want >= available || (buffer.len() as u64) < want;
         out.reset(position);
-        scan_into(&buffer, position, !at_region_end, &mut out);
+        scan_into(&buffer, buffer.len(), position, !at_region_end, &mut out);
         let scanned = &mut out;
         if !scanned.blocks.is_empty() || at_region_end || scanned.corrupt_bytes > 0 {
             if at_region_end && scanned.incomplete_tail && segment_end < end {
@@ -1118,6 +1150,63 @@ mod tests {
         let scan = read(&dir, 0, end, 1 << 20, Scan::default()).unwrap();
         assert_eq!(scan.blocks.len(), 2);
         assert_eq!(scan.payload(&scan.blocks[1]), [1, 2, 0, 0, 0, 0]);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_frame_before_a_last_frame_ending_in_zeros_loses_only_itself() {
+        let dir = temp_dir("corrupt-then-zero-ended");
+        let (mut wal, _) = WalWriter::open(&dir, 1 << 20).unwrap();
+        let payloads = [vec![7u8; 40], vec![8u8; 40], vec![1, 2, 0, 0, 0, 0]];
+        wal.append(&payloads).unwrap();
+        wal.sync().unwrap();
+        let end = wal.position();
+        drop(wal);
+        // A flipped byte in the middle frame, and the segment's prepared zeros after the last.
+        let path = dir.join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[FRAME_HEADER + 40 + FRAME_HEADER + 5] ^= 0xff;
+        bytes.resize(8192, 0);
+        fs::write(&path, &bytes).unwrap();
+        let (wal, recovery) = WalWriter::open(&dir, 1 << 20).unwrap();
+        assert_eq!((wal.position(), recovery.truncated_bytes), (end, 0));
+        let scan = read(&dir, 0, end, 1 << 20, Scan::default()).unwrap();
+        let read_back: Vec<&[u8]> = scan.blocks.iter().map(|b| scan.payload(b)).collect();
+        assert_eq!(read_back, [&payloads[0][..], &payloads[2][..]]);
+        assert_eq!(scan.corrupt_bytes, (FRAME_HEADER + 40) as u64);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rollback_in_a_prepared_segment_is_durable_and_survives_a_reopen() {
+        let dir = temp_dir("rollback-prepared");
+        let (mut wal, _) = WalWriter::open(&dir, 1 << 20).unwrap();
+        wal.append(&[vec![1u8; 10]]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        // As prepared: the segment's size on disk covers what is appended next.
+        let path = dir.join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes.resize(8192, 0);
+        fs::write(&path, &bytes).unwrap();
+        let (mut wal, _) = WalWriter::open(&dir, 1 << 20).unwrap();
+        wal.append(&[vec![2u8; 10]]).unwrap();
+        wal.sync().unwrap();
+        let kept = wal.position();
+        wal.append(&[vec![3u8; 10]]).unwrap();
+        // The refused group's fsync "failed": it is cut, and the file's size with it.
+        wal.rollback_to(kept).unwrap();
+        assert_eq!(wal.position(), kept);
+        assert_eq!(fs::metadata(&path).unwrap().len(), kept);
+        wal.append(&[vec![4u8; 10]]).unwrap();
+        wal.sync().unwrap();
+        let end = wal.position();
+        drop(wal);
+        let (wal, recovery) = WalWriter::open(&dir, 1 << 20).unwrap();
+        assert_eq!((wal.position(), recovery.truncated_bytes), (end, 0));
+        let scan = read(&dir, 0, end, 1 << 20, Scan::default()).unwrap();
+        let firsts: Vec<u8> = scan.blocks.iter().map(|b| scan.payload(b)[0]).collect();
+        assert_eq!(firsts, [1, 2, 4]);
         let _ = fs::remove_dir_all(&dir);
     }
 

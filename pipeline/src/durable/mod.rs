@@ -293,6 +293,8 @@ impl DurableSink {
             WalWriter::open(dir, config.segment_bytes).map_err(log_error(dir))?;
         if config.preallocate_segments {
             log.prepare_segments_ahead().map_err(DurableError::Thread)?;
+        } else {
+            log.discard_prepared_segment().map_err(log_error(dir))?;
         }
         if recovery.truncated_bytes > 0 {
             tracing::warn!(

@@ -551,10 +551,20 @@ async fn the_sink_prepares_segments_ahead_unless_told_not_to() {
             sink.applied_position() == sink.durable_position()
         })
         .await;
+        let end = sink.durable_position();
         shut(sink).await;
+        if !preallocate {
+            // A segment an earlier run prepared: removed by a log that no longer prepares.
+            std::fs::write(&prepared, [0u8; 4096]).unwrap();
+        }
         // A restart over a segment that was prepared (zeros after its last block) cuts
         // nothing and replays nothing; what follows lands once.
         let again = start_configured(&config, &postgres, &clickhouse);
+        assert_eq!(again.durable_position(), end, "nothing cut");
+        assert!(
+            preallocate || !prepared.exists(),
+            "no leftover when not preparing"
+        );
         let mut more = Vec::new();
         for r in 0..10 {
             let batch = records(5, 1_000 + r * 5);

@@ -52,6 +52,7 @@ pub(super) fn run(
             crate::failpoint::hit("wal_before_fsync");
             log.sync()
         });
+        let mut stop = false;
         let outcome = match outcome {
             Ok(()) => {
                 crate::failpoint::hit("wal_after_fsync");
@@ -65,7 +66,15 @@ pub(super) fn run(
             Err(e) => {
                 tracing::error!(error = %e, "write-ahead log: append failed; refusing the requests");
                 if let Err(e) = log.rollback_to(before) {
-                    tracing::error!(error = %e, "write-ahead log: rollback failed");
+                    // The refused frames may still be in the log: appending after them would
+                    // make them readable (and applied) once a later group is durable. Stop, as
+                    // PostgreSQL does after a failed fsync: submissions are refused from now
+                    // on, and a restart recovers the log from what is on disk.
+                    tracing::error!(
+                        error = %e,
+                        "write-ahead log: rollback failed; the log writer stops (restart the server)"
+                    );
+                    stop = true;
                 }
                 Err(SinkError::Unavailable)
             }
@@ -73,6 +82,9 @@ pub(super) fn run(
         frames.clear();
         for ack in acks.drain(..) {
             let _ = ack.send(outcome);
+        }
+        if stop {
+            break;
         }
     }
 }
