@@ -13,8 +13,7 @@ cd "$(dirname "$0")/.."
 secs="${1:-10}"; conns="${2:-256}"; rounds="${3:-3}"; shift $(($# < 3 ? $# : 3))
 . scripts/bench/prepare.sh
 binaries=("$@"); [ ${#binaries[@]} -gt 0 ] || binaries=("$bin/apex-server")
-APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "CPU $(date +%s)" --email bench@example.com --json |
-  sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+APEX_BENCH_KEY=$(bench_key CPU)
 export APEX_BENCH_KEY
 
 # "utime stime" summed over every thread (fields 14 and 15 of stat), in clock ticks.

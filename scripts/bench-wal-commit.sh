@@ -16,8 +16,7 @@ cd "$(dirname "$0")/.."
 warm="${1:-20}"; secs="${2:-15}"; conns="${3:-64}"; rounds="${4:-3}"; shift $(($# < 4 ? $# : 4))
 . scripts/bench/prepare.sh
 variants=("$@"); [ ${#variants[@]} -gt 0 ] || variants=("$bin/apex-server")
-APEX_BENCH_KEY=$("$bin/apexctl" customers create --name "Commit $(date +%s)" --email bench@example.com --json |
-  sed -E 's/.*"api_key":"([^"]+)".*/\1/')
+APEX_BENCH_KEY=$(bench_key Commit)
 export APEX_BENCH_KEY
 ticks() { thread_ticks "$1" | awk '{t += $2 + $3} END {print t + 0}'; }
 metric() { curl -s "127.0.0.1:$1/metrics" | awk -v k="$2" '$1 == k {print $2}'; }

@@ -26,3 +26,9 @@ thread_ticks() {
     sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (([^ ]+ ){10})([0-9]+) ([0-9]+).*/\1 \4 \5/' "$f" 2>/dev/null
   done
 }
+
+# bench_key LABEL: creates the customer "LABEL <unix time>" and prints its API key.
+bench_key() {
+  "$bin/apexctl" customers create --name "$1 $(date +%s)" --email bench@example.com --json |
+    sed -E 's/.*"api_key":"([^"]+)".*/\1/'
+}
