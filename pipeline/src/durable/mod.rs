@@ -454,7 +454,9 @@ impl RecordSink for DurableSink {
         match sender.try_send(Framed { frame, ack }) {
             Ok(()) => Ok(acked),
             Err(TrySendError::Full(_)) => Err(SinkError::Full),
-            Err(TrySendError::Disconnected(_)) => Err(SinkError::Closed),
+            // The sender is still here, so this is no shutdown: the log writer is gone (it
+            // stopped after a failed rollback, or panicked) and nothing can be made durable.
+            Err(TrySendError::Disconnected(_)) => Err(SinkError::Unavailable),
         }
     }
 
