@@ -14,7 +14,8 @@ use apex_stripe::client::{ClientSettings, StripeClient};
 use apex_stripe::testing::{StripeStandIn, TEST_KEY, add_usage, signup};
 use chrono::{DateTime, Duration, Utc};
 use common::{
-    CronProcess, SimClock, assert_each_slot_once, rows, rows_once, slots, succeeded_runs,
+    CronProcess, SimClock, assert_each_slot_once, pages_once, rows, rows_once, settled, slots,
+    statuses, succeeded_runs,
 };
 
 const METER_EVENTS: &str = "/v1/billing/meter_events";
@@ -103,24 +104,52 @@ async fn two_replicas_run_every_slot_of_a_week_once_and_report_each_day_once() {
         format!("0 4 {days} * *"),
     ));
     env.push(("APEX_CRON_SCHEDULE_INVOICE_CLOSE".into(), "off".into()));
+    // Timeouts are simulated time: the sync's two hours and maintenance's thirty minutes
+    // would be a third and a twelfth of a real second here, which a loaded machine's sync
+    // now and then outlasts. A day (four real seconds) stops nothing this test runs; the
+    // timeouts have tests of their own.
+    for variable in [
+        "APEX_CRON_TIMEOUT_SECS_STRIPE_SYNC",
+        "APEX_CRON_TIMEOUT_SECS_MAINTENANCE",
+    ] {
+        env.push((variable.into(), "86400".into()));
+    }
     let mut first = CronProcess::start(&stores, &env);
     let mut second = CronProcess::start(&stores, &env);
     let end = week + Duration::days(7);
     clock.sleep_until(end + Duration::minutes(30)).await;
-    let pages: Vec<String> = [&first, &second]
-        .iter()
-        .map(|p| p.get("/metrics").expect("/metrics answers").1)
-        .collect();
+    // The week's last runs may still be going (the last two-hourly slot is 0.4 real seconds
+    // before this): the counts are read once every slot has its row and none is running.
+    let expected = [
+        ("stripe_sync", week + Duration::hours(2), Duration::days(1)),
+        ("maintenance", week + Duration::hours(4), Duration::days(1)),
+        ("test_two_hourly", week, Duration::hours(2)),
+    ]
+    .map(|(job, from, every)| (job, slots(from, end, every).len() as u64));
+    for (job, runs) in expected {
+        settled(&stores, job, week, end, runs as usize).await;
+    }
+    let pages = pages_once(&[&first, &second], &expected).await;
     assert!(first.terminate().success());
     assert!(second.terminate().success());
     // Each slot ran once, counted where it ran: the two replicas' runs add up to the slots.
-    for (job, runs) in [
-        ("stripe_sync", 7),
-        ("maintenance", 7),
-        ("test_two_hourly", 84),
-    ] {
+    assert_eq!(
+        expected.map(|(_, runs)| runs),
+        [7, 7, 84],
+        "the week's slots"
+    );
+    for (job, runs) in expected {
         let counted: Vec<u64> = pages.iter().map(|p| succeeded_runs(p, job)).collect();
-        assert_eq!(counted.iter().sum::<u64>(), runs, "{job}: {counted:?}");
+        if counted.iter().sum::<u64>() != runs {
+            let found = rows(&stores, job, week - Duration::days(3), end).await;
+            let odd: Vec<&common::Row> = found.iter().filter(|r| r.status != "succeeded").collect();
+            panic!(
+                "{job}: {counted:?} runs succeeded of {runs}; rows {:?}, first {:?}, last {:?}, not succeeded {odd:?}",
+                statuses(&found),
+                found.first().map(|r| r.scheduled_for),
+                found.last().map(|r| r.scheduled_for),
+            );
+        }
     }
 
     assert_each_slot_once(

@@ -9,7 +9,8 @@ mod common;
 use apex_core::testing::TestStores;
 use chrono::Duration;
 use common::{
-    CronProcess, SimClock, assert_each_slot_once, at, rows, slots, statuses, succeeded_runs,
+    CronProcess, SimClock, assert_each_slot_once, at, pages_once, rows, settled, slots, statuses,
+    succeeded_runs,
 };
 
 /// The real jobs off, so a test sees only its test jobs.
@@ -48,14 +49,18 @@ async fn a_simulated_day_runs_every_minute_hour_and_day_slot_once() {
     );
     let (day, next) = (at("2026-01-01T00:00:00Z"), at("2026-01-02T00:00:00Z"));
     clock.sleep_until(next + Duration::seconds(30)).await;
-    let (_, page) = cron.get("/metrics").expect("/metrics answers");
-    assert!(cron.terminate().success());
-    // Each slot ran once: counted where it ran, not only as rows.
-    for (job, runs) in [
+    let expected = [
         ("test_minute", 1440),
         ("test_hourly", 24),
         ("test_daily", 1),
-    ] {
+    ];
+    for (job, runs) in expected {
+        settled(&stores, job, day, next, runs as usize).await;
+    }
+    let page = pages_once(&[&cron], &expected).await.remove(0);
+    assert!(cron.terminate().success());
+    // Each slot ran once: counted where it ran, not only as rows.
+    for (job, runs) in expected {
         assert_eq!(succeeded_runs(&page, job), runs, "{job}");
     }
     assert_each_slot_once(
@@ -308,7 +313,7 @@ async fn a_slot_that_cannot_be_claimed_is_tried_again_until_it_runs() {
         |r| r.first().is_some_and(|r| r.status != "running"),
     )
     .await;
-    let (_, page) = cron.get("/metrics").expect("/metrics answers");
+    let page = pages_once(&[&cron], &[("test_daily", 1)]).await.remove(0);
     assert!(cron.terminate().success());
     assert_each_slot_once("test_daily", &done, &[slot]);
     // The attempts that found no table are counted as failures, for alerts.

@@ -253,6 +253,22 @@ pub async fn rows_once(
     }
 }
 
+/// Waits until `job` has at least `expected` rows with slots in `[from, to)` and none of them
+/// is running: a process's own counts of runs can be read then (a run that comes a moment
+/// before the test looks is still going on a loaded machine).
+pub async fn settled(
+    stores: &TestStores,
+    job: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    expected: usize,
+) {
+    rows_once(stores, job, from, to, |found| {
+        found.len() >= expected && found.iter().all(|r| r.status != "running")
+    })
+    .await;
+}
+
 /// Statuses of `rows`, counted.
 pub fn statuses(rows: &[Row]) -> BTreeMap<String, usize> {
     let mut counted = BTreeMap::new();
@@ -305,4 +321,24 @@ pub fn succeeded_runs(page: &str, job: &str) -> u64 {
         page,
         &format!("apex_cron_runs_total{{job=\"{job}\",status=\"succeeded\"}}"),
     ) as u64
+}
+
+/// The `/metrics` pages of `processes` once, for every `(job, runs)` of `expected`, their
+/// counts of succeeded runs add up to at least `runs` (polled every 50 ms for up to 10 s: a
+/// run is counted a moment after its row records the end). The caller asserts the counts.
+pub async fn pages_once(processes: &[&CronProcess], expected: &[(&str, u64)]) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pages: Vec<String> = processes
+            .iter()
+            .map(|p| p.get("/metrics").expect("/metrics answers").1)
+            .collect();
+        let counted = |job: &str| pages.iter().map(|p| succeeded_runs(p, job)).sum::<u64>();
+        if std::time::Instant::now() >= deadline
+            || expected.iter().all(|&(job, runs)| counted(job) >= runs)
+        {
+            return pages;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
