@@ -255,7 +255,9 @@ fn status_label(status: StatusCode) -> &'static str {
     }
 }
 
-/// Ready when the key cache has loaded. A store stuck on a permanent error does not make the
+/// Ready when the key cache has loaded and the log writer runs (one stopped after a disk
+/// fault refuses every record until a restart: 503 `log_stopped`, so a load balancer sends
+/// the traffic elsewhere). A store stuck on a permanent error does not make the
 /// edge unready (the log still takes and keeps every record until its cap, so taking this
 /// instance out of rotation would only turn a store fault into an ingest outage); the answer
 /// says `degraded` and names the store, its parked batch and the error, and
@@ -266,6 +268,13 @@ fn readiness(state: &AppState) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "the API key cache is not loaded",
+        );
+    }
+    if let Some(why) = state.sink.writer_failure() {
+        return response::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log_stopped",
+            &format!("the write-ahead log takes no records: {why}"),
         );
     }
     let stuck = state.sink.stuck_stores();

@@ -141,7 +141,7 @@ impl Drop for ClaimedIds {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // A runtime shutting down drops the task unrun, and with it the guard: released.
             runtime.spawn(async move {
-                let outcome = ack.await.unwrap_or(Err(SinkError::Closed));
+                let outcome = ack.await.unwrap_or(Err(SinkError::Unavailable));
                 resolve(ids, &outcome);
             });
         }
@@ -167,8 +167,9 @@ async fn send(
         ack: Some(ack),
     };
     let outcome = match claimed.ack.as_mut() {
-        Some(ack) => ack.await.unwrap_or(Err(SinkError::Closed)),
-        None => Err(SinkError::Closed),
+        // A dropped acknowledgement: the log writer stopped before writing the records.
+        Some(ack) => ack.await.unwrap_or(Err(SinkError::Unavailable)),
+        None => Err(SinkError::Unavailable),
     };
     claimed.ack = None;
     if let Some(ids) = claimed.ids.take() {

@@ -15,6 +15,9 @@ pub const WAL_SEGMENTS: &str = "apex_pipeline_wal_segments";
 /// `created` (an empty file that grows: none was ready, the segment before was written in
 /// big groups, or `APEX_WAL_PREALLOCATE=false`).
 pub const WAL_ROLLS_TOTAL: &str = "apex_pipeline_wal_rolls_total";
+/// 1 while the log writer runs, 0 once it stopped: after a failed cut of a failed group
+/// (nothing is acknowledged until a restart; `/readyz` answers 503), a panic, or at shutdown.
+pub const WAL_WRITER_UP: &str = "apex_pipeline_wal_writer_up";
 /// Log bytes a store has not applied yet, by `store`.
 pub const WAL_BACKLOG_BYTES: &str = "apex_pipeline_wal_backlog_bytes";
 /// Submissions refused because the log was at its cap.
@@ -57,6 +60,10 @@ pub const ALL: &[MetricSpec] = &[
     MetricSpec::counter(
         WAL_ROLLS_TOTAL,
         "Write-ahead log segments started, by segment: prepared (written ahead as zeros) or created (an empty file: none was ready, big groups, or preparation is off).",
+    ),
+    MetricSpec::gauge(
+        WAL_WRITER_UP,
+        "1 while the write-ahead log writer runs; 0 once it stopped (a failed rollback after a failed fsync, a panic, or shutdown): nothing is acknowledged until a restart.",
     ),
     MetricSpec::gauge(
         WAL_BACKLOG_BYTES,

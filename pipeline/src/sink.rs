@@ -20,7 +20,10 @@ pub enum SinkError {
     Closed,
 }
 
-/// Resolves when the submitted records are durable, or with why they are not.
+/// Resolves when the submitted records are durable, or with why they are not. Dropped
+/// without an answer (a receive error) when the sink's writer stopped before it wrote them
+/// (never at an orderly shutdown, which answers everything taken): the records are not
+/// durable, and the caller treats it as [`SinkError::Unavailable`].
 pub type Ack = oneshot::Receiver<Result<(), SinkError>>;
 
 /// Where accepted records go. Implementations must never block the caller.
@@ -50,6 +53,13 @@ pub trait RecordSink: Send + Sync + 'static {
     /// until it reaches its cap; `/readyz` names these stores.
     fn stuck_stores(&self) -> Vec<StuckStore> {
         Vec::new()
+    }
+
+    /// Why the sink stopped taking records while the process runs (its log writer stopped
+    /// after a disk fault: nothing can be made durable until a restart), or `None`. `/readyz`
+    /// answers 503 with it, so a load balancer takes the instance out of rotation.
+    fn writer_failure(&self) -> Option<String> {
+        None
     }
 }
 

@@ -483,6 +483,13 @@ impl WalWriter {
 
     /// Makes everything appended durable.
     pub fn sync(&mut self) -> io::Result<()> {
+        #[cfg(any(test, feature = "test-support"))]
+        {
+            if faults::take(&self.dir, faults::Fault::Panic).is_err() {
+                panic!("injected panic in the log's fsync");
+            }
+            faults::take(&self.dir, faults::Fault::Sync)?;
+        }
         self.file.sync_data()
     }
 
@@ -496,6 +503,8 @@ impl WalWriter {
     /// The cut or its fsync failed: whether the refused blocks are in the log is unknown, and
     /// the caller must not append after them (the log writer stops).
     pub fn rollback_to(&mut self, position: u64) -> io::Result<()> {
+        #[cfg(any(test, feature = "test-support"))]
+        faults::take(&self.dir, faults::Fault::Rollback)?;
         let keep = position.max(self.segment_start) - self.segment_start;
         self.file.set_len(keep)?;
         self.file.sync_all()?;
@@ -833,6 +842,52 @@ fn decode_appending(payload: &[u8], out: &mut Vec<UsageRecord>) -> Result<(), De
         return Err(DecodeError("trailing bytes"));
     }
     Ok(())
+}
+
+/// Disk faults the tests inject into the log of one directory: the test double of a disk
+/// that fails an fsync or a truncate, which no real disk of a test machine does on demand.
+/// Only the failing call is simulated: it returns an error and does nothing, and everything
+/// else the log does is real. Built for the crate's tests and the `test-support` feature,
+/// never in a release build.
+#[cfg(any(test, feature = "test-support"))]
+pub mod faults {
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    /// A call of [`super::WalWriter`] that can be made to fail.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Fault {
+        /// [`super::WalWriter::sync`]: the group's fsync (nothing is synced).
+        Sync,
+        /// [`super::WalWriter::rollback_to`]: the cut after a failed group (nothing is cut).
+        Rollback,
+        /// [`super::WalWriter::sync`] panics: a bug in the log writer.
+        Panic,
+    }
+
+    /// Failures still to come, by log directory and call.
+    static PLANNED: Mutex<BTreeMap<(PathBuf, Fault), u32>> = Mutex::new(BTreeMap::new());
+
+    /// Makes the next `times` calls of `fault` on the log in `dir` (the path the log was
+    /// opened with) fail with an I/O error. Tests run in parallel: each uses its own `dir`.
+    pub fn inject(dir: &Path, fault: Fault, times: u32) {
+        let mut planned = PLANNED.lock().unwrap_or_else(|p| p.into_inner());
+        *planned.entry((dir.to_path_buf(), fault)).or_insert(0) += times;
+    }
+
+    /// The injected error, if a failure of `fault` is planned for `dir` (and counts it).
+    pub(super) fn take(dir: &Path, fault: Fault) -> io::Result<()> {
+        let mut planned = PLANNED.lock().unwrap_or_else(|p| p.into_inner());
+        match planned.get_mut(&(dir.to_path_buf(), fault)) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                Err(io::Error::other(format!("injected {fault:?} failure")))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

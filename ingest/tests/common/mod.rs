@@ -27,7 +27,8 @@ pub struct TestServer {
     pub stores: TestStores,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<Result<(), apex_ingest::ServerError>>,
-    wal: std::path::PathBuf,
+    /// The directory of the server's write-ahead log.
+    pub wal: std::path::PathBuf,
     extra: Vec<(String, String)>,
 }
 

@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Sender, TrySendError, bounded};
 use tokio::sync::Notify;
 
 pub use config::{BatchLimits, DurableConfig};
@@ -95,6 +95,10 @@ pub(crate) struct Shared {
     /// Start of the oldest segment on disk.
     oldest: AtomicU64,
     writer_done: AtomicBool,
+    /// Why the log writer stopped while the sink was open (a failed rollback, a panic):
+    /// nothing can be made durable until a restart. `None` while it runs, and after a
+    /// shutdown.
+    writer_failure: Mutex<Option<String>>,
     /// Wakes each store's applier when the log grows (a permit is kept when it is busy).
     grew: [Notify; 2],
     /// Held while segments are deleted, so the two appliers never delete at once.
@@ -111,6 +115,7 @@ impl Shared {
             applied: [AtomicU64::new(oldest), AtomicU64::new(oldest)],
             oldest: AtomicU64::new(oldest),
             writer_done: AtomicBool::new(false),
+            writer_failure: Mutex::new(None),
             grew: [Notify::new(), Notify::new()],
             deleting: Mutex::new(()),
             parked: [Mutex::new(None), Mutex::new(None)],
@@ -180,6 +185,24 @@ impl Shared {
         }
     }
 
+    /// Records why the log writer stopped while the sink is open: it makes nothing more
+    /// durable, and refuses what it is sent.
+    fn writer_failed(&self, why: String) {
+        *self
+            .writer_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.writer_stopped();
+    }
+
+    /// Marks the writer done: the gauge says so, new submissions are refused before they
+    /// queue, and the appliers finish what is durable.
+    fn writer_stopped(&self) {
+        metrics::gauge!(names::WAL_WRITER_UP).set(0.0);
+        self.writer_done.store(true, Ordering::SeqCst);
+        self.log_grew();
+    }
+
     fn stuck_stores(&self) -> Vec<StuckStore> {
         self.parked
             .iter()
@@ -220,8 +243,11 @@ pub(crate) struct Framed {
 
 /// The sink. Share it behind an `Arc`.
 pub struct DurableSink {
+    /// The queue to the log writer; `None` once shut down. The writer holds the only
+    /// receiver, so a writer that stops disconnects the queue: a submission is refused at
+    /// once, and one left queued has its acknowledgement dropped (see [`Ack`]), never kept
+    /// waiting.
     sender: RwLock<Option<Sender<Framed>>>,
-    queue: Receiver<Framed>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     log_id: String,
@@ -310,7 +336,7 @@ impl DurableSink {
         let (sender, queue) = bounded(config.queue_capacity);
         let mut threads = Vec::new();
         let writer_thread = {
-            let (queue, shared) = (queue.clone(), shared.clone());
+            let shared = shared.clone();
             let (limit, window) = (config.group_commit_bytes, config.group_commit_window);
             std::thread::Builder::new()
                 .name("apex-wal-writer".into())
@@ -334,7 +360,6 @@ impl DurableSink {
         )?);
         Ok(Arc::new(Self {
             sender: RwLock::new(Some(sender)),
-            queue,
             shared,
             threads: Mutex::new(threads),
             log_id,
@@ -432,8 +457,30 @@ fn spawn_applier<W: StoreWriter + 'static>(
         .map_err(DurableError::Thread)
 }
 
+impl DurableSink {
+    /// What a submission gets once the writer is done: `Closed` after a shutdown, else
+    /// `Unavailable` (the writer stopped on its own).
+    fn refusal(&self) -> SinkError {
+        if self
+            .sender
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            SinkError::Unavailable
+        } else {
+            SinkError::Closed
+        }
+    }
+}
+
 impl RecordSink for DurableSink {
     fn submit(&self, records: Vec<UsageRecord>) -> Result<Ack, SinkError> {
+        if self.shared.writer_done.load(Ordering::Relaxed) {
+            // Refused before any work; the queue's own disconnection below covers a writer
+            // that stops from here on.
+            return Err(self.refusal());
+        }
         let on_disk = self
             .shared
             .durable
@@ -461,7 +508,19 @@ impl RecordSink for DurableSink {
     }
 
     fn queue_depth(&self) -> usize {
-        self.queue.len()
+        self.sender
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, Sender::len)
+    }
+
+    fn writer_failure(&self) -> Option<String> {
+        self.shared
+            .writer_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn replay_event_ids(&self, visit: &mut dyn FnMut(&str, &str)) -> usize {

@@ -14,7 +14,7 @@ use super::applier::Applier;
 use super::batching::{BatchBuffers, NAP, Step, next_step, read_batch};
 use super::memory::MemoryStore;
 use super::{BatchLimits, DurableConfig, DurableSink, Shared, Store};
-use crate::sink::RecordSink;
+use crate::sink::{RecordSink, SinkError};
 use crate::store::StoreError;
 use crate::wal::{self, WalWriter};
 
@@ -584,4 +584,144 @@ async fn the_sink_prepares_segments_ahead_unless_told_not_to() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[tokio::test]
+async fn a_failed_fsync_refuses_its_group_and_the_log_goes_on() {
+    let dir = temp_dir("fsync-fails");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    let sink = start(&dir, &postgres, &clickhouse);
+    let before = submit(&sink, 3, 2).await;
+    // The next group's fsync fails: the log is cut back, its request refused.
+    wal::faults::inject(&dir, wal::faults::Fault::Sync, 1);
+    let refused = sink.submit(records(2, 100)).unwrap().await.unwrap();
+    assert_eq!(refused, Err(SinkError::Unavailable));
+    // The writer goes on: the next request is taken, and the sink is ready.
+    sink.submit(records(2, 200))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(sink.writer_failure(), None);
+    wait_until("both stores hold the log", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+    // Only acknowledged records reached the stores; the refused ones never will.
+    let mut expected = before.clone();
+    expected.extend([200, 201]);
+    for store in [&postgres, &clickhouse] {
+        assert_eq!(quantities(&store.records()), expected);
+        assert_contiguous(store);
+    }
+    let again = start(&dir, &postgres, &clickhouse);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shut(again).await;
+    assert_eq!(quantities(&postgres.records()), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_failed_rollback_stops_the_writer_and_every_later_submission_is_refused_at_once() {
+    let dir = temp_dir("rollback-fails");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    let sink = start(&dir, &postgres, &clickhouse);
+    let before = submit(&sink, 3, 2).await;
+    wal::faults::inject(&dir, wal::faults::Fault::Sync, 1);
+    wal::faults::inject(&dir, wal::faults::Fault::Rollback, 1);
+    let refused = sink.submit(records(2, 100)).unwrap().await.unwrap();
+    assert_eq!(refused, Err(SinkError::Unavailable));
+    // The writer stops: it says why, and nothing more is taken (refused at once, or, for a
+    // submission that raced the stop, its acknowledgement dropped: never left waiting).
+    wait_until("the writer reports its failure", || {
+        sink.writer_failure().is_some()
+    })
+    .await;
+    let why = sink.writer_failure().unwrap();
+    assert!(why.contains("restart the server"), "{why}");
+    for n in 0..20 {
+        match sink.submit(records(1, 300 + n)) {
+            Err(e) => assert_eq!(e, SinkError::Unavailable),
+            Ok(ack) => {
+                let answer = tokio::time::timeout(Duration::from_secs(5), ack)
+                    .await
+                    .expect("a submission to a stopped writer is answered at once");
+                assert!(answer.is_err(), "{answer:?}");
+            }
+        }
+    }
+    assert_eq!(sink.queue_depth(), 0);
+    // Shutdown still ends, and what was acknowledged reaches both stores.
+    wait_until("both stores hold what was acknowledged", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+    for store in [&postgres, &clickhouse] {
+        assert_eq!(quantities(&store.records()), before);
+    }
+    // A restart recovers the log from the disk: the writer runs again. The refused group
+    // was not cut (that is what failed) and its bytes reached the file, so it is read back:
+    // a refused request may still be counted, which its client's retry with the same
+    // event ids (deduplicated) makes harmless; nothing acknowledged is ever lost.
+    let again = start(&dir, &postgres, &clickhouse);
+    assert_eq!(again.writer_failure(), None);
+    again
+        .submit(records(1, 400))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until("both stores hold the log", || {
+        again.applied_position() == again.durable_position()
+    })
+    .await;
+    shut(again).await;
+    let mut expected = before.clone();
+    expected.extend([100, 101, 400]);
+    assert_eq!(quantities(&postgres.records()), expected);
+    assert_eq!(quantities(&clickhouse.records()), expected);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_panicking_writer_refuses_its_group_and_everything_after_until_a_restart() {
+    let dir = temp_dir("writer-panics");
+    let (postgres, clickhouse) = (MemoryStore::new(), MemoryStore::new());
+    let sink = start(&dir, &postgres, &clickhouse);
+    let before = submit(&sink, 2, 2).await;
+    wal::faults::inject(&dir, wal::faults::Fault::Panic, 1);
+    // The group in hand has its acknowledgement dropped: not durable, refused.
+    let answer = sink.submit(records(2, 100)).unwrap().await;
+    assert!(answer.is_err(), "{answer:?}");
+    wait_until("the writer reports its failure", || {
+        sink.writer_failure().is_some()
+    })
+    .await;
+    assert!(sink.writer_failure().unwrap().contains("panicked"));
+    for n in 0..5 {
+        if let Ok(ack) = sink.submit(records(1, 300 + n)) {
+            let answer = tokio::time::timeout(Duration::from_secs(5), ack)
+                .await
+                .expect("answered at once");
+            assert_eq!(answer, Ok(Err(SinkError::Unavailable)));
+        }
+    }
+    wait_until("both stores hold what was acknowledged", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+    assert_eq!(quantities(&postgres.records()), before);
+    let again = start(&dir, &postgres, &clickhouse);
+    again
+        .submit(records(1, 400))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    shut(again).await;
+    assert_eq!(quantities(&clickhouse.records()).last(), Some(&400));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,6 +2,7 @@
 //! waiting to the log, makes them durable with one fsync (group commit), and only then
 //! acknowledges them. It is a plain thread, not a task: it blocks on the queue and on fsync.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,17 +15,46 @@ use crate::wal::WalWriter;
 
 /// Runs until every sender of `queue` is gone: appends what queued, fsyncs, acknowledges.
 /// A group holds at most `group_bytes` of frames; with a non-zero `window` the writer waits
-/// that long for more submissions before its fsync.
+/// that long for more submissions before its fsync. A writer that cannot go on (a failed
+/// rollback, a panic) says why ([`Shared::writer_failure`]) and from then on refuses
+/// everything queued, until the shutdown closes the queue: no submission is left waiting.
 pub(super) fn run(
-    mut log: WalWriter,
+    log: WalWriter,
     queue: &Receiver<Framed>,
     shared: &Shared,
     group_bytes: usize,
     window: Duration,
 ) {
-    // However the loop ends (its queue closed, or a panic), the appliers learn that nothing
-    // more comes, so they finish and a shutdown never waits for them in vain.
+    // However this ends, the appliers learn that nothing more comes, so they finish and a
+    // shutdown never waits for them in vain.
     let _done = Done(shared);
+    metrics::gauge!(names::WAL_WRITER_UP).set(1.0);
+    // A panic is a stop like a failed rollback: the requests of the group in hand have their
+    // acknowledgements dropped (refused), and the rest are refused below.
+    let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        write(log, queue, shared, group_bytes, window)
+    }));
+    let why = match ran {
+        Ok(None) => return,
+        Ok(Some(why)) => why,
+        Err(_) => "the log writer panicked; restart the server".to_owned(),
+    };
+    shared.writer_failed(why);
+    // The sink holds the queue's senders until its shutdown, and the queue keeps what it
+    // holds while a sender lives: every submission that gets in is answered here.
+    for framed in queue {
+        let _ = framed.ack.send(Err(SinkError::Unavailable));
+    }
+}
+
+/// The writer's loop: `None` when the queue closed (a shutdown), or why it stopped.
+fn write(
+    mut log: WalWriter,
+    queue: &Receiver<Framed>,
+    shared: &Shared,
+    group_bytes: usize,
+    window: Duration,
+) -> Option<String> {
     // Reused from group to group: a group costs no allocation of the writer's own.
     let mut frames: Vec<Vec<u8>> = Vec::new();
     let mut acks = Vec::new();
@@ -52,7 +82,7 @@ pub(super) fn run(
             crate::failpoint::hit("wal_before_fsync");
             log.sync()
         });
-        let mut stop = false;
+        let mut stop = None;
         let outcome = match outcome {
             Ok(()) => {
                 crate::failpoint::hit("wal_after_fsync");
@@ -74,7 +104,9 @@ pub(super) fn run(
                         error = %e,
                         "write-ahead log: rollback failed; the log writer stops (restart the server)"
                     );
-                    stop = true;
+                    stop = Some(format!(
+                        "a group commit failed and the log could not be cut back to its last durable position ({e}); restart the server"
+                    ));
                 }
                 Err(SinkError::Unavailable)
             }
@@ -83,10 +115,11 @@ pub(super) fn run(
         for ack in acks.drain(..) {
             let _ = ack.send(outcome);
         }
-        if stop {
-            break;
+        if stop.is_some() {
+            return stop;
         }
     }
+    None
 }
 
 /// Marks the writer done when dropped.
@@ -94,7 +127,6 @@ struct Done<'a>(&'a Shared);
 
 impl Drop for Done<'_> {
     fn drop(&mut self) {
-        self.0.writer_done.store(true, Ordering::SeqCst);
-        self.0.log_grew();
+        self.0.writer_stopped();
     }
 }
