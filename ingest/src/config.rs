@@ -53,8 +53,14 @@ pub struct ServerConfig {
     pub dunning: apex_billing::dunning::Policy,
     /// `APEX_MAX_CONNECTIONS`, default 10,000: connections served at once; more wait in the backlog.
     pub max_connections: usize,
-    /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time.
+    /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time,
+    /// and a new connection its first bytes (a connection that sends nothing would hold one
+    /// of the `APEX_MAX_CONNECTIONS` slots for ever); an HTTP/1 connection idle between
+    /// requests is closed after it too.
     pub header_read_timeout: Duration,
+    /// `APEX_IDLE_TIMEOUT_MS`, default 60,000: an HTTP/2 connection with no request open for
+    /// this long is closed (GOAWAY, then close), so idle connections do not keep the slots.
+    pub idle_timeout: Duration,
     /// `APEX_SHUTDOWN_GRACE_MS`, default 30,000: how long in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
     /// `APEX_MIGRATE_ON_START`, default true: apply pending migrations before serving.
@@ -177,6 +183,7 @@ impl ServerConfig {
         let dunning = apex_billing::dunning::Policy::from_env(env)?;
         let max_connections = at_least_one(env, "APEX_MAX_CONNECTIONS", 10_000)?;
         let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
+        let idle_timeout = millis(env, "APEX_IDLE_TIMEOUT_MS", 60_000)?;
         let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
         let migrate_on_start = env.parse_or("APEX_MIGRATE_ON_START", true)?;
         let limits = IngestLimits {
@@ -235,6 +242,7 @@ impl ServerConfig {
             dunning,
             max_connections,
             header_read_timeout,
+            idle_timeout,
             shutdown_grace,
             migrate_on_start,
             limits,
@@ -371,6 +379,7 @@ mod tests {
             ("RESEND_WEBHOOK_SECRET", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ("APEX_MAX_CONNECTIONS", "0"),
             ("APEX_HEADER_READ_TIMEOUT_MS", "-1"),
+            ("APEX_IDLE_TIMEOUT_MS", "0"),
             ("APEX_SHUTDOWN_GRACE_MS", "0"),
             ("APEX_MIGRATE_ON_START", "maybe"),
             ("APEX_BATCH_MAX_RECORDS", "0"),

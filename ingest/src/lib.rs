@@ -16,6 +16,8 @@
 //! - [`error`]: every refusal and its one status mapping.
 //! - [`server`]: `run_with_sink(config, listener, sink, shutdown)`, the accept loop, limits
 //!   and graceful shutdown (`main` starts the durable sink and passes it in).
+//! - [`conn`]: one connection: its first bytes within the header timeout, an HTTP/2 idle
+//!   timeout, and its graceful end.
 //! - [`state`]: what every handler can reach.
 //! - [`routes`]: the router; every response is built here or in [`response`].
 //! - [`response`]: JSON bodies, including the one error shape of the API.
@@ -28,6 +30,7 @@
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod dashboard;
 pub mod dedup;
 pub mod error;

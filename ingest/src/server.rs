@@ -3,24 +3,22 @@
 //! the sink down (everything acknowledged is durable) and return. `main` starts the durable
 //! sink and calls [`run_with_sink`]; the tests call the same function with the sink they want.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use apex_pipeline::sink::RecordSink;
 
 use crate::config::ServerConfig;
+use crate::conn::{self, Timeouts};
 use crate::dedup::Dedup;
 use crate::keycache::KeyCache;
 use crate::state::AppState;
-use crate::{names, routes, telemetry};
+use crate::{names, telemetry};
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +152,12 @@ pub async fn run_with_sink(
         .timer(TokioTimer::new())
         .max_concurrent_streams(256);
 
-    let graceful = GracefulShutdown::new();
+    let builder = Arc::new(builder);
+    let timeouts = Timeouts {
+        first_bytes: config.header_read_timeout,
+        idle: config.idle_timeout,
+    };
+    let (stop_connections, connections_stop) = watch::channel(false);
     let connection_slots = Arc::new(Semaphore::new(config.max_connections));
     tokio::pin!(shutdown);
     loop {
@@ -181,21 +184,10 @@ pub async fn run_with_sink(
         };
         let _ = stream.set_nodelay(true);
         metrics::counter!(names::CONNECTIONS_TOTAL).increment(1);
-        let state = state.clone();
-        let service = service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(routes::handle(state, request).await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let (state, builder, stop) = (state.clone(), builder.clone(), connections_stop.clone());
         tokio::spawn(async move {
             metrics::gauge!(names::CONNECTIONS_OPEN).increment(1.0);
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
+            conn::serve(stream, builder, state, timeouts, stop).await;
             metrics::gauge!(names::CONNECTIONS_OPEN).decrement(1.0);
             drop(slot);
         });
@@ -204,8 +196,11 @@ pub async fn run_with_sink(
     drop(listener);
     state.holds.drain();
     tracing::info!("shutting down: draining connections");
+    let _ = stop_connections.send(true);
+    // Every connection gives its slot back when it ends: all of them back, all ended.
+    let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = connection_slots.acquire_many(all) => tracing::info!("all connections closed"),
         () = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!("shutdown grace period over, closing remaining connections");
         }

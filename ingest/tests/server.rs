@@ -94,6 +94,82 @@ async fn slow_headers_are_cut_off() {
     );
 }
 
+/// Reads `stream` until the server closes it (true), or `within` passes (false).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut rest = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut rest))
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn connections_that_send_nothing_are_closed_and_give_their_slots_back() {
+    // Two slots: one client that connects and sends nothing, one that sends a part of the
+    // HTTP/2 preface and stops. Both would hold their slot for ever, and the edge would
+    // accept nobody else.
+    let server = common::start_with(
+        &[
+            ("APEX_HEADER_READ_TIMEOUT_MS", "300"),
+            ("APEX_MAX_CONNECTIONS", "2"),
+        ],
+        None,
+    )
+    .await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let mut partial = TcpStream::connect(server.addr).await.unwrap();
+    partial.write_all(b"PRI * HTTP/2").await.unwrap();
+    // A real client gets its answer once their slots are free.
+    let answer = tokio::time::timeout(Duration::from_secs(5), get(server.addr, "/healthz"))
+        .await
+        .expect("a real client is served once the silent ones are cut off");
+    assert_eq!(answer.status, 200);
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
+    assert!(closed_within(&mut partial, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_a_busy_one_kept() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let server = common::start_with(
+        &[
+            ("APEX_IDLE_TIMEOUT_MS", "400"),
+            ("APEX_HEADER_READ_TIMEOUT_MS", "300"),
+        ],
+        None,
+    )
+    .await;
+    let stream = TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let driver = tokio::spawn(connection);
+    // A request every 100 ms for 1.5 s, more than three idle timeouts: kept all along.
+    for _ in 0..15 {
+        let request = hyper::Request::get(format!("http://{}/healthz", server.addr))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = sender.send_request(request).await.expect("still served");
+        assert_eq!(answer.status(), 200);
+        answer.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!driver.is_finished());
+    // Then idle: the server ends it (GOAWAY) within the idle timeout and a little.
+    let ended = tokio::time::timeout(Duration::from_secs(5), driver).await;
+    assert!(ended.is_ok(), "the idle connection was never closed");
+
+    // A client that sends the preface and nothing after is cut off too, GOAWAY unanswered.
+    let mut quiet = TcpStream::connect(server.addr).await.unwrap();
+    quiet
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed_within(&mut quiet, Duration::from_secs(5)).await);
+}
+
 #[tokio::test]
 async fn shutdown_stops_accepting_and_returns() {
     let mut server = start().await;
