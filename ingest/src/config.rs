@@ -51,12 +51,14 @@ pub struct ServerConfig {
     /// retry schedule a failed-payment webhook opens a case on
     /// ([`apex_billing::dunning::Policy`]), checked at start.
     pub dunning: apex_billing::dunning::Policy,
-    /// `APEX_MAX_CONNECTIONS`, default 10,000: connections served at once; more wait in the backlog.
+    /// `APEX_MAX_CONNECTIONS`, default 10,000, at most [`MAX_CONNECTIONS`]: connections served
+    /// at once; more wait in the backlog.
     pub max_connections: usize,
-    /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a client must send its headers in time,
-    /// and a new connection its first bytes (a connection that sends nothing would hold one
-    /// of the `APEX_MAX_CONNECTIONS` slots for ever); an HTTP/1 connection idle between
-    /// requests is closed after it too.
+    /// `APEX_HEADER_READ_TIMEOUT_MS`, default 10,000: a new connection must send its first
+    /// bytes in time (one that sends nothing would hold one of the `APEX_MAX_CONNECTIONS`
+    /// slots for ever), then each request its headers (hyper's timer, which starts once the
+    /// first bytes are in: a first request's headers can take up to twice this); an HTTP/1
+    /// connection idle between requests is closed after it too.
     pub header_read_timeout: Duration,
     /// `APEX_IDLE_TIMEOUT_MS`, default 60,000: an HTTP/2 connection with no request open for
     /// this long is closed (GOAWAY, then close), so idle connections do not keep the slots.
@@ -182,6 +184,12 @@ impl ServerConfig {
         }
         let dunning = apex_billing::dunning::Policy::from_env(env)?;
         let max_connections = at_least_one(env, "APEX_MAX_CONNECTIONS", 10_000)?;
+        if max_connections > MAX_CONNECTIONS {
+            return Err(ConfigError::Invalid {
+                name: "APEX_MAX_CONNECTIONS",
+                reason: format!("at most {MAX_CONNECTIONS}"),
+            });
+        }
         let header_read_timeout = millis(env, "APEX_HEADER_READ_TIMEOUT_MS", 10_000)?;
         let idle_timeout = millis(env, "APEX_IDLE_TIMEOUT_MS", 60_000)?;
         let shutdown_grace = millis(env, "APEX_SHUTDOWN_GRACE_MS", 30_000)?;
@@ -304,6 +312,10 @@ fn optional_at_least_one(
         })
 }
 
+/// The most `APEX_MAX_CONNECTIONS` can be: far past any file descriptor limit, and what the
+/// shutdown can count back in one go.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
 fn millis(env: &EnvSource, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
     let ms = env.parse_or(name, default)?;
     if ms == 0 {
@@ -378,6 +390,7 @@ mod tests {
             ),
             ("RESEND_WEBHOOK_SECRET", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
             ("APEX_MAX_CONNECTIONS", "0"),
+            ("APEX_MAX_CONNECTIONS", "1000001"),
             ("APEX_HEADER_READ_TIMEOUT_MS", "-1"),
             ("APEX_IDLE_TIMEOUT_MS", "0"),
             ("APEX_SHUTDOWN_GRACE_MS", "0"),

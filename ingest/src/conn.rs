@@ -29,9 +29,12 @@ use crate::state::AppState;
 /// with prior knowledge sends first. Anything else is served as HTTP/1.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How often a connection that sent only part of the HTTP/2 preface is looked at again
-/// (`peek` answers at once while those bytes wait unread, so it cannot simply be awaited).
-const PREFACE_POLL: Duration = Duration::from_millis(5);
+/// How soon a connection that sent only part of the HTTP/2 preface is looked at again
+/// (`peek` answers at once while those bytes wait unread, so it cannot simply be awaited),
+/// doubling up to [`PREFACE_POLL_MAX`]: a real client sends the preface in one write, so
+/// this is for the odd split packet, and a client that stops part-way costs a few peeks.
+const PREFACE_POLL_MIN: Duration = Duration::from_millis(2);
+const PREFACE_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// The protocol a connection's first bytes start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +50,7 @@ pub enum Protocol {
 /// sent nothing (or only a part of the HTTP/2 preface) in time.
 pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
     let mut first = [0u8; H2_PREFACE.len()];
+    let mut poll = PREFACE_POLL_MIN;
     let look = async {
         loop {
             let n = stream.peek(&mut first).await.ok()?;
@@ -59,7 +63,8 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Option<Protocol> {
             if n == H2_PREFACE.len() {
                 return Some(Protocol::Http2);
             }
-            tokio::time::sleep(PREFACE_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(PREFACE_POLL_MAX);
         }
     };
     tokio::time::timeout(timeout, look).await.ok().flatten()
@@ -120,8 +125,10 @@ impl Activity {
     }
 }
 
-/// One open request of a connection ([`Activity::begin`]); ends it when dropped (answered,
-/// or cancelled by the client).
+/// One open request of a connection ([`Activity::begin`]); ends it when dropped (the
+/// handler returned its response, or the client cancelled the stream). The response body
+/// is sent after that: this API's bodies are small and sent whole, so a connection idle for
+/// the timeout has nothing left to send.
 #[derive(Debug)]
 pub struct RequestGuard(Arc<Activity>);
 
@@ -152,7 +159,12 @@ pub async fn serve(
     timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) {
-    let Some(protocol) = sniff(&stream, timeouts.first_bytes).await else {
+    // A connection that has sent nothing yet has no request to finish: a shutdown closes it.
+    let sniffed = tokio::select! {
+        sniffed = sniff(&stream, timeouts.first_bytes) => sniffed,
+        _ = stop.wait_for(|stop| *stop) => return,
+    };
+    let Some(protocol) = sniffed else {
         tracing::debug!("connection closed: nothing (or a part of a preface) sent in time");
         return;
     };
@@ -205,6 +217,11 @@ pub async fn serve(
                 cut.as_mut().reset(Instant::now() + timeouts.first_bytes);
             }
             () = &mut cut, if cutting => {
+                // A request that came as the GOAWAY went out is let finish.
+                if activity.as_ref().is_some_and(|a| a.idle_for().is_none()) {
+                    cut.as_mut().reset(Instant::now() + timeouts.first_bytes);
+                    continue;
+                }
                 tracing::debug!("idle HTTP/2 connection did not go: closed");
                 return;
             }

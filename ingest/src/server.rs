@@ -198,6 +198,7 @@ pub async fn run_with_sink(
     tracing::info!("shutting down: draining connections");
     let _ = stop_connections.send(true);
     // Every connection gives its slot back when it ends: all of them back, all ended.
+    // At most a million (`config::MAX_CONNECTIONS`): a u32.
     let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
     tokio::select! {
         _ = connection_slots.acquire_many(all) => tracing::info!("all connections closed"),

@@ -134,7 +134,7 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_kept() {
 
     let server = common::start_with(
         &[
-            ("APEX_IDLE_TIMEOUT_MS", "400"),
+            ("APEX_IDLE_TIMEOUT_MS", "1000"),
             ("APEX_HEADER_READ_TIMEOUT_MS", "300"),
         ],
         None,
@@ -146,8 +146,8 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_kept() {
             .await
             .unwrap();
     let driver = tokio::spawn(connection);
-    // A request every 100 ms for 1.5 s, more than three idle timeouts: kept all along.
-    for _ in 0..15 {
+    // A request every 100 ms for 2.5 s, two and a half idle timeouts: kept all along.
+    for _ in 0..25 {
         let request = hyper::Request::get(format!("http://{}/healthz", server.addr))
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
@@ -168,6 +168,21 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_kept() {
         .await
         .unwrap();
     assert!(closed_within(&mut quiet, Duration::from_secs(5)).await);
+}
+
+#[tokio::test]
+async fn shutdown_closes_a_connection_that_has_sent_nothing_at_once() {
+    // A minute for the first bytes: the shutdown must not wait it out.
+    let mut server = common::start_with(&[("APEX_HEADER_READ_TIMEOUT_MS", "60000")], None).await;
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    // Accepted and waiting for its first bytes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop.take().unwrap().send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), &mut server.task)
+        .await
+        .expect("run returns without waiting for the silent connection");
+    result.unwrap().unwrap();
+    assert!(closed_within(&mut silent, Duration::from_secs(5)).await);
 }
 
 #[tokio::test]

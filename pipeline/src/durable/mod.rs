@@ -188,11 +188,12 @@ impl Shared {
     /// Records why the log writer stopped while the sink is open: it makes nothing more
     /// durable, and refuses what it is sent.
     fn writer_failed(&self, why: String) {
+        // Done first: whoever sees the failure sees a writer that takes nothing.
+        self.writer_stopped();
         *self
             .writer_failure
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(why);
-        self.writer_stopped();
     }
 
     /// Marks the writer done: the gauge says so, new submissions are refused before they
@@ -243,10 +244,11 @@ pub(crate) struct Framed {
 
 /// The sink. Share it behind an `Arc`.
 pub struct DurableSink {
-    /// The queue to the log writer; `None` once shut down. The writer holds the only
-    /// receiver, so a writer that stops disconnects the queue: a submission is refused at
-    /// once, and one left queued has its acknowledgement dropped (see [`Ack`]), never kept
-    /// waiting.
+    /// The queue to the log writer; `None` once shut down. The writer thread holds the only
+    /// receiver: a writer that stops on a fault answers everything queued `Unavailable`
+    /// until the shutdown drops this sender, and should the thread die anyway the queue is
+    /// disconnected and whatever it held has its acknowledgement dropped (see [`Ack`]).
+    /// Nothing is kept waiting.
     sender: RwLock<Option<Sender<Framed>>>,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -333,6 +335,9 @@ impl DurableSink {
         let oldest = wal::oldest_position(dir).map_err(log_error(dir))?;
         let inherited_end = log.position();
         let shared = Arc::new(Shared::new(inherited_end, oldest, config.max_log_bytes));
+        // Up from here (the writer thread is about to run), so a scrape right after the
+        // start never reads the previous writer's 0.
+        metrics::gauge!(names::WAL_WRITER_UP).set(1.0);
         let (sender, queue) = bounded(config.queue_capacity);
         let mut threads = Vec::new();
         let writer_thread = {

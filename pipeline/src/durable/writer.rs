@@ -28,7 +28,6 @@ pub(super) fn run(
     // However this ends, the appliers learn that nothing more comes, so they finish and a
     // shutdown never waits for them in vain.
     let _done = Done(shared);
-    metrics::gauge!(names::WAL_WRITER_UP).set(1.0);
     // A panic is a stop like a failed rollback: the requests of the group in hand have their
     // acknowledgements dropped (refused), and the rest are refused below.
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| {
