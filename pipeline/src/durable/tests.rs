@@ -117,6 +117,31 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     panic!("timed out waiting until {what}");
 }
 
+/// Submits `n` one-record requests to a sink whose writer stopped: each is refused at once,
+/// or answered `Unavailable` by the stopped writer, never left waiting.
+async fn assert_refused_at_once(sink: &DurableSink, n: u64) {
+    for i in 0..n {
+        match sink.submit(records(1, 300 + i)) {
+            Err(e) => assert_eq!(e, SinkError::Unavailable),
+            Ok(ack) => {
+                let answer = tokio::time::timeout(Duration::from_secs(5), ack)
+                    .await
+                    .expect("a submission to a stopped writer is answered at once");
+                assert_eq!(answer, Ok(Err(SinkError::Unavailable)));
+            }
+        }
+    }
+}
+
+/// Waits until both stores hold everything durable, then shuts the sink down.
+async fn applied_then_shut(sink: Arc<DurableSink>) {
+    wait_until("both stores hold what was acknowledged", || {
+        sink.applied_position() == sink.durable_position()
+    })
+    .await;
+    shut(sink).await;
+}
+
 async fn shut(sink: Arc<DurableSink>) {
     tokio::task::spawn_blocking(move || sink.shutdown())
         .await
@@ -603,11 +628,7 @@ async fn a_failed_fsync_refuses_its_group_and_the_log_goes_on() {
         .unwrap()
         .unwrap();
     assert_eq!(sink.writer_failure(), None);
-    wait_until("both stores hold the log", || {
-        sink.applied_position() == sink.durable_position()
-    })
-    .await;
-    shut(sink).await;
+    applied_then_shut(sink).await;
     // Only acknowledged records reached the stores; the refused ones never will.
     let mut expected = before.clone();
     expected.extend([200, 201]);
@@ -640,24 +661,10 @@ async fn a_failed_rollback_stops_the_writer_and_every_later_submission_is_refuse
     .await;
     let why = sink.writer_failure().unwrap();
     assert!(why.contains("restart the server"), "{why}");
-    for n in 0..20 {
-        match sink.submit(records(1, 300 + n)) {
-            Err(e) => assert_eq!(e, SinkError::Unavailable),
-            Ok(ack) => {
-                let answer = tokio::time::timeout(Duration::from_secs(5), ack)
-                    .await
-                    .expect("a submission to a stopped writer is answered at once");
-                assert_eq!(answer, Ok(Err(SinkError::Unavailable)));
-            }
-        }
-    }
+    assert_refused_at_once(&sink, 20).await;
     assert_eq!(sink.queue_depth(), 0);
     // Shutdown still ends, and what was acknowledged reaches both stores.
-    wait_until("both stores hold what was acknowledged", || {
-        sink.applied_position() == sink.durable_position()
-    })
-    .await;
-    shut(sink).await;
+    applied_then_shut(sink).await;
     for store in [&postgres, &clickhouse] {
         assert_eq!(quantities(&store.records()), before);
     }
@@ -673,11 +680,7 @@ async fn a_failed_rollback_stops_the_writer_and_every_later_submission_is_refuse
         .await
         .unwrap()
         .unwrap();
-    wait_until("both stores hold the log", || {
-        again.applied_position() == again.durable_position()
-    })
-    .await;
-    shut(again).await;
+    applied_then_shut(again).await;
     let mut expected = before.clone();
     expected.extend([100, 101, 400]);
     assert_eq!(quantities(&postgres.records()), expected);
@@ -700,19 +703,8 @@ async fn a_panicking_writer_refuses_its_group_and_everything_after_until_a_resta
     })
     .await;
     assert!(sink.writer_failure().unwrap().contains("panicked"));
-    for n in 0..5 {
-        if let Ok(ack) = sink.submit(records(1, 300 + n)) {
-            let answer = tokio::time::timeout(Duration::from_secs(5), ack)
-                .await
-                .expect("answered at once");
-            assert_eq!(answer, Ok(Err(SinkError::Unavailable)));
-        }
-    }
-    wait_until("both stores hold what was acknowledged", || {
-        sink.applied_position() == sink.durable_position()
-    })
-    .await;
-    shut(sink).await;
+    assert_refused_at_once(&sink, 5).await;
+    applied_then_shut(sink).await;
     assert_eq!(quantities(&postgres.records()), before);
     let again = start(&dir, &postgres, &clickhouse);
     again
