@@ -1,5 +1,6 @@
 //! The server over real HTTP on port 0 with the stack's Postgres and ClickHouse: health,
-//! readiness, metrics, JSON errors for unknown routes, HTTP/2 prior knowledge, and shutdown.
+//! readiness, metrics, JSON errors for unknown routes, HTTP/2 prior knowledge, connections
+//! that send nothing or idle, an HTTP/2 rapid-reset flood, and shutdown.
 
 mod common;
 
@@ -168,6 +169,75 @@ async fn an_idle_http2_connection_is_closed_and_a_busy_one_kept() {
         .await
         .unwrap();
     assert!(closed_within(&mut quiet, Duration::from_secs(5)).await);
+}
+
+/// An HTTP/2 frame: its 9-byte header (length, type, flags, stream id) and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut frame = vec![length[1], length[2], length[3], kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_ends_its_connection_and_others_are_served() {
+    let server = start().await;
+    let mut flood = TcpStream::connect(server.addr).await.unwrap();
+    flood
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    // Our SETTINGS (none), and the acknowledgement of the server's.
+    flood.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
+    flood.write_all(&h2_frame(4, 1, 0, &[])).await.unwrap();
+    // Rapid reset (CVE-2023-44487): a request (HPACK static entries: GET, http, /healthz is
+    // not static, so /) and its cancellation at once, stream after stream, in big writes.
+    let (headers, cancel) = ([0x82u8, 0x86, 0x84], 8u32.to_be_bytes());
+    let mut cut_after = None;
+    'flood: for chunk in 0..200u32 {
+        let mut bytes = Vec::new();
+        for i in 0..100 {
+            let stream = 2 * (chunk * 100 + i) + 1;
+            bytes.extend(h2_frame(1, 0x5, stream, &headers));
+            bytes.extend(h2_frame(3, 0, stream, &cancel));
+        }
+        if flood.write_all(&bytes).await.is_err() {
+            cut_after = Some(chunk * 100);
+            break 'flood;
+        }
+    }
+    // Meanwhile and after, another client is served as usual.
+    for _ in 0..10 {
+        let answer = tokio::time::timeout(Duration::from_secs(5), get(server.addr, "/healthz"))
+            .await
+            .expect("served during the flood");
+        assert_eq!(answer.status, 200);
+    }
+    // The server ends the flooding connection with a GOAWAY saying ENHANCE_YOUR_CALM (0xb),
+    // then closes it, rather than start and throw away request after request.
+    let mut received = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_secs(10), flood.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok(),
+        "the flooding connection is still open ({cut_after:?})"
+    );
+    assert_eq!(goaway_code(&received), Some(0xb), "{cut_after:?}");
+}
+
+/// The error code of the first GOAWAY frame in `bytes`, a server's frames from the start.
+fn goaway_code(mut bytes: &[u8]) -> Option<u32> {
+    while bytes.len() >= 9 {
+        let length =
+            usize::from(bytes[0]) << 16 | usize::from(bytes[1]) << 8 | usize::from(bytes[2]);
+        let payload = bytes.get(9..9 + length)?;
+        if bytes[3] == 7 {
+            return Some(u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?));
+        }
+        bytes = &bytes[9 + length..];
+    }
+    None
 }
 
 #[tokio::test]
