@@ -49,6 +49,9 @@ const ZERO_CHUNK_BYTES: usize = 256 * 1024;
 /// (1,000-record batches) is bound by throughput instead, and writing its zeros as well took
 /// 7 % off the batch path (BENCHMARKS.md).
 pub const PREPARE_BELOW_GROUP_BYTES: u64 = 64 * 1024;
+/// The next segment is written ahead only while the disk keeps room for this many more
+/// segments after it (256 MiB with the default 64 MiB segments).
+pub const PREPARE_MIN_FREE_SEGMENTS: u64 = 4;
 /// The writer's group buffer is kept between groups up to this capacity (a group of `track`
 /// requests is a few hundred KiB at most; a larger one came from big batches and is freed).
 const KEPT_BUFFER_BYTES: usize = 8 * 1024 * 1024;
@@ -575,10 +578,22 @@ impl Drop for Preparer {
 
 /// Writes `bytes` zeros as [`PREPARING_SEGMENT`] in `dir`, fsyncing every
 /// [`ZERO_CHUNK_BYTES`], then renames it to [`PREPARED_SEGMENT`] and fsyncs the folder: the
-/// prepared name only ever names a whole, durable file of zeros. Returns `false` when `stop`
-/// is raised midway; then, as on an error (a full disk), the partial file is removed, so it
-/// does not hold the space the log itself needs.
+/// prepared name only ever names a whole, durable file of zeros. Nothing is written when the
+/// disk is nearly full ([`room_to_prepare`]). Returns `false` when `stop` is raised midway;
+/// then, as on an error (a full disk), the partial file is removed, so it does not hold the
+/// space the log itself needs.
 fn prepare_segment(dir: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool> {
+    let available = available_bytes(dir)?;
+    if !room_to_prepare(available, bytes) {
+        // The zeros would take space the log (or a database on the same disk) needs more:
+        // the next roll creates its segment empty, which costs only a slower fsync.
+        tracing::warn!(
+            available,
+            segment_bytes = bytes,
+            "write-ahead log: not preparing the next segment: the disk is nearly full"
+        );
+        return Ok(true);
+    }
     let partial = dir.join(PREPARING_SEGMENT);
     let prepared = write_zeros(&partial, bytes, stop).and_then(|whole| {
         if whole {
@@ -591,6 +606,24 @@ fn prepare_segment(dir: &Path, bytes: u64, stop: &AtomicBool) -> io::Result<bool
         let _ = fs::remove_file(&partial);
     }
     prepared
+}
+
+/// Free bytes an unprivileged writer can use on the filesystem of `dir` (`statvfs`'s
+/// `f_bavail` blocks of `f_frsize` bytes).
+fn available_bytes(dir: &Path) -> io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir).map_err(io::Error::from)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Whether a segment of `segment_bytes` is worth writing ahead with `available` bytes free:
+/// only while the disk keeps room for [`PREPARE_MIN_FREE_SEGMENTS`] more segments after it
+/// (the current segment may still be growing, and the log's own cap counts segments, not
+/// the disk). Below that the zeros would hasten a full disk to save a fraction of a
+/// millisecond per fsync.
+fn room_to_prepare(available: u64, segment_bytes: u64) -> bool {
+    segment_bytes
+        .checked_mul(PREPARE_MIN_FREE_SEGMENTS + 1)
+        .is_some_and(|needed| available >= needed)
 }
 
 /// Writes `bytes` zeros to a new file at `path`, fsyncing every [`ZERO_CHUNK_BYTES`]; `false`
@@ -892,6 +925,20 @@ pub mod faults {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_segment_is_prepared_only_while_the_disk_keeps_room_for_more() {
+        let segment = 64 << 20;
+        assert!(room_to_prepare(5 * segment, segment));
+        assert!(room_to_prepare(u64::MAX, segment));
+        assert!(!room_to_prepare(5 * segment - 1, segment));
+        assert!(!room_to_prepare(0, segment));
+        assert!(!room_to_prepare(u64::MAX, u64::MAX));
+        // The filesystem of a test folder reports what it has.
+        let dir = std::env::temp_dir();
+        assert!(available_bytes(&dir).unwrap() > 0);
+        assert!(available_bytes(&dir.join("no-such-folder-apex")).is_err());
+    }
     use super::*;
 
     fn temp_dir(name: &str) -> PathBuf {
